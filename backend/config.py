@@ -1,0 +1,64 @@
+"""The one settings object. Every knob is an environment variable with the ``DINOLABEL_`` prefix.
+
+Only the entry points (``backend.main.create_app``, ``backend.cli``) read the environment, through
+``get_settings()``; everything below them receives plain arguments, so tests can build their own
+``Settings`` without touching ``os.environ``.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+class Settings(BaseSettings):
+    """Service configuration; see the README's Configuration table for each field."""
+
+    model_config = SettingsConfigDict(env_prefix="DINOLABEL_", extra="ignore")
+
+    # HTTP
+    host: str = "0.0.0.0"
+    port: int = 9090
+    log_level: str = "info"
+    basic_auth_user: str | None = Field(
+        default=None, validation_alias=AliasChoices("DINOLABEL_BASIC_AUTH_USER", "BASIC_AUTH_USER")
+    )
+    basic_auth_pass: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("DINOLABEL_BASIC_AUTH_PASS", "BASIC_AUTH_PASS")
+    )
+
+    # Detector
+    detector_checkpoint: str = "IDEA-Research/grounding-dino-tiny"
+    detector_revision: str | None = None
+    device: str = "auto"
+    precision: Precision = "fp32"
+    box_threshold: float = Field(default=0.35, ge=0.0, le=1.0)
+    text_threshold: float = Field(default=0.25, ge=0.0, le=1.0)
+    nms_iou: float = Field(default=0.5, gt=0.0, le=1.0)
+    max_boxes: int = Field(default=100, ge=1)
+    batch_size: int = Field(default=4, ge=1)
+    model_load_timeout: float = Field(default=600.0, gt=0)
+
+    # Label Studio (fallback: the hostname/access_token that /setup receives)
+    label_studio_url: str | None = None
+    label_studio_api_key: SecretStr | None = None
+    local_files_document_root: Path | None = None
+    media_root: Path | None = None
+
+    # Images
+    image_timeout: float = Field(default=15.0, gt=0)
+    image_max_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
+    image_max_pixels: int = Field(default=100_000_000, gt=0)
+    image_download_threads: int = Field(default=8, ge=1)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment once."""
+    return Settings()

@@ -1,0 +1,146 @@
+"""One prediction round: tasks in, one Label Studio prediction per task out, in the same order.
+
+Images are downloaded on threads ahead of the model; a task whose image cannot be fetched or decoded
+fails alone (empty prediction, reason logged and returned) and the others are still served.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from model.images import ImageDecodeError, decode_image
+from PIL import Image
+
+from backend.image_source import ImageFetcher, ImageFetchError
+from backend.labeling import LabelTarget, match_label, typed_prompt
+from backend.results import prediction, region
+from model import DetectionParams, GroundingDinoDetector
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TaskFailure:
+    """Why one task got an empty prediction."""
+
+    task_id: int | None
+    reason: str
+
+
+@dataclass
+class PredictOutcome:
+    """Predictions in task order, and the tasks that failed."""
+
+    predictions: list[dict[str, Any]]
+    failures: list[TaskFailure] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Prompt:
+    phrases: tuple[str, ...]
+    groups: tuple[int, ...]  # label index of each phrase (the NMS group)
+    notes: tuple[str | None, ...]  # per phrase, said in the region's meta
+
+
+class Predictor:
+    """Runs the detector for Label Studio tasks. Thread-safe: one forward pass at a time."""
+
+    def __init__(
+        self,
+        detector: GroundingDinoDetector,
+        *,
+        batch_size: int = 4,
+        max_pixels: int = 100_000_000,
+        download_threads: int = 8,
+    ) -> None:
+        self.detector = detector
+        self.batch_size = batch_size
+        self.max_pixels = max_pixels
+        self.download_threads = download_threads
+        self._model_lock = threading.Lock()
+
+    def predict(
+        self,
+        tasks: Sequence[Mapping[str, Any]],
+        target: LabelTarget,
+        params: DetectionParams,
+        model_version: str,
+        fetcher: ImageFetcher,
+        context: Mapping[str, Any] | None = None,
+    ) -> PredictOutcome:
+        """Detect the project's labels (or the annotator's typed prompt) in every task's image."""
+        prompt = _prompt_for(target, context)
+        loaded = self._load_images(tasks, target, fetcher)
+        good = [i for i, item in enumerate(loaded) if isinstance(item, Image.Image)]
+        images = [loaded[i] for i in good]
+        with self._model_lock:
+            detections = self.detector.detect(
+                images, prompt.phrases, params, groups=prompt.groups, batch_size=self.batch_size
+            )
+        outcome = PredictOutcome(predictions=[])
+        by_index = dict(zip(good, detections, strict=True))
+        for index, (task, item) in enumerate(zip(tasks, loaded, strict=True)):
+            if isinstance(item, TaskFailure):
+                outcome.failures.append(item)
+                outcome.predictions.append(prediction([], model_version))
+                continue
+            width, height = item.size
+            regions = [
+                region(
+                    d,
+                    target.labels[prompt.groups[d.phrase]],
+                    target,
+                    width,
+                    height,
+                    prompt.notes[d.phrase],
+                )
+                for d in by_index[index]
+            ]
+            outcome.predictions.append(prediction(regions, model_version))
+            log.debug("task %s: %d boxes", task.get("id"), len(regions))
+        return outcome
+
+    def _load_images(
+        self, tasks: Sequence[Mapping[str, Any]], target: LabelTarget, fetcher: ImageFetcher
+    ) -> list[Image.Image | TaskFailure]:
+        def load(task: Mapping[str, Any]) -> Image.Image | TaskFailure:
+            task_id = task.get("id")
+            value = (task.get("data") or {}).get(target.value_key)
+            if not isinstance(value, str) or not value:
+                reason = f"task data has no image under {target.value_key!r}"
+            else:
+                try:
+                    data = fetcher.fetch(value, task_id=task_id)
+                    return decode_image(data, max_pixels=self.max_pixels)
+                except (ImageFetchError, ImageDecodeError) as exc:
+                    reason = str(exc)
+            log.warning("task %s failed: %s", task_id, reason)
+            return TaskFailure(task_id=task_id, reason=reason)
+
+        if len(tasks) <= 1:
+            return [load(t) for t in tasks]
+        with ThreadPoolExecutor(max_workers=min(self.download_threads, len(tasks))) as pool:
+            return list(pool.map(load, tasks))
+
+
+def _prompt_for(target: LabelTarget, context: Mapping[str, Any] | None) -> _Prompt:
+    """The project's label phrases, or the typed prompt with each phrase mapped to a label."""
+    typed = typed_prompt(context, target)
+    if not typed:
+        return _Prompt(target.phrases, target.phrase_label, (None,) * len(target.phrases))
+    groups: list[int] = []
+    notes: list[str | None] = []
+    for phrase in typed:
+        label = match_label(phrase, target)
+        if label is None:
+            groups.append(0)
+            notes.append(f"prompt {phrase!r} matches no label; labelled {target.labels[0]!r}")
+        else:
+            groups.append(label)
+            notes.append(f"prompt: {phrase}")
+    return _Prompt(tuple(typed), tuple(groups), tuple(notes))

@@ -1,0 +1,1 @@
+"""HTTP models; nothing else lives here."""

@@ -1,0 +1,325 @@
+"""Real HTTP servers on loopback standing in for Label Studio and for a cloud bucket.
+
+They speak plain HTTP through ``http.server`` so the code under test runs its real httpx stack:
+what gets asserted is what actually crossed a socket (paths, Authorization headers, redirects).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, ClassVar
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from PIL import Image
+
+LEGACY_TOKEN = "0123456789abcdef0123456789abcdef01234567"
+HUGE_SIZE = 8 * 1024 * 1024
+
+
+def _b64url(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def make_jwt(payload: dict[str, Any]) -> str:
+    """A JWT-shaped token (header.payload.signature); the fakes never check signatures."""
+    header = {"alg": "HS256", "typ": "JWT"}
+    return ".".join(
+        [_b64url(json.dumps(header).encode()), _b64url(json.dumps(payload).encode()), _b64url(b"sig")]
+    )
+
+
+def jwt_claims(token: str) -> dict[str, Any]:
+    """The payload of a token made by :func:`make_jwt`."""
+    segment = token.split(".")[1]
+    return json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+
+
+def png_bytes(width: int, height: int, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
+    """A real PNG, so the bytes that travel are what Label Studio would serve."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@dataclass
+class Seen:
+    """One request as the server received it."""
+
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    headers: dict[str, str]
+
+    @property
+    def authorization(self) -> str | None:
+        return self.headers.get("authorization")
+
+
+@dataclass
+class _FakeServer:
+    url: str = ""
+    requests: list[Seen] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def record(self, handler: BaseHTTPRequestHandler) -> Seen:
+        parts = urlsplit(handler.path)
+        seen = Seen(
+            method=handler.command,
+            path=parts.path,
+            query=parse_qs(parts.query, keep_blank_values=True),
+            headers={k.lower(): v for k, v in handler.headers.items()},
+        )
+        with self.lock:
+            self.requests.append(seen)
+        return seen
+
+    def seen(self, path_prefix: str = "/") -> list[Seen]:
+        with self.lock:
+            return [r for r in self.requests if r.path.startswith(path_prefix)]
+
+
+@dataclass
+class FakeBucket(_FakeServer):
+    """A "cloud bucket" on a second port: serves presigned object URLs, never needs auth."""
+
+    objects: dict[str, bytes] = field(default_factory=dict)
+    forbidden: set[str] = field(default_factory=set)
+
+
+@dataclass
+class FakeLabelStudio(_FakeServer):
+    """The parts of Label Studio 1.23 that an ML backend downloads images from."""
+
+    bucket: FakeBucket | None = None
+    legacy_token: str = LEGACY_TOKEN
+    personal_token: str = field(
+        default_factory=lambda: make_jwt(
+            {"token_type": "refresh", "exp": int(time.time()) + 86400, "jti": "pat-1", "user_id": 1}
+        )
+    )
+    access_ttl: float = 3600.0
+    uploads: dict[str, bytes] = field(default_factory=dict)
+    local_files: dict[str, bytes] = field(default_factory=dict)
+    storage_data: dict[str, bytes] = field(default_factory=dict)
+    cloud: dict[str, str] = field(default_factory=dict)  # URI -> bucket path to redirect to
+    proxied: dict[str, bytes] = field(default_factory=dict)  # URI -> bytes served by presign itself
+    presign_calls: list[tuple[int, str]] = field(default_factory=list)
+    issued: list[str] = field(default_factory=list)
+    valid_access: set[str] = field(default_factory=set)
+    release: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def refresh_count(self) -> int:
+        with self.lock:
+            return len(self.issued)
+
+    def revoke_access_tokens(self) -> None:
+        """Make every issued access token fail with 401, as after a server-side revocation."""
+        with self.lock:
+            self.valid_access.clear()
+
+    def issue_access(self) -> str:
+        with self.lock:
+            token = make_jwt(
+                {
+                    "token_type": "access",
+                    "exp": int(time.time() + self.access_ttl),
+                    "jti": f"access-{len(self.issued) + 1}",
+                    "user_id": 1,
+                }
+            )
+            self.issued.append(token)
+            self.valid_access.add(token)
+        return token
+
+    def authorised(self, header: str | None) -> bool:
+        if not header:
+            return False
+        scheme, _, value = header.partition(" ")
+        if scheme == "Token":
+            return value == self.legacy_token
+        if scheme == "Bearer":
+            with self.lock:
+                if value not in self.valid_access:
+                    return False
+            return jwt_claims(value)["exp"] > time.time()
+        return False
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Shared plumbing: quiet logs, helpers to answer, no tracebacks when a client hangs up."""
+
+    server_version = "FakeServer/1.0"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Keep pytest output clean."""
+
+    def answer(self, status: int, body: bytes = b"", content_type: str = "application/json") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def redirect(self, location: str, status: int = 303) -> None:
+        self.send_response(status)
+        self.send_header("Location", location)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def stream(self, total: int, *, declare_length: bool) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        if declare_length:
+            self.send_header("Content-Length", str(total))
+        self.end_headers()
+        chunk = b"\0" * 65536
+        try:
+            for _ in range(total // len(chunk)):
+                self.wfile.write(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client stopped reading: that is the behaviour under test
+
+
+class _BucketHandler(_Handler):
+    server: Any
+
+    def do_GET(self) -> None:
+        state: FakeBucket = self.server.state
+        seen = state.record(self)
+        if seen.path in state.forbidden:
+            self.answer(403, b"<Error><Code>SignatureDoesNotMatch</Code></Error>", "application/xml")
+        elif seen.path in state.objects:
+            self.answer(200, state.objects[seen.path], "image/png")
+        else:
+            self.answer(404, b"<Error><Code>NoSuchKey</Code></Error>", "application/xml")
+
+
+class _LabelStudioHandler(_Handler):
+    server: Any
+    PRESIGN: ClassVar[re.Pattern[str]] = re.compile(r"/tasks/(\d+)/(?:presign|resolve)/")
+
+    def do_POST(self) -> None:
+        state: FakeLabelStudio = self.server.state
+        seen = state.record(self)
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length)
+        if seen.path != "/api/token/refresh/":
+            self.answer(404)
+            return
+        try:
+            refresh = json.loads(body)["refresh"]
+        except (ValueError, KeyError, TypeError):
+            self.answer(400, b'{"refresh": ["This field is required."]}')
+            return
+        if refresh != state.personal_token:
+            self.answer(401, b'{"detail": "Token is invalid or expired", "code": "token_not_valid"}')
+            return
+        self.answer(200, json.dumps({"access": state.issue_access()}).encode())
+
+    def do_GET(self) -> None:
+        state: FakeLabelStudio = self.server.state
+        seen = state.record(self)
+        path = seen.path
+        if path == "/slow":
+            state.release.wait(10)
+            self.answer(200, b"late", "image/png")
+            return
+        if path == "/huge":
+            self.stream(HUGE_SIZE, declare_length=True)
+            return
+        if path == "/huge-unsized":
+            self.stream(HUGE_SIZE, declare_length=False)  # HTTP/1.0: body ends when the socket closes
+            return
+        if path == "/redirect-loop":
+            self.redirect("/redirect-loop", 302)
+            return
+        if path == "/login-page":
+            self.answer(200, b"<!doctype html><title>Login</title>", "text/html; charset=utf-8")
+            return
+        if not state.authorised(seen.authorization):
+            self.answer(401, b'{"detail": "Authentication credentials were not provided."}')
+            return
+        if path.startswith("/data/upload/"):
+            self.serve(state.uploads.get(path))
+        elif path in ("/data/local-files", "/data/local-files/"):
+            self.serve(state.local_files.get(seen.query.get("d", [""])[-1]))
+        elif path in ("/storage-data/uploaded", "/storage-data/uploaded/"):
+            self.serve(state.storage_data.get(seen.query.get("filepath", [""])[-1]))
+        elif match := self.PRESIGN.fullmatch(path):
+            self.presign(state, int(match.group(1)), seen.query.get("fileuri", [""])[-1])
+        elif path == "/api/projects/1/thumbnail.png":
+            self.serve(b"thumbnail-bytes")
+        else:
+            self.answer(404)
+
+    def serve(self, data: bytes | None) -> None:
+        if data is None:
+            self.answer(404, b'{"detail": "Not found."}')
+        else:
+            self.answer(200, data, "image/png")
+
+    def presign(self, state: FakeLabelStudio, task_id: int, fileuri: str) -> None:
+        # Label Studio decodes urlsafe base64 and falls back to the raw (unquoted) value.
+        try:
+            uri = base64.urlsafe_b64decode(fileuri.encode()).decode()
+        except ValueError:
+            uri = fileuri
+        with state.lock:
+            state.presign_calls.append((task_id, uri))
+        if uri in state.proxied:
+            self.serve(state.proxied[uri])
+        elif uri in state.cloud and state.bucket is not None:
+            target = state.cloud[uri]
+            self.redirect(f"{state.bucket.url}{target}?X-Amz-Signature=topsecret-sig&X-Amz-Expires=60")
+        else:
+            self.answer(404)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 64  # the default backlog of 5 drops SYNs under 8 parallel downloads
+
+
+@contextmanager
+def _serve(handler: type[BaseHTTPRequestHandler], state: _FakeServer) -> Iterator[None]:
+    server = _Server(("127.0.0.1", 0), handler)
+    server.state = state  # type: ignore[attr-defined]
+    state.url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        release = getattr(state, "release", None)
+        if release is not None:
+            release.set()
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture
+def fake_bucket() -> Iterator[FakeBucket]:
+    """A second server, on another port, that plays the cloud bucket behind presigned URLs."""
+    state = FakeBucket()
+    with _serve(_BucketHandler, state):
+        yield state
+
+
+@pytest.fixture
+def fake_ls(fake_bucket: FakeBucket) -> Iterator[FakeLabelStudio]:
+    """A fake Label Studio: 401 without a valid Token/Bearer, JWT refresh, presign redirects."""
+    state = FakeLabelStudio(bucket=fake_bucket)
+    with _serve(_LabelStudioHandler, state):
+        yield state
