@@ -26,7 +26,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check .
 
 test: $(VENV)/.installed $(LS_VENV)/.installed lint
-	HF_HUB_OFFLINE=1 DINOLABEL_LABEL_STUDIO_BIN=$(CURDIR)/$(LS_VENV)/bin/label-studio $(VENV)/bin/pytest
+	HF_HUB_OFFLINE=1 DINOLABEL_LABEL_STUDIO_BIN=$(CURDIR)/$(LS_VENV)/bin/label-studio $(VENV)/bin/pytest -m "not gpu"
 
 clean:
 	rm -rf $(VENV) $(LS_VENV)

@@ -26,9 +26,7 @@ class BasicAuthMiddleware:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS or self._authorised(scope):
             await self.app(scope, receive, send)
             return
-        body = (
-            b'{"detail":"basic auth required: set the user and password in Label Studio\'s model settings"}'
-        )
+        body = b'{"detail":"basic auth required: set the user and password in Label Studio\'s model settings"}'
         await send(
             {
                 "type": "http.response.start",

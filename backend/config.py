@@ -45,6 +45,16 @@ class Settings(BaseSettings):
     batch_size: int = Field(default=4, ge=1)
     model_load_timeout: float = Field(default=600.0, gt=0)
 
+    # Queue: Redis + RQ workers
+    redis_url: str | None = None
+    data_dir: Path = Path.home() / ".dinolabel"
+    embedded_worker: bool = True
+    interactive_max_tasks: int = Field(default=16, ge=0)
+    predict_deadline: float = Field(default=45.0, gt=0)
+    bulk_batch_size: int = Field(default=32, ge=1)
+    batch_timeout: int = Field(default=1800, ge=10)
+    webhook_secret: SecretStr | None = None
+
     # Label Studio (fallback: the hostname/access_token that /setup receives)
     label_studio_url: str | None = None
     label_studio_api_key: SecretStr | None = None

@@ -8,20 +8,15 @@ from fastapi import Depends, Request
 
 from backend.config import Settings
 from backend.metrics import Metrics
-from backend.predictor import Predictor
-from backend.state import ModelHolder, ProjectStore
+from backend.state import Service
 
 
 def _settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def _projects(request: Request) -> ProjectStore:
-    return request.app.state.projects
-
-
-def _model(request: Request) -> ModelHolder[Predictor]:
-    return request.app.state.model
+def _service(request: Request) -> Service:
+    return request.app.state.service
 
 
 def _metrics(request: Request) -> Metrics:
@@ -29,6 +24,5 @@ def _metrics(request: Request) -> Metrics:
 
 
 SettingsDep = Annotated[Settings, Depends(_settings)]
-ProjectsDep = Annotated[ProjectStore, Depends(_projects)]
-ModelDep = Annotated[ModelHolder[Predictor], Depends(_model)]
+ServiceDep = Annotated[Service, Depends(_service)]
 MetricsDep = Annotated[Metrics, Depends(_metrics)]

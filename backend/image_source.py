@@ -15,6 +15,7 @@ import binascii
 import os
 import posixpath
 import stat
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -109,17 +110,13 @@ class ImageFetcher:
         # with this reason, instead of failing construction and with it every other image.
         self._ls_problem: str | None = None
         if base and urlsplit(base).scheme.lower() not in ("http", "https"):
-            self._ls_problem = (
-                f"the Label Studio URL {redact_url(base)!r} does not start with http:// or https://"
-            )
+            self._ls_problem = f"the Label Studio URL {redact_url(base)!r} does not start with http:// or https://"
             base = ""
         self._ls_base = base or None
         self._ls_path = urlsplit(self._ls_base).path.rstrip("/") if self._ls_base else ""
         key = api_key.strip() if api_key else ""
         self._auth = (
-            LabelStudioAuth(self._ls_base, key, timeout=timeout, transport=transport)
-            if self._ls_base and key
-            else None
+            LabelStudioAuth(self._ls_base, key, timeout=timeout, transport=transport) if self._ls_base and key else None
         )
         self._document_root = document_root
         self._media_root = media_root
@@ -130,6 +127,9 @@ class ImageFetcher:
             timeout=httpx.Timeout(timeout),
             follow_redirects=False,  # redirects are followed by hand, deciding auth per hop
             headers={"User-Agent": USER_AGENT},
+            # Stateless: cookies ignore ports, so a Label Studio session cookie would otherwise
+            # ride along to any other service on the same host (and be shared between threads).
+            cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
         )
 
     # -- public API ------------------------------------------------------------------------------
@@ -328,9 +328,7 @@ class ImageFetcher:
         """Stream the body, refusing early on Content-Length and stopping once past ``max_bytes``."""
         declared = response.headers.get("content-length")
         if declared is not None and declared.strip().isdigit() and int(declared) > self._max_bytes:
-            raise ImageFetchError(
-                display, _too_large(f"Content-Length is {int(declared):,} bytes", self._max_bytes)
-            )
+            raise ImageFetchError(display, _too_large(f"Content-Length is {int(declared):,} bytes", self._max_bytes))
         content_type = response.headers.get("content-type", "").lower()
         if content_type.startswith("text/html"):
             raise ImageFetchError(

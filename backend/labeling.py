@@ -82,11 +82,7 @@ def _describe(control: Any, to_name: str, image: Any, interface: LabelInterface)
         raise LabelConfigError(f"the labels of {control.name!r} give no phrase to detect")
     value = str(image.value or "")
     prompt = next(
-        (
-            c.name
-            for c in interface.controls
-            if type(c).__name__ == "TextAreaTag" and to_name in (c.to_name or [])
-        ),
+        (c.name for c in interface.controls if type(c).__name__ == "TextAreaTag" and to_name in (c.to_name or [])),
         None,
     )
     return LabelTarget(

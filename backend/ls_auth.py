@@ -183,9 +183,7 @@ class LabelStudioAuth(httpx.Auth):
         """Exchange the personal access token for a new access token (caller holds the lock)."""
         url = self.base_url + REFRESH_PATH
         if self._client is None:
-            self._client = httpx.Client(
-                transport=self._transport, timeout=self._timeout, follow_redirects=False
-            )
+            self._client = httpx.Client(transport=self._transport, timeout=self._timeout, follow_redirects=False)
         try:
             response = self._client.post(url, json={"refresh": self._token})
         except httpx.HTTPError as exc:

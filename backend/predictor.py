@@ -13,15 +13,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from model.images import ImageDecodeError, decode_image
 from PIL import Image
 
 from backend.image_source import ImageFetcher, ImageFetchError
 from backend.labeling import LabelTarget, match_label, typed_prompt
 from backend.results import prediction, region
 from model import DetectionParams, GroundingDinoDetector
+from model.images import ImageDecodeError, decode_image
 
 log = logging.getLogger(__name__)
+
+CHUNK_BATCHES = 4
+"""Batches of images the model takes at a time while the next ones download."""
 
 
 @dataclass(frozen=True)
@@ -75,14 +78,36 @@ class Predictor:
     ) -> PredictOutcome:
         """Detect the project's labels (or the annotator's typed prompt) in every task's image."""
         prompt = _prompt_for(target, context)
-        loaded = self._load_images(tasks, target, fetcher)
+        outcome = PredictOutcome(predictions=[])
+        with ThreadPoolExecutor(max_workers=max(1, min(self.download_threads, len(tasks)))) as pool:
+            # All downloads start now; the model takes the images chunk by chunk as they arrive, so
+            # fetching the next chunk overlaps the forward passes of this one.
+            pending = [pool.submit(self._load_image, task, target, fetcher) for task in tasks]
+            step = self.batch_size * CHUNK_BATCHES
+            for start in range(0, len(tasks), step):
+                loaded = [future.result() for future in pending[start : start + step]]
+                self._detect_chunk(tasks[start : start + step], loaded, target, params, model_version, prompt, outcome)
+        return outcome
+
+    def _detect_chunk(
+        self,
+        tasks: Sequence[Mapping[str, Any]],
+        loaded: list[Image.Image | TaskFailure],
+        target: LabelTarget,
+        params: DetectionParams,
+        model_version: str,
+        prompt: _Prompt,
+        outcome: PredictOutcome,
+    ) -> None:
         good = [i for i, item in enumerate(loaded) if isinstance(item, Image.Image)]
-        images = [loaded[i] for i in good]
         with self._model_lock:
             detections = self.detector.detect(
-                images, prompt.phrases, params, groups=prompt.groups, batch_size=self.batch_size
+                [loaded[i] for i in good],
+                prompt.phrases,
+                params,
+                groups=prompt.groups,
+                batch_size=self.batch_size,
             )
-        outcome = PredictOutcome(predictions=[])
         by_index = dict(zip(good, detections, strict=True))
         for index, (task, item) in enumerate(zip(tasks, loaded, strict=True)):
             if isinstance(item, TaskFailure):
@@ -91,41 +116,27 @@ class Predictor:
                 continue
             width, height = item.size
             regions = [
-                region(
-                    d,
-                    target.labels[prompt.groups[d.phrase]],
-                    target,
-                    width,
-                    height,
-                    prompt.notes[d.phrase],
-                )
+                region(d, target.labels[prompt.groups[d.phrase]], target, width, height, prompt.notes[d.phrase])
                 for d in by_index[index]
             ]
             outcome.predictions.append(prediction(regions, model_version))
             log.debug("task %s: %d boxes", task.get("id"), len(regions))
-        return outcome
 
-    def _load_images(
-        self, tasks: Sequence[Mapping[str, Any]], target: LabelTarget, fetcher: ImageFetcher
-    ) -> list[Image.Image | TaskFailure]:
-        def load(task: Mapping[str, Any]) -> Image.Image | TaskFailure:
-            task_id = task.get("id")
-            value = (task.get("data") or {}).get(target.value_key)
-            if not isinstance(value, str) or not value:
-                reason = f"task data has no image under {target.value_key!r}"
-            else:
-                try:
-                    data = fetcher.fetch(value, task_id=task_id)
-                    return decode_image(data, max_pixels=self.max_pixels)
-                except (ImageFetchError, ImageDecodeError) as exc:
-                    reason = str(exc)
-            log.warning("task %s failed: %s", task_id, reason)
-            return TaskFailure(task_id=task_id, reason=reason)
-
-        if len(tasks) <= 1:
-            return [load(t) for t in tasks]
-        with ThreadPoolExecutor(max_workers=min(self.download_threads, len(tasks))) as pool:
-            return list(pool.map(load, tasks))
+    def _load_image(
+        self, task: Mapping[str, Any], target: LabelTarget, fetcher: ImageFetcher
+    ) -> Image.Image | TaskFailure:
+        task_id = task.get("id")
+        value = (task.get("data") or {}).get(target.value_key)
+        if not isinstance(value, str) or not value:
+            reason = f"task data has no image under {target.value_key!r}"
+        else:
+            try:
+                data = fetcher.fetch(value, task_id=task_id)
+                return decode_image(data, max_pixels=self.max_pixels)
+            except (ImageFetchError, ImageDecodeError) as exc:
+                reason = str(exc)
+        log.warning("task %s failed: %s", task_id, reason)
+        return TaskFailure(task_id=task_id, reason=reason)
 
 
 def _prompt_for(target: LabelTarget, context: Mapping[str, Any] | None) -> _Prompt:

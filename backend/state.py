@@ -1,74 +1,29 @@
-"""Process state behind the HTTP routes: the model (loaded once, in the background) and projects."""
+"""What the API process holds: Redis, the queues, projects seen in ``/setup``, an embedded worker.
+
+Projects live in Redis (not in the API's memory) so that several API replicas and the workers agree
+on each project's thresholds, and so a restart forgets nothing.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Generic, TypeVar
+from typing import Any
 
+from redis import Redis
+
+from backend.bulk import BulkJob, JobSpec
 from backend.config import Settings
-from backend.image_source import ImageFetcher
+from backend.queues import KEY_PREFIX, EmbeddedRedis, Queues, connect
 from model import DetectionParams, model_version
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
-class ModelUnavailable(RuntimeError):
-    """The model failed to load, or is still loading after the wait allowed."""
-
-
-class ModelHolder(Generic[T]):
-    """Loads a model on a background thread so ``/health`` answers at once, even during the load."""
-
-    def __init__(self, loader: Callable[[], T]) -> None:
-        self._loader = loader
-        self._ready = threading.Event()
-        self._value: T | None = None
-        self.error: str | None = None
-        self.load_seconds: float | None = None
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        """Begin loading (idempotent)."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._load, name="model-loader", daemon=True)
-            self._thread.start()
-
-    def _load(self) -> None:
-        started = time.perf_counter()
-        try:
-            self._value = self._loader()
-        except Exception as exc:  # reported through /health and 503s, never crashes the server
-            self.error = f"{type(exc).__name__}: {exc}"
-            log.exception("model failed to load")
-        finally:
-            self.load_seconds = time.perf_counter() - started
-            self._ready.set()
-
-    def wait(self, timeout: float) -> None:
-        """Let a load in progress finish (at shutdown: a thread killed mid-load aborts the process)."""
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    @property
-    def state(self) -> str:
-        """``loading``, ``ready`` or ``failed``."""
-        if not self._ready.is_set():
-            return "loading"
-        return "failed" if self.error else "ready"
-
-    def get(self, timeout: float) -> T:
-        """The model, waiting up to ``timeout`` seconds for the load to finish."""
-        self.start()
-        if not self._ready.wait(timeout):
-            raise ModelUnavailable(f"the model is still loading after {timeout:.0f} s; try again shortly")
-        if self._value is None:
-            raise ModelUnavailable(f"the model failed to load: {self.error}")
-        return self._value
+class NoLabelStudio(LookupError):
+    """Neither the settings nor a ``/setup`` call told us where the project's Label Studio is."""
 
 
 @dataclass(frozen=True)
@@ -81,37 +36,43 @@ class Project:
     params: DetectionParams = field(default_factory=DetectionParams)
 
 
-def project_key(project: Any) -> str:
+def project_id(project: Any) -> int | None:
     """Label Studio sends ``"<id>.<timestamp>"`` as the project; the id part names it."""
-    return str(project).split(".", 1)[0] if project is not None else ""
+    head = str(project).split(".", 1)[0] if project is not None else ""
+    return int(head) if head.isdigit() else None
 
 
 class ProjectStore:
     """Per-project settings from ``/setup`` (label config, Label Studio address, threshold overrides)."""
 
-    def __init__(self, settings: Settings) -> None:
+    prefix = KEY_PREFIX + "project:"
+
+    def __init__(self, settings: Settings, connection: Redis) -> None:
         self.settings = settings
+        self.connection = connection
         self.default_params = DetectionParams(
             box_threshold=settings.box_threshold,
             text_threshold=settings.text_threshold,
             nms_iou=settings.nms_iou,
             max_boxes=settings.max_boxes,
         )
-        self._projects: dict[str, Project] = {}
-        self._fetchers: dict[tuple[str | None, str | None], ImageFetcher] = {}
-        self._lock = threading.Lock()
 
     def get(self, project: Any) -> Project:
-        with self._lock:
-            return self._projects.get(project_key(project), Project(params=self.default_params))
+        key = project_id(project)
+        raw = self.connection.get(f"{self.prefix}{key}") if key is not None else None
+        if raw is None:
+            return Project(params=self.default_params)
+        data = json.loads(raw)
+        data["params"] = DetectionParams(**data["params"])
+        return Project(**data)
 
     def update(self, project: Any, **changes: Any) -> Project:
-        with self._lock:
-            key = project_key(project)
-            current = self._projects.get(key, Project(params=self.default_params))
-            updated = replace(current, **changes)
-            self._projects[key] = updated
-            return updated
+        updated = replace(self.get(project), **changes)
+        key = project_id(project)
+        if key is not None:
+            data = {**updated.__dict__, "params": updated.params.__dict__}
+            self.connection.set(f"{self.prefix}{key}", json.dumps(data))
+        return updated
 
     def params_with(self, overrides: dict[str, Any] | None) -> DetectionParams:
         """The default detection parameters with a project's ``extra_params`` applied."""
@@ -119,29 +80,96 @@ class ProjectStore:
 
     def model_version(self, params: DetectionParams) -> str:
         s = self.settings
-        return model_version(
-            s.detector_checkpoint, revision=s.detector_revision, params=params, precision=s.precision
-        )
+        return model_version(s.detector_checkpoint, revision=s.detector_revision, params=params, precision=s.precision)
 
-    def fetcher(self, project: Project) -> ImageFetcher:
-        """An image fetcher for the project's Label Studio; settings win over what /setup sent."""
+    def label_studio(self, project: Project) -> tuple[str | None, str | None]:
+        """Label Studio's URL and token for a project: settings first, then what ``/setup`` sent."""
         s = self.settings
         url = s.label_studio_url or project.hostname
         key = s.label_studio_api_key.get_secret_value() if s.label_studio_api_key else project.access_token
-        with self._lock:
-            if (url, key) not in self._fetchers:
-                self._fetchers[(url, key)] = ImageFetcher(
-                    label_studio_url=url,
-                    api_key=key,
-                    document_root=s.local_files_document_root,
-                    media_root=s.media_root,
-                    timeout=s.image_timeout,
-                    max_bytes=s.image_max_bytes,
+        return url, key
+
+    def job_spec(self, project_number: int, *, label_config: str | None, source: str) -> JobSpec:
+        """What a bulk job for the project needs; raises NoLabelStudio when we cannot reach it."""
+        project = self.get(project_number)
+        url, key = self.label_studio(project)
+        if not url:
+            raise NoLabelStudio(
+                f"no Label Studio address for project {project_number}: connect the model to the project in "
+                "Label Studio (it then calls /setup) or set DINOLABEL_LABEL_STUDIO_URL and _API_KEY"
+            )
+        return JobSpec(
+            project=project_number,
+            model_version=self.model_version(project.params),
+            label_config=label_config or project.label_config or "",
+            params=project.params.__dict__,
+            label_studio_url=url,
+            api_key=key,
+            source=source,
+        )
+
+
+class Service:
+    """Redis, queues and projects; with no ``DINOLABEL_REDIS_URL``, an embedded Redis and worker."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.embedded: EmbeddedRedis | None = None
+        if settings.redis_url:
+            self.redis_url = settings.redis_url
+        else:
+            self.embedded = EmbeddedRedis(settings.data_dir / "redis")
+            self.redis_url = self.embedded.url
+        self.connection = connect(self.redis_url)
+        self.health_connection = connect(self.redis_url, timeout=0.5)
+        self.queues = Queues.on(self.connection)
+        self.projects = ProjectStore(settings, self.connection)
+        self.worker_state: dict[str, Any] = {}
+        self._stop = threading.Event()
+        self._worker: threading.Thread | None = None
+
+    def start_embedded_worker(self) -> None:
+        """Run one worker on a thread of this process (the README's one-command start)."""
+        from backend.worker import run_worker
+
+        def work() -> None:
+            try:
+                run_worker(
+                    self.settings,
+                    connect(self.redis_url),
+                    stop=self._stop,
+                    state=self.worker_state,
                 )
-            return self._fetchers[(url, key)]
+            except Exception:  # reported through the worker state and the log
+                log.exception("embedded worker stopped")
+
+        self._worker = threading.Thread(target=work, name="dinolabel-worker", daemon=True)
+        self._worker.start()
+
+    def submit(
+        self,
+        project_number: int,
+        *,
+        tasks: list[dict[str, Any]] | None = None,
+        task_ids: list[int] | None = None,
+        label_config: str | None = None,
+        source: str = "api",
+    ) -> BulkJob:
+        """Create a bulk pre-annotation job and queue its planning; returns at once.
+
+        ``tasks`` (with their data) skip paging through Label Studio; ``task_ids`` restrict the paging.
+        """
+        from backend.jobs import enqueue_plan
+
+        spec = self.projects.job_spec(project_number, label_config=label_config, source=source)
+        job = BulkJob.create(self.connection, spec)
+        enqueue_plan(self.queues, job, tasks=tasks, task_ids=task_ids)
+        return job
 
     def close(self) -> None:
-        with self._lock:
-            for fetcher in self._fetchers.values():
-                fetcher.close()
-            self._fetchers.clear()
+        """Stop the embedded worker (it finishes a job in progress), then the embedded Redis."""
+        self._stop.set()
+        if self._worker is not None:
+            self._worker.join(timeout=self.settings.batch_timeout)
+        if self.embedded is not None:
+            self.embedded.close()

@@ -31,6 +31,4 @@ def create_detector(
     precision: str = "fp32",
 ) -> GroundingDinoDetector:
     """Load a Grounding DINO checkpoint by hub id or local folder."""
-    return GroundingDinoDetector.from_pretrained(
-        checkpoint, revision=revision, device=device, precision=precision
-    )
+    return GroundingDinoDetector.from_pretrained(checkpoint, revision=revision, device=device, precision=precision)

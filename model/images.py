@@ -46,8 +46,7 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise ImageDecodeError(
-            f"cannot decode image: not a recognised image format ({len(data)} bytes, "
-            f"starting with {data[:12]!r})"
+            f"cannot decode image: not a recognised image format ({len(data)} bytes, starting with {data[:12]!r})"
         ) from None
     except Image.DecompressionBombError as exc:
         # Pillow's own global guard fired first (it is stricter than ours here); same outcome.

@@ -104,6 +104,4 @@ def suppress(candidates: Candidates, groups: Sequence[int], params: DetectionPar
     group_of = torch.as_tensor(list(groups), dtype=torch.long)[candidates.phrases]
     keep = batched_nms(candidates.boxes, candidates.scores, group_of, params.nms_iou)
     keep = keep[: params.max_boxes]  # batched_nms returns indices sorted by decreasing score
-    return Candidates(
-        boxes=candidates.boxes[keep], scores=candidates.scores[keep], phrases=candidates.phrases[keep]
-    )
+    return Candidates(boxes=candidates.boxes[keep], scores=candidates.scores[keep], phrases=candidates.phrases[keep])

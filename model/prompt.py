@@ -95,6 +95,4 @@ def _encode_chunk(phrases: list[str], phrase_ids: list[int], tokenizer: Any, max
         if not tokens:
             raise PromptError(f"phrase {phrase!r} produced no tokens")
         spans.append((tokens[0], tokens[-1] + 1))
-    return PromptChunk(
-        text=text, input_ids=tuple(input_ids), phrase_ids=tuple(phrase_ids), spans=tuple(spans)
-    )
+    return PromptChunk(text=text, input_ids=tuple(input_ids), phrase_ids=tuple(phrase_ids), spans=tuple(spans))

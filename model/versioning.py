@@ -24,9 +24,7 @@ def checkpoint_fingerprint(checkpoint: str) -> str:
     folder = Path(checkpoint)
     if not folder.is_dir():
         return checkpoint
-    entries = sorted(
-        (p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in folder.iterdir() if p.is_file()
-    )
+    entries = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in folder.iterdir() if p.is_file())
     return json.dumps([str(folder.resolve()), entries])
 
 

@@ -6,11 +6,13 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from model import GroundingDinoDetector, create_detector
+from tests.labelstudio import LabelStudioAPI, LabelStudioNotInstalled, LabelStudioServer, label_studio_binary
 from tests.tiny_checkpoints import build_tiny_grounding_dino
 
 
@@ -24,3 +26,25 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_detector(tiny_checkpoint: Path) -> GroundingDinoDetector:
     """The tiny checkpoint loaded by path through the production code."""
     return create_detector(str(tiny_checkpoint), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LabelStudioServer, LabelStudioAPI]]:
+    """One real Label Studio server for the session (tests/labelstudio.py; the first start runs its
+    migrations, 20-45 s) and an API client using its legacy token. Fails, not skips, when Label Studio
+    is not installed."""
+    try:
+        binary = label_studio_binary()
+    except LabelStudioNotInstalled as exc:
+        missing = str(exc)
+    else:
+        missing = ""
+    if missing:
+        pytest.fail(missing, pytrace=False)
+    server = LabelStudioServer(tmp_path_factory.mktemp("label-studio"), binary=binary)
+    server.start()
+    try:
+        with LabelStudioAPI(server.url, server.token) as api:
+            yield server, api
+    finally:
+        server.stop()

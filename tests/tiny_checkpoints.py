@@ -97,9 +97,7 @@ _CONTINUATIONS = tuple(f"##{c}" for c in _LETTERS_AND_DIGITS if c != "s")  # "##
 # The BERT pre-tokenizer makes every punctuation character a token of its own.
 _PUNCTUATION = (",", "-", "'", "/", "(", ")", ":", "_", "&")
 
-TEST_WORDS: tuple[str, ...] = tuple(
-    dict.fromkeys(_WORDS + _LETTERS_AND_DIGITS + _CONTINUATIONS + _PUNCTUATION)
-)
+TEST_WORDS: tuple[str, ...] = tuple(dict.fromkeys(_WORDS + _LETTERS_AND_DIGITS + _CONTINUATIONS + _PUNCTUATION))
 """Vocabulary entries (whole words, "##s", single letters/digits with their "##" forms, punctuation)
 that every checkpoint built here holds, at the same ids in the tiny and the real-size vocabulary."""
 
@@ -138,9 +136,7 @@ def _tokenizer(vocab_size: int, max_text_len: int) -> BertTokenizerFast:
     )
 
 
-def _processor(
-    vocab_size: int, max_text_len: int, *, shortest_edge: int, longest_edge: int
-) -> GroundingDinoProcessor:
+def _processor(vocab_size: int, max_text_len: int, *, shortest_edge: int, longest_edge: int) -> GroundingDinoProcessor:
     # Same settings as the preprocessor_config.json of IDEA-Research/grounding-dino-tiny, apart from the
     # sizes: resize keeping the aspect ratio so that the short side is `shortest_edge` unless that would
     # make the long side exceed `longest_edge`, rescale, ImageNet normalisation, pad (with a pixel mask).
@@ -155,9 +151,7 @@ def _processor(
         image_std=[0.229, 0.224, 0.225],
         do_pad=True,
     )
-    return GroundingDinoProcessor(
-        image_processor=image_processor, tokenizer=_tokenizer(vocab_size, max_text_len)
-    )
+    return GroundingDinoProcessor(image_processor=image_processor, tokenizer=_tokenizer(vocab_size, max_text_len))
 
 
 def _build(config: GroundingDinoConfig, seed: int) -> GroundingDinoForObjectDetection:
@@ -228,9 +222,7 @@ def tiny_grounding_dino_config(*, max_text_len: int = 256) -> GroundingDinoConfi
     )
 
 
-def build_tiny_grounding_dino(
-    path: Path, *, seed: int = 0, max_text_len: int = 256, score_spread: bool = True
-) -> Path:
+def build_tiny_grounding_dino(path: Path, *, seed: int = 0, max_text_len: int = 256, score_spread: bool = True) -> Path:
     """Write a tiny random Grounding DINO checkpoint folder (weights, config, processor) to ``path``.
 
     Loadable offline with ``AutoProcessor.from_pretrained(path)`` and

@@ -1,43 +1,71 @@
-"""The Label Studio ML-backend protocol: ``/health``, ``/setup``, ``/predict``, ``/webhook``."""
+"""The Label Studio ML-backend protocol: ``/health``, ``/setup``, ``/predict``, ``/webhook``.
+
+``/predict`` never runs the model itself: up to ``interactive_max_tasks`` tasks go to the
+interactive queue and the request waits for a worker, at most ``predict_deadline`` seconds. More
+tasks, or a deadline that passes, hand the tasks to a bulk job that writes the predictions through
+Label Studio's API, and the answer comes at once with ``results: []`` (Label Studio logs that the
+backend returned no results and stores nothing; the predictions appear as the workers write them).
+"""
 
 from __future__ import annotations
 
 import logging
+import secrets
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Request
+import redis
+from fastapi import APIRouter, Header, HTTPException, Request
 from fastapi.responses import JSONResponse
+from rq.job import Job
 
-from backend.deps import MetricsDep, ModelDep, ProjectsDep, SettingsDep
+from backend.bulk import Marks, Workers
+from backend.deps import MetricsDep, ServiceDep, SettingsDep
+from backend.jobs import RESULT_TTL, predict_tasks
 from backend.labeling import LabelConfigError, LabelTarget, parse_label_config
-from backend.schemas.ls import HealthResponse, PredictRequest, PredictResponse, SetupRequest, SetupResponse
-from backend.state import ModelUnavailable
-from model import PromptError
+from backend.queues import Queues
+from backend.schemas.ls import PredictRequest, PredictResponse, SetupRequest, SetupResponse
+from backend.state import NoLabelStudio, Service, project_id
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["label-studio"])
 
 MODEL_CLASS = "GroundingDINO"
+SECRET_HEADER = "X-Dinolabel-Secret"
 
 
-@router.get("/health", response_model=HealthResponse)
-def health(model: ModelDep) -> JSONResponse:
-    """Answers at once, also while the model loads; 503 ``DOWN`` only when the load failed."""
-    body = HealthResponse(
-        status="DOWN" if model.state == "failed" else "UP",
-        model_class=MODEL_CLASS,
-        model_state=model.state,
-        model_error=model.error,
-    )
-    return JSONResponse(
-        body.model_dump(exclude_none=True), status_code=503 if model.state == "failed" else 200
-    )
+@router.get("/health")
+def health(service: ServiceDep) -> JSONResponse:
+    """At once: ``UP`` with a ready worker, ``DEGRADED`` (200) without one, ``DOWN`` (503) without Redis."""
+    try:
+        service.health_connection.ping()
+        depths = Queues.on(service.health_connection).depths()
+        workers = Workers.all(service.health_connection)
+    except redis.RedisError as exc:
+        body = {"status": "DOWN", "model_class": MODEL_CLASS, "reason": f"Redis is unreachable: {exc}"}
+        return JSONResponse(body, status_code=503)
+    ready = [w for w in workers.values() if w.get("state") == "ready"]
+    body: dict[str, Any] = {
+        "status": "UP" if ready else "DEGRADED",
+        "model_class": MODEL_CLASS,
+        "redis": "ok",
+        "queues": depths,
+        "workers": {"live": len(workers), "ready": len(ready), "details": list(workers.values())},
+    }
+    if not ready:
+        failed = [w.get("error") for w in workers.values() if w.get("state") == "failed"]
+        loading = sum(1 for w in workers.values() if w.get("state") == "loading")
+        body["reason"] = (
+            f"model failed to load: {failed[0]}" if failed
+            else f"{loading} worker(s) loading the model" if loading
+            else "no live worker: start `dinolabel worker`"
+        )  # fmt: skip
+    return JSONResponse(body)
 
 
 @router.post("/setup", response_model=SetupResponse)
-def setup(body: SetupRequest, projects: ProjectsDep, model: ModelDep) -> SetupResponse:
+def setup(body: SetupRequest, service: ServiceDep) -> SetupResponse:
     """Remember the project's config and Label Studio address; answer the model version it will get."""
-    model.start()
+    projects = service.projects
     overrides = body.extra_params.changes() if body.extra_params else {}
     try:
         params = projects.params_with(overrides)
@@ -55,45 +83,108 @@ def setup(body: SetupRequest, projects: ProjectsDep, model: ModelDep) -> SetupRe
     return SetupResponse(model_version=projects.model_version(project.params))
 
 
-@router.post("/predict", response_model=PredictResponse)
-def predict(
-    body: PredictRequest, projects: ProjectsDep, model: ModelDep, settings: SettingsDep, metrics: MetricsDep
-) -> PredictResponse:
-    """One prediction per task, same order; a task whose image fails gets an empty prediction."""
-    project = projects.get(body.project)
+@router.post("/predict", response_model=PredictResponse, response_model_exclude_none=True)
+def predict(body: PredictRequest, service: ServiceDep, settings: SettingsDep, metrics: MetricsDep) -> PredictResponse:
+    """One prediction per task, same order; or a hand-off to a bulk job (``results: []``)."""
+    project = service.projects.get(body.project)
     label_config = body.label_config or project.label_config
     if not label_config:
         raise HTTPException(status_code=422, detail="no label_config in the request and none from /setup")
-    target = _parse(label_config)
-    version = projects.model_version(project.params)
-    try:
-        predictor = model.get(timeout=settings.model_load_timeout)
-    except ModelUnavailable as exc:
-        raise HTTPException(status_code=503, detail=str(exc)) from exc
-    tasks = [task.model_dump() for task in body.tasks]
-    context = body.params.context if body.params else None
-    try:
-        outcome = predictor.predict(
-            tasks, target, project.params, version, projects.fetcher(project), context
-        )
-    except PromptError as exc:
-        raise HTTPException(status_code=422, detail=str(exc)) from exc
-    metrics.tasks.labels("failed").inc(len(outcome.failures))
-    metrics.tasks.labels("ok").inc(len(tasks) - len(outcome.failures))
-    metrics.boxes.inc(sum(len(p["result"]) for p in outcome.predictions))
-    return PredictResponse(results=outcome.predictions, model_version=version)
+    _parse(label_config)
+    version = service.projects.model_version(project.params)
+    tasks = [{"id": t.id, "data": t.data} for t in body.tasks]
+    number = project_id(body.project)
+    if len(tasks) > settings.interactive_max_tasks:
+        return _hand_off(service, metrics, number, tasks, label_config, version, "too_many_tasks")
+    url, key = service.projects.label_studio(project)
+    payload = {
+        "tasks": tasks,
+        "label_config": label_config,
+        "params": project.params.__dict__,
+        "model_version": version,
+        "label_studio_url": url,
+        "api_key": key,
+        "context": body.params.context if body.params else None,
+    }
+    job = service.queues.interactive.enqueue(
+        predict_tasks, payload, result_ttl=RESULT_TTL, job_timeout=int(settings.predict_deadline) + 60
+    )
+    result = job.latest_result(timeout=max(1, int(settings.predict_deadline)))
+    if result is None:
+        _cancel_if_queued(job)
+        return _hand_off(service, metrics, number, tasks, label_config, version, "deadline")
+    if result.type != result.Type.SUCCESSFUL:
+        reason = (result.exc_string or "").strip().splitlines()[-1:] or ["unknown error"]
+        status = 422 if "PromptError" in reason[0] or "LabelConfigError" in reason[0] else 500
+        log.error("prediction job %s failed: %s", job.id, result.exc_string)
+        raise HTTPException(status_code=status, detail=f"prediction failed: {reason[0]}")
+    value = result.return_value
+    if number is not None:  # a bulk job started later skips what Label Studio now stores from us
+        Marks(service.connection, number, version).finish([t["id"] for t in tasks if t["id"] is not None], "predict")
+    metrics.tasks.labels("failed").inc(len(value["failures"]))
+    metrics.tasks.labels("ok").inc(len(tasks) - len(value["failures"]))
+    metrics.boxes.inc(sum(len(p["result"]) for p in value["predictions"]))
+    return PredictResponse(results=value["predictions"], model_version=version)
 
 
 @router.post("/webhook")
-async def webhook(request: Request) -> dict[str, Any]:
-    """Label Studio registers ``<backend>/webhook`` itself and posts its events here; none acted on yet."""
+async def webhook(
+    request: Request,
+    service: ServiceDep,
+    settings: SettingsDep,
+    secret: str | None = Header(default=None, alias=SECRET_HEADER),
+) -> dict[str, Any]:
+    """``TASKS_CREATED`` queues pre-annotation of the new tasks; other events are acknowledged only.
+
+    Label Studio cannot send basic auth with webhooks, so ``TASKS_CREATED`` must carry the shared
+    secret in the ``X-Dinolabel-Secret`` header when ``DINOLABEL_WEBHOOK_SECRET`` is set.
+    """
     try:
         payload = await request.json()
     except ValueError as exc:
         raise HTTPException(status_code=400, detail="webhook body is not JSON") from exc
-    action = payload.get("action") if isinstance(payload, dict) else None
-    log.debug("webhook %s ignored", action)
-    return {"status": "ok", "action": action}
+    if not isinstance(payload, dict):
+        raise HTTPException(status_code=400, detail="webhook body must be a JSON object")
+    action = payload.get("action")
+    if action != "TASKS_CREATED":
+        return {"status": "ignored", "action": action}
+    expected = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
+    if expected is not None and not secrets.compare_digest(secret or "", expected):
+        raise HTTPException(status_code=401, detail=f"TASKS_CREATED needs the shared secret in {SECRET_HEADER}")
+    project = payload.get("project") or {}
+    number = project.get("id") if isinstance(project, dict) else project
+    tasks = [{"id": t["id"], "data": t.get("data") or {}} for t in payload.get("tasks") or [] if "id" in t]
+    if not isinstance(number, int) or not tasks:
+        raise HTTPException(status_code=422, detail="TASKS_CREATED without a project id or tasks")
+    config = project.get("label_config") if isinstance(project, dict) else None
+    try:
+        job = service.submit(number, tasks=tasks, label_config=config, source="webhook")
+    except NoLabelStudio as exc:
+        raise HTTPException(status_code=409, detail=str(exc)) from exc
+    log.info("webhook: %d new tasks of project %s -> job %s", len(tasks), number, job.id)
+    return {"status": "queued", "action": action, "job_id": job.id, "tasks": len(tasks)}
+
+
+def _hand_off(
+    service: Service, metrics: Any, number: int | None, tasks: list[dict[str, Any]], config: str, version: str,
+    reason: str,
+) -> PredictResponse:  # fmt: skip
+    """Give the tasks to a bulk job that writes through Label Studio's API; answer at once."""
+    if number is None:
+        raise HTTPException(status_code=422, detail="no project id in the request: cannot write predictions back")
+    try:
+        job = service.submit(number, tasks=tasks, label_config=config, source=f"predict:{reason}")
+    except NoLabelStudio as exc:
+        raise HTTPException(status_code=503, detail=str(exc)) from exc
+    metrics.handed_off.labels(reason).inc(len(tasks))
+    log.info("/predict: %d tasks handed to job %s (%s)", len(tasks), job.id, reason)
+    return PredictResponse(results=[], model_version=version, job_id=job.id)
+
+
+def _cancel_if_queued(job: Job) -> None:
+    """Past the deadline: a job not started yet is cancelled (a started one just finishes unread)."""
+    if job.get_status() == "queued":
+        job.cancel()
 
 
 def _parse(label_config: str) -> LabelTarget:

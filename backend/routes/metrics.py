@@ -2,17 +2,32 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from backend.deps import MetricsDep, ModelDep
+from backend.bulk import Workers
+from backend.deps import MetricsDep, ServiceDep
 
 router = APIRouter(tags=["operations"])
 
 
 @router.get("/metrics")
-def metrics(metrics: MetricsDep, model: ModelDep) -> Response:
-    metrics.model_ready.set(1 if model.state == "ready" else 0)
-    if model.load_seconds is not None:
-        metrics.model_load_seconds.set(model.load_seconds)
+def metrics(metrics: MetricsDep, service: ServiceDep) -> Response:
+    for name, depth in service.queues.depths().items():
+        metrics.queue_depth.labels(name).set(depth)
+    workers = Workers.all(service.connection)
+    states = Counter(w.get("state", "unknown") for w in workers.values())
+    for state in ("loading", "ready", "failed"):
+        metrics.workers.labels(state).set(states.get(state, 0))
+    metrics.model_load_seconds.clear()
+    for name, worker in workers.items():
+        if worker.get("load_seconds") is not None:
+            metrics.model_load_seconds.labels(name).set(worker["load_seconds"])
+    stats = {k.decode(): float(v) for k, v in service.connection.hgetall("dinolabel:stats").items()}
+    metrics.worker_tasks.labels("ok").set(stats.get("tasks_predicted", 0))
+    metrics.worker_tasks.labels("failed").set(stats.get("tasks_failed", 0))
+    metrics.batches.set(stats.get("batches", 0))
+    metrics.batch_seconds.set(stats.get("batch_seconds", 0))
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -69,10 +69,4 @@ class PredictRequest(BaseModel):
 class PredictResponse(BaseModel):
     results: list[dict[str, Any]]
     model_version: str
-
-
-class HealthResponse(BaseModel):
-    status: str
-    model_class: str
-    model_state: str
-    model_error: str | None = None
+    job_id: str | None = None  # set when the tasks were handed to a bulk job

@@ -33,9 +33,7 @@ def _b64url(raw: bytes) -> str:
 def make_jwt(payload: dict[str, Any]) -> str:
     """A JWT-shaped token (header.payload.signature); the fakes never check signatures."""
     header = {"alg": "HS256", "typ": "JWT"}
-    return ".".join(
-        [_b64url(json.dumps(header).encode()), _b64url(json.dumps(payload).encode()), _b64url(b"sig")]
-    )
+    return ".".join([_b64url(json.dumps(header).encode()), _b64url(json.dumps(payload).encode()), _b64url(b"sig")])
 
 
 def jwt_claims(token: str) -> dict[str, Any]:
@@ -171,9 +169,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def redirect(self, location: str, status: int = 303) -> None:
+    def redirect(self, location: str, status: int = 303, *, cookie: str | None = None) -> None:
         self.send_response(status)
         self.send_header("Location", location)
+        if cookie is not None:
+            self.send_header("Set-Cookie", cookie)
         self.send_header("Content-Length", "0")
         self.end_headers()
 
@@ -281,7 +281,11 @@ class _LabelStudioHandler(_Handler):
             self.serve(state.proxied[uri])
         elif uri in state.cloud and state.bucket is not None:
             target = state.cloud[uri]
-            self.redirect(f"{state.bucket.url}{target}?X-Amz-Signature=topsecret-sig&X-Amz-Expires=60")
+            # Django may set a session cookie; it must not follow us to the bucket (same IP there).
+            self.redirect(
+                f"{state.bucket.url}{target}?X-Amz-Signature=topsecret-sig&X-Amz-Expires=60",
+                cookie="sessionid=ls-session-secret; Path=/",
+            )
         else:
             self.answer(404)
 

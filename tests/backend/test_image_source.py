@@ -46,9 +46,7 @@ def test_upload_with_a_wrong_token_names_url_and_status_but_not_the_token(fake_l
     assert "wrong-token-value" not in message
 
 
-def test_upload_is_read_from_media_root_without_asking_label_studio(
-    fake_ls: FakeLabelStudio, tmp_path: Path
-) -> None:
+def test_upload_is_read_from_media_root_without_asking_label_studio(fake_ls: FakeLabelStudio, tmp_path: Path) -> None:
     image = png_bytes(64, 48)
     target = tmp_path / "upload" / "1" / "e6fd6ea1-up_afc436_1_72x52.png"
     target.parent.mkdir(parents=True)
@@ -67,7 +65,10 @@ def test_upload_missing_from_media_root_falls_back_to_http(fake_ls: FakeLabelStu
 
 
 def test_upload_key_with_dot_dot_is_refused(fake_ls: FakeLabelStudio, tmp_path: Path) -> None:
-    with fetcher_for(fake_ls, media_root=tmp_path / "media") as fetcher, pytest.raises(ImageFetchError) as info:
+    with (
+        fetcher_for(fake_ls, media_root=tmp_path / "media") as fetcher,
+        pytest.raises(ImageFetchError) as info,
+    ):
         fetcher.fetch("/data/upload/../../etc/passwd")
     assert "outside the media root" in str(info.value)
     assert fake_ls.requests == []
@@ -82,9 +83,11 @@ def test_upload_that_404s_is_retried_through_the_storage_proxy(fake_ls: FakeLabe
 
 
 def test_upload_without_label_studio_url_is_a_clear_error() -> None:
-    with ImageFetcher(label_studio_url=None, api_key=LEGACY_TOKEN) as fetcher:
-        with pytest.raises(ImageFetchError, match="no Label Studio URL is configured"):
-            fetcher.fetch(UPLOAD)
+    with (
+        ImageFetcher(label_studio_url=None, api_key=LEGACY_TOKEN) as fetcher,
+        pytest.raises(ImageFetchError, match="no Label Studio URL is configured"),
+    ):
+        fetcher.fetch(UPLOAD)
 
 
 def test_upload_without_api_key_is_a_clear_error(fake_ls: FakeLabelStudio) -> None:
@@ -95,9 +98,11 @@ def test_upload_without_api_key_is_a_clear_error(fake_ls: FakeLabelStudio) -> No
 
 
 def test_label_studio_url_without_scheme_fails_the_fetch_not_the_constructor() -> None:
-    with ImageFetcher(label_studio_url="labelstudio:8080", api_key=LEGACY_TOKEN) as fetcher:
-        with pytest.raises(ImageFetchError, match="does not start with http"):
-            fetcher.fetch(UPLOAD)
+    with (
+        ImageFetcher(label_studio_url="labelstudio:8080", api_key=LEGACY_TOKEN) as fetcher,
+        pytest.raises(ImageFetchError, match="does not start with http"),
+    ):
+        fetcher.fetch(UPLOAD)
 
 
 # -- local files ---------------------------------------------------------------------------------
@@ -154,9 +159,11 @@ def test_local_files_without_document_root_go_through_label_studio(fake_ls: Fake
 
 def test_oversized_local_file_is_refused(fake_ls: FakeLabelStudio, tmp_path: Path) -> None:
     (tmp_path / "big.png").write_bytes(b"x" * 2048)
-    with fetcher_for(fake_ls, document_root=tmp_path, max_bytes=1024) as fetcher:
-        with pytest.raises(ImageFetchError, match=r"too large: file is 2,048 bytes; the limit is 1,024"):
-            fetcher.fetch("/data/local-files/?d=big.png")
+    with (
+        fetcher_for(fake_ls, document_root=tmp_path, max_bytes=1024) as fetcher,
+        pytest.raises(ImageFetchError, match=r"too large: file is 2,048 bytes; the limit is 1,024"),
+    ):
+        fetcher.fetch("/data/local-files/?d=big.png")
 
 
 # -- plain URLs ----------------------------------------------------------------------------------
@@ -180,7 +187,10 @@ def test_url_on_label_studio_origin_gets_the_token(fake_ls: FakeLabelStudio) -> 
 
 
 def test_html_instead_of_image_is_reported(fake_ls: FakeLabelStudio) -> None:
-    with fetcher_for(fake_ls) as fetcher, pytest.raises(ImageFetchError, match="HTML page instead of an image"):
+    with (
+        fetcher_for(fake_ls) as fetcher,
+        pytest.raises(ImageFetchError, match="HTML page instead of an image"),
+    ):
         fetcher.fetch(f"{fake_ls.url}/login-page")
 
 
@@ -203,9 +213,11 @@ def test_connection_refused_names_the_url() -> None:
 
 @pytest.mark.parametrize("value", ["ftp://example.com/a.png", "images/cat.png", "//cdn.example.com/a.png"])
 def test_unsupported_references(value: str) -> None:
-    with ImageFetcher(label_studio_url=None, api_key=None) as fetcher:
-        with pytest.raises(ImageFetchError, match="unsupported image reference"):
-            fetcher.fetch(value)
+    with (
+        ImageFetcher(label_studio_url=None, api_key=None) as fetcher,
+        pytest.raises(ImageFetchError, match="unsupported image reference"),
+    ):
+        fetcher.fetch(value)
 
 
 # -- limits --------------------------------------------------------------------------------------
@@ -256,6 +268,7 @@ def test_cloud_uri_is_presigned_and_the_bucket_never_sees_the_token(
     [download] = fake_bucket.requests
     assert download.query["X-Amz-Signature"] == ["topsecret-sig"]
     assert "authorization" not in download.headers
+    assert "cookie" not in download.headers
 
 
 def test_cloud_uri_proxied_by_label_studio(fake_ls: FakeLabelStudio, fake_bucket: FakeBucket) -> None:
@@ -386,9 +399,11 @@ def test_data_uri_is_decoded() -> None:
         assert fetcher.fetch(uri) == image
         with pytest.raises(ImageFetchError, match="invalid base64 in data URI"):
             fetcher.fetch("data:image/png;base64,@@@not-base64@@@")
-    with ImageFetcher(label_studio_url=None, api_key=None, max_bytes=10) as small:
-        with pytest.raises(ImageFetchError, match="too large"):
-            small.fetch(uri)
+    with (
+        ImageFetcher(label_studio_url=None, api_key=None, max_bytes=10) as small,
+        pytest.raises(ImageFetchError, match="too large"),
+    ):
+        small.fetch(uri)
 
 
 def test_redact_url_hides_credentials_but_keeps_paths() -> None:

@@ -43,8 +43,7 @@ def test_recorded_label_studio_config_parses() -> None:
     ("xml", "reason"),
     [
         (
-            '<View><Image name="i" value="$i"/>'
-            '<Choices name="c" toName="i"><Choice value="a"/></Choices></View>',
+            '<View><Image name="i" value="$i"/><Choices name="c" toName="i"><Choice value="a"/></Choices></View>',
             "RectangleLabels",
         ),
         ("<View><Image", "cannot parse"),

@@ -11,6 +11,7 @@ import base64
 import io
 import json
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,11 +20,11 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from pydantic import SecretStr
 
+from backend import worker
 from backend.config import Settings
 from backend.labeling import parse_label_config
 from backend.main import create_app
 from backend.results import region
-from backend.state import ModelHolder
 from model import DetectionParams, GroundingDinoDetector
 from model.images import decode_image
 
@@ -68,10 +69,11 @@ def roots(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def settings(tiny_checkpoint: Path, roots: tuple[Path, Path]) -> Settings:
+def settings(tiny_checkpoint: Path, roots: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Settings:
     return Settings(
         detector_checkpoint=str(tiny_checkpoint),
         device="cpu",
+        data_dir=tmp_path_factory.mktemp("data"),  # embedded Redis + in-process worker: the default start
         local_files_document_root=roots[0],
         media_root=roots[1],
         label_studio_url="http://127.0.0.1:9",  # nothing listens: every image must come from the roots
@@ -82,7 +84,18 @@ def settings(tiny_checkpoint: Path, roots: tuple[Path, Path]) -> Settings:
 @pytest.fixture(scope="module")
 def client(settings: Settings) -> Iterator[TestClient]:
     with TestClient(create_app(settings)) as client:
+        wait_until_up(client)
         yield client
+
+
+def wait_until_up(client: TestClient, seconds: float = 60) -> dict:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        body = client.get("/health").json()
+        if body["status"] == "UP":
+            return body
+        time.sleep(0.1)
+    raise AssertionError(f"the embedded worker never became ready: {body}")
 
 
 def task(task_id: int, name: str) -> dict:
@@ -90,9 +103,7 @@ def task(task_id: int, name: str) -> dict:
 
 
 def predict(client: TestClient, tasks: list[dict], config: str = CONFIG, **extra: object) -> dict:
-    response = client.post(
-        "/predict", json={"tasks": tasks, "project": "7.123", "label_config": config, **extra}
-    )
+    response = client.post("/predict", json={"tasks": tasks, "project": "7.123", "label_config": config, **extra})
     assert response.status_code == 200, response.text
     return response.json()
 
@@ -101,9 +112,7 @@ def expected_regions(detector: GroundingDinoDetector, data: bytes) -> list[tuple
     """What the backend must return for one image: the detector's boxes, in percent, with labels."""
     target = parse_label_config(CONFIG)
     img = decode_image(data, max_pixels=10**8)
-    found = detector.detect(
-        [img], list(target.phrases), DetectionParams(**THRESHOLDS), groups=target.phrase_label
-    )[0]
+    found = detector.detect([img], list(target.phrases), DetectionParams(**THRESHOLDS), groups=target.phrase_label)[0]
     return [_key(region(d, target.labels[target.phrase_label[d.phrase]], target, *img.size)) for d in found]
 
 
@@ -113,34 +122,44 @@ def _key(r: dict) -> tuple:
     return (v["rectanglelabels"][0], *box, round(r["score"], 4), r["original_width"], r["original_height"])
 
 
-def test_health_answers_at_once_while_the_model_loads(settings: Settings) -> None:
+def test_health_answers_at_once_while_the_model_loads(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     release = threading.Event()
-    app = create_app(settings)
-    app.state.model = ModelHolder(lambda: release.wait(30))  # a load that takes as long as we want
-    with TestClient(app) as client:
+    real_load = worker.load_predictor
+    monkeypatch.setattr(worker, "load_predictor", lambda s: release.wait(30) and real_load(s))  # a slow load
+    with TestClient(create_app(settings.model_copy(update={"data_dir": tmp_path}))) as client:
+        time.sleep(0.5)
+        started = time.perf_counter()
         response = client.get("/health")
-        assert response.status_code == 200
-        assert response.json()["status"] == "UP" and response.json()["model_state"] == "loading"
+        assert time.perf_counter() - started < 1.0
+        body = response.json()
+        assert response.status_code == 200 and body["status"] == "DEGRADED", body
+        assert body["workers"]["live"] == 1 and "loading" in body["reason"]
         release.set()
+        assert wait_until_up(client)["workers"]["ready"] == 1
+
+
+def test_health_without_workers_is_degraded(settings: Settings, tmp_path: Path) -> None:
+    alone = settings.model_copy(update={"data_dir": tmp_path, "embedded_worker": False})
+    with TestClient(create_app(alone)) as client:
+        body = client.get("/health").json()
+        assert body["status"] == "DEGRADED" and body["workers"]["live"] == 0
+        assert "dinolabel worker" in body["reason"]
+        assert body["queues"] == {"dinolabel-interactive": 0, "dinolabel-plan": 0, "dinolabel-bulk": 0}
 
 
 def test_setup_returns_the_version_predict_uses(client: TestClient) -> None:
-    setup = client.post(
-        "/setup", json={"project": "7.123", "schema": CONFIG, "hostname": "http://127.0.0.1:9"}
-    )
+    setup = client.post("/setup", json={"project": "7.123", "schema": CONFIG, "hostname": "http://127.0.0.1:9"})
     assert setup.status_code == 200, setup.text
     version = setup.json()["model_version"]
     body = predict(client, [task(1, "wide.png")])
     assert body["model_version"] == version and body["results"][0]["model_version"] == version
 
 
-def test_extra_params_change_thresholds_and_version(
-    client: TestClient, tiny_detector: GroundingDinoDetector
-) -> None:
+def test_extra_params_change_thresholds_and_version(client: TestClient, tiny_detector: GroundingDinoDetector) -> None:
     base = client.post("/setup", json={"project": "8.1", "schema": CONFIG}).json()["model_version"]
-    strict = client.post(
-        "/setup", json={"project": "8.2", "schema": CONFIG, "extra_params": {"box_threshold": 0.8}}
-    )
+    strict = client.post("/setup", json={"project": "8.2", "schema": CONFIG, "extra_params": {"box_threshold": 0.8}})
     assert strict.status_code == 200 and strict.json()["model_version"] != base
     body = client.post(
         "/predict", json={"tasks": [task(1, "wide.png")], "project": "8.2", "label_config": CONFIG}
@@ -164,9 +183,7 @@ def test_predict_returns_the_detectors_boxes_in_percent_in_task_order(
         assert got, f"{name}: the tiny model finds boxes at threshold 0.3"
         assert {r["value"]["rectanglelabels"][0] for r in result["result"]} <= {"cat", "dog", "vehicle"}
         assert all(r["from_name"] == "label" and r["to_name"] == "image" for r in result["result"])
-        assert result["score"] == pytest.approx(
-            sum(r["score"] for r in result["result"]) / len(result["result"])
-        )
+        assert result["score"] == pytest.approx(sum(r["score"] for r in result["result"]) / len(result["result"]))
     assert body["results"][1]["result"][0]["original_width"] == 96
 
 
@@ -179,9 +196,7 @@ def test_a_broken_image_fails_only_its_own_task(client: TestClient) -> None:
     assert all(r["score"] == 0.0 for r in results[1:5])
 
 
-def test_exif_rotated_jpeg_gets_boxes_in_the_displayed_frame(
-    client: TestClient, roots: tuple[Path, Path]
-) -> None:
+def test_exif_rotated_jpeg_gets_boxes_in_the_displayed_frame(client: TestClient, roots: tuple[Path, Path]) -> None:
     stored = Image.open(io.BytesIO(png(80, 48, 4)))  # stored landscape, displayed portrait
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation: rotate 90 CW to display
@@ -255,19 +270,25 @@ def test_metrics_count_requests_tasks_and_model_load(client: TestClient) -> None
     text = client.get("/metrics").text
     assert 'dinolabel_http_requests_total{method="POST",route="/predict",status="200"}' in text
     assert 'dinolabel_predicted_tasks_total{outcome="failed"}' in text
-    assert "dinolabel_model_ready 1.0" in text
-    load = [line for line in text.splitlines() if line.startswith("dinolabel_model_load_seconds ")]
-    assert load and float(load[0].split()[1]) > 0
+    assert 'dinolabel_workers{state="ready"} 1.0' in text
+    assert 'dinolabel_queue_depth{queue="dinolabel-interactive"} 0.0' in text
+    load = [line for line in text.splitlines() if line.startswith("dinolabel_model_load_seconds{")]
+    assert load and float(load[0].split()[-1]) > 0
 
 
-def test_basic_auth_when_configured(settings: Settings) -> None:
-    secured = settings.model_copy(update={"basic_auth_user": "ls", "basic_auth_pass": SecretStr("s3cret")})
+def test_basic_auth_when_configured(settings: Settings, tmp_path: Path) -> None:
+    secured = settings.model_copy(
+        update={
+            "basic_auth_user": "ls",
+            "basic_auth_pass": SecretStr("s3cret"),
+            "embedded_worker": False,
+            "data_dir": tmp_path,
+        }
+    )
     with TestClient(create_app(secured)) as client:
         assert client.get("/health").status_code == 401
         assert client.get("/health", auth=("ls", "wrong")).status_code == 401
         assert client.get("/health", auth=("ls", "s3cret")).status_code == 200
         good = "Basic " + base64.b64encode(b"ls:s3cret").decode()
-        assert (
-            client.post("/setup", json={"schema": CONFIG}, headers={"Authorization": good}).status_code == 200
-        )
+        assert client.post("/setup", json={"schema": CONFIG}, headers={"Authorization": good}).status_code == 200
         assert client.post("/webhook", json={"action": "X"}).status_code == 200  # Label Studio sends no auth

@@ -64,9 +64,7 @@ def test_batching_never_changes_an_images_result(tiny_detector: GroundingDinoDet
 
 
 def test_labels_past_the_text_length_run_as_extra_prompts(tmp_path: Path) -> None:
-    detector = create_detector(
-        str(build_tiny_grounding_dino(tmp_path / "short", max_text_len=12)), device="cpu"
-    )
+    detector = create_detector(str(build_tiny_grounding_dino(tmp_path / "short", max_text_len=12)), device="cpu")
     phrases = ["cat", "dog", "traffic light", "person", "car", "truck", "bird", "horse", "red apple"]
     chunks = detector.prompts(phrases)
     assert len(chunks) > 1 and all(len(c.input_ids) <= 12 for c in chunks)
@@ -84,9 +82,7 @@ def test_labels_past_the_text_length_run_as_extra_prompts(tmp_path: Path) -> Non
 
 
 def test_a_phrase_longer_than_the_text_encoder_is_refused(tmp_path: Path) -> None:
-    detector = create_detector(
-        str(build_tiny_grounding_dino(tmp_path / "short", max_text_len=8)), device="cpu"
-    )
+    detector = create_detector(str(build_tiny_grounding_dino(tmp_path / "short", max_text_len=8)), device="cpu")
     with pytest.raises(PromptError, match="tokens"):
         detector.prompts(["a big red cat and a small blue dog"])
 
@@ -94,19 +90,13 @@ def test_a_phrase_longer_than_the_text_encoder_is_refused(tmp_path: Path) -> Non
 def test_model_version_changes_with_checkpoint_and_thresholds(tiny_checkpoint: Path, tmp_path: Path) -> None:
     base = model_version(str(tiny_checkpoint), revision=None, params=DetectionParams(), precision="fp32")
     assert base.startswith(f"{tiny_checkpoint.name}-")
-    assert base == model_version(
-        str(tiny_checkpoint), revision=None, params=DetectionParams(), precision="fp32"
-    )
+    assert base == model_version(str(tiny_checkpoint), revision=None, params=DetectionParams(), precision="fp32")
     other = build_tiny_grounding_dino(tmp_path / tiny_checkpoint.name, seed=1)
     changed = {
         model_version(str(other), revision=None, params=DetectionParams(), precision="fp32"),
-        model_version(
-            str(tiny_checkpoint), revision=None, params=DetectionParams(box_threshold=0.4), precision="fp32"
-        ),
+        model_version(str(tiny_checkpoint), revision=None, params=DetectionParams(box_threshold=0.4), precision="fp32"),
         model_version(str(tiny_checkpoint), revision=None, params=DetectionParams(), precision="bf16"),
-        model_version(
-            "IDEA-Research/grounding-dino-tiny", revision=None, params=DetectionParams(), precision="fp32"
-        ),
+        model_version("IDEA-Research/grounding-dino-tiny", revision=None, params=DetectionParams(), precision="fp32"),
     }
     assert base not in changed and len(changed) == 4
 

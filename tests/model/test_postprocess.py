@@ -55,23 +55,16 @@ def test_each_box_is_named_by_its_best_phrase_not_by_merged_text() -> None:
 def test_box_threshold_and_text_threshold_both_apply() -> None:
     logits = make_logits([[0.0, 0.5, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.45, 0.0], [0.0, 0.3, 0.0, 0.0, 0.0]])
     boxes = torch.tensor([[0.5, 0.5, 0.1, 0.1]] * 3)
-    loose = select_candidates(
-        logits, boxes, SPANS, [0, 1], DetectionParams(box_threshold=0.35, text_threshold=0.25)
-    )
+    loose = select_candidates(logits, boxes, SPANS, [0, 1], DetectionParams(box_threshold=0.35, text_threshold=0.25))
     assert loose.scores.tolist() == pytest.approx([0.5, 0.45], abs=1e-6)
     strict_text = DetectionParams(box_threshold=0.35, text_threshold=0.48)
     assert select_candidates(logits, boxes, SPANS, [0, 1], strict_text).phrases.tolist() == [0]
-    assert (
-        select_candidates(logits, boxes, SPANS, [0, 1], DetectionParams(box_threshold=0.6)).scores.numel()
-        == 0
-    )
+    assert select_candidates(logits, boxes, SPANS, [0, 1], DetectionParams(box_threshold=0.6)).scores.numel() == 0
 
 
 def test_boxes_are_clipped_to_the_image() -> None:
     logits = make_logits([[0.0, 0.9]])
-    found = select_candidates(
-        logits, torch.tensor([[0.05, 0.95, 0.3, 0.3]]), SPANS, [0, 1], DetectionParams()
-    )
+    found = select_candidates(logits, torch.tensor([[0.05, 0.95, 0.3, 0.3]]), SPANS, [0, 1], DetectionParams())
     assert found.boxes[0].tolist() == pytest.approx([0.0, 0.8, 0.2, 1.0], abs=1e-6)
 
 

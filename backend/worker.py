@@ -1,0 +1,229 @@
+"""``dinolabel worker``: one process per GPU that loads the model once and then takes jobs.
+
+RQ's default ``Worker`` forks a child for every job: the child would load the model again, and CUDA
+cannot be used after a fork once initialised. We use ``SimpleWorker`` (jobs run in the worker's own
+process) and build the model *before* the first job. A heartbeat thread keeps a short-lived "alive"
+key, and re-queues the batches of workers whose key has expired (killed, crashed, machine gone).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+from redis import Redis
+from rq import SimpleWorker
+from rq.exceptions import StopRequested
+from rq.serializers import JSONSerializer
+from rq.timeouts import TimerDeathPenalty
+
+from backend.bulk import BulkJob, Workers
+from backend.config import Settings
+from backend.image_source import ImageFetcher
+from backend.predictor import Predictor
+from backend.queues import KEY_PREFIX, Queues
+from model import create_detector
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_SECONDS = 2.0
+POLL_SECONDS = 1
+REAP_EVERY = 3  # heartbeats
+
+
+@dataclass
+class Runtime:
+    """What jobs use inside a worker process: the model, the settings, Redis, cached fetchers."""
+
+    predictor: Predictor
+    settings: Settings
+    connection: Redis
+    name: str
+    _fetchers: dict[tuple[str | None, str | None], ImageFetcher] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def fetcher(self, label_studio_url: str | None, api_key: str | None) -> ImageFetcher:
+        s = self.settings
+        url = s.label_studio_url or label_studio_url
+        key = s.label_studio_api_key.get_secret_value() if s.label_studio_api_key else api_key
+        with self._lock:
+            if (url, key) not in self._fetchers:
+                self._fetchers[(url, key)] = ImageFetcher(
+                    label_studio_url=url,
+                    api_key=key,
+                    document_root=s.local_files_document_root,
+                    media_root=s.media_root,
+                    timeout=s.image_timeout,
+                    max_bytes=s.image_max_bytes,
+                )
+            return self._fetchers[(url, key)]
+
+
+# Jobs run on the thread that runs the worker loop: a thread-local runtime lets an embedded worker
+# (a thread of `dinolabel serve`) and tests with several apps in one process keep theirs apart.
+_local = threading.local()
+
+
+def current_runtime() -> Runtime:
+    """The runtime of the worker running on this thread (jobs only run inside a worker)."""
+    runtime = getattr(_local, "runtime", None)
+    if runtime is None:
+        raise RuntimeError("no worker runtime: job functions run inside `dinolabel worker`")
+    return runtime
+
+
+class PredictionWorker(SimpleWorker):
+    """A non-forking worker. With ``stop`` it runs off the main thread (the embedded worker): no
+    signal handlers, and it polls the queues in short waits so that setting ``stop`` ends it."""
+
+    death_penalty_class = TimerDeathPenalty  # signal-free job time-outs: works in any thread
+
+    def __init__(self, *args: Any, stop: threading.Event | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stop = stop
+
+    def _install_signal_handlers(self) -> None:
+        if self.stop is None:
+            super()._install_signal_handlers()
+
+    def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
+        if self.stop is None or timeout is None:
+            return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+        while not self.stop.is_set():
+            result = super().dequeue_job_and_maintain_ttl(POLL_SECONDS, POLL_SECONDS)  # None when idle
+            if result is not None:
+                return result
+        raise StopRequested()
+
+
+class Heartbeat(threading.Thread):
+    """Refreshes this worker's alive key and re-queues the batches of dead workers."""
+
+    def __init__(self, connection: Redis, name: str, state: dict[str, Any], batch_timeout: int) -> None:
+        super().__init__(name="dinolabel-heartbeat", daemon=True)
+        self.batch_timeout = batch_timeout
+        self.connection = connection
+        self.worker_name = name
+        self.state = state
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        beats = 0
+        while not self.stopped.is_set():
+            try:
+                Workers.beat(self.connection, self.worker_name, self.state)
+                if beats % REAP_EVERY == 0:
+                    requeue_abandoned(self.connection, batch_timeout=self.batch_timeout)
+            except redis.RedisError as exc:
+                log.warning("heartbeat: Redis unreachable (%s)", exc)
+            beats += 1
+            self.stopped.wait(HEARTBEAT_SECONDS)
+        with contextlib.suppress(redis.RedisError):
+            Workers.gone(self.connection, self.worker_name)
+
+
+def requeue_abandoned(connection: Redis, *, batch_timeout: int) -> int:
+    """Put back on the queue every batch whose worker stopped beating; returns how many.
+
+    Safe to run from many workers at once: a short lock per batch lets one of them re-queue it, and
+    the write marks make a batch that still runs somewhere harmless.
+    """
+    from backend.jobs import enqueue_batch
+
+    count = 0
+    for job in BulkJob.active(connection):
+        if job.is_final():
+            connection.srem(BulkJob.active_key, job.id)
+            continue
+        for number in job.batch_numbers():
+            if job.batch_finished(number):
+                continue
+            holder = job.batch(number).get("worker")
+            if not holder or Workers.alive(connection, holder):
+                continue
+            lock = f"{KEY_PREFIX}reap:{job.id}:{number}:{holder}"
+            if not connection.set(lock, "1", nx=True, ex=60):
+                continue
+            log.warning("worker %s is gone: re-queueing batch %d of job %s", holder, number, job.id)
+            enqueue_batch(Queues.on(connection), job, number, timeout=batch_timeout, at_front=True)
+            count += 1
+    return count
+
+
+def load_predictor(settings: Settings) -> Predictor:
+    """Load the detector named by the settings and wrap it for Label Studio tasks."""
+    detector = create_detector(
+        settings.detector_checkpoint,
+        revision=settings.detector_revision,
+        device=settings.device,
+        precision=settings.precision,
+    )
+    return Predictor(
+        detector,
+        batch_size=settings.batch_size,
+        max_pixels=settings.image_max_pixels,
+        download_threads=settings.image_download_threads,
+    )
+
+
+def build_runtime(settings: Settings, connection: Redis, name: str) -> Runtime:
+    """Load the model and make it available to the job functions run on this thread."""
+    _local.runtime = Runtime(predictor=load_predictor(settings), settings=settings, connection=connection, name=name)
+    return _local.runtime
+
+
+def run_worker(
+    settings: Settings,
+    connection: Redis,
+    *,
+    burst: bool = False,
+    stop: threading.Event | None = None,
+    state: dict[str, Any] | None = None,
+) -> None:
+    """Load the model, then take jobs until stopped; survives Redis outages by reconnecting.
+
+    ``stop`` (an event) runs the worker off the main thread and ends it when set; without it, SIGINT
+    and SIGTERM end it (RQ's warm shutdown). ``state`` reports ``loading``/``ready``/``failed``.
+    """
+    name = Workers.new_name()
+    state = state if state is not None else {}
+    state.update(name=name, pid=os.getpid(), state="loading", checkpoint=settings.detector_checkpoint)
+    heartbeat = Heartbeat(connection, name, state, settings.batch_timeout)
+    heartbeat.start()
+    try:
+        started = time.perf_counter()
+        try:
+            runtime = build_runtime(settings, connection, name)
+        except Exception as exc:
+            state.update(state="failed", error=f"{type(exc).__name__}: {exc}")
+            log.exception("worker %s: the model failed to load", name)
+            raise
+        state.update(
+            state="ready",
+            device=str(runtime.predictor.detector.device),
+            load_seconds=round(time.perf_counter() - started, 2),
+        )
+        log.info("worker %s ready on %s", name, state["device"])
+        while not (stop and stop.is_set()):
+            worker = PredictionWorker(
+                Queues.on(connection).in_listen_order(),
+                connection=connection,
+                name=f"{name}.{int(time.time())}",
+                serializer=JSONSerializer,
+                worker_ttl=30,
+                stop=stop,
+            )
+            worker.work(burst=burst, logging_level=settings.log_level.upper())
+            if burst or worker._stop_requested or (stop and stop.is_set()):
+                break
+            log.warning("worker %s: the work loop ended (Redis unreachable?); starting again in 2 s", name)
+            time.sleep(2.0)
+    finally:
+        heartbeat.stopped.set()
+        heartbeat.join(timeout=5)
