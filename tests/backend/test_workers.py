@@ -1,0 +1,195 @@
+"""The API with real Redis and real worker processes (no Label Studio needed here).
+
+Bulk jobs writing to a real Label Studio are in tests/test_e2e_labelstudio.py.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from backend.bulk import BulkJob, JobSpec, JobStatus, Marks, Workers
+from backend.config import Settings
+from backend.jobs import enqueue_batch
+from backend.main import create_app
+from backend.queues import Queues
+from tests.images import png
+from tests.processes import RedisServer, Service, wait_for
+
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
+
+CONFIG = (
+    '<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">'
+    '<Label value="cat"/><Label value="dog"/></RectangleLabels></View>'
+)
+
+
+@pytest.fixture(scope="module")
+def docs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("docs")
+    for i in range(4):
+        (root / f"img{i}.png").write_bytes(png(64 + 8 * i, 48, i))
+    return root
+
+
+@pytest.fixture
+def settings(redis_url: str, tiny_checkpoint: Path, docs: Path, tmp_path: Path) -> Settings:
+    return Settings(
+        redis_url=redis_url,
+        detector_checkpoint=str(tiny_checkpoint),
+        device="cpu",
+        local_files_document_root=docs,
+        data_dir=tmp_path,
+        box_threshold=0.3,
+        label_studio_url="http://127.0.0.1:9",
+    )
+
+
+@pytest.fixture
+def worker(settings: Settings, tmp_path: Path) -> Iterator[Service]:
+    """``dinolabel worker`` as a child process on the test's Redis."""
+    env = {
+        "DINOLABEL_REDIS_URL": settings.redis_url or "",
+        "DINOLABEL_DETECTOR_CHECKPOINT": settings.detector_checkpoint,
+        "DINOLABEL_DEVICE": "cpu",
+        "DINOLABEL_LOCAL_FILES_DOCUMENT_ROOT": str(settings.local_files_document_root),
+        "DINOLABEL_BOX_THRESHOLD": "0.3",
+    }
+    service = Service(["worker"], env, tmp_path / "worker.log").start()
+    yield service
+    service.stop()
+
+
+def tasks(*names: str) -> list[dict]:
+    return [{"id": i + 1, "data": {"image": f"/data/local-files/?d={n}"}} for i, n in enumerate(names)]
+
+
+def ready(client: TestClient) -> dict:
+    body = client.get("/health").json()
+    return body if body.get("status") == "UP" else {}
+
+
+def test_predict_is_answered_by_a_worker_process(settings: Settings, worker: Service) -> None:
+    with TestClient(create_app(settings)) as client:
+        body = wait_for(lambda: ready(client), 90, f"a ready worker\n{worker.log_tail()}")
+        assert body["workers"]["ready"] == 1 and body["workers"]["details"][0]["pid"] == worker.process.pid
+        response = client.post("/predict", json={"tasks": tasks("img0.png", "img1.png"), "project": "3.1",
+                                                 "label_config": CONFIG})  # fmt: skip
+        assert response.status_code == 200, response.text
+        results = response.json()["results"]
+        assert len(results) == 2 and all(r["result"] for r in results)
+        assert [r["result"][0]["original_width"] for r in results] == [64, 72]
+        assert {x["value"]["rectanglelabels"][0] for r in results for x in r["result"]} <= {"cat", "dog"}
+        # Label Studio stores these itself: a later bulk job of the same version must skip them.
+        marks = Marks(redis.Redis.from_url(settings.redis_url), 3, results[0]["model_version"])
+        assert marks.done_by([1, 2, 3]) == {1: "predict", 2: "predict", 3: None}
+
+
+def test_redis_outage_gives_503_and_recovers(settings: Settings, worker: Service, redis_server: RedisServer) -> None:
+    request = {"tasks": tasks("img2.png"), "project": "3.1", "label_config": CONFIG}
+    with TestClient(create_app(settings)) as client:
+        wait_for(lambda: ready(client), 90, f"a ready worker\n{worker.log_tail()}")
+        assert client.post("/predict", json=request).status_code == 200
+        redis_server.stop()
+        down = client.post("/predict", json=request)
+        assert down.status_code == 503 and "Redis is unreachable" in down.json()["detail"]
+        health = client.get("/health")
+        assert health.status_code == 503 and health.json()["status"] == "DOWN"
+        assert client.post("/setup", json={"project": "3.1", "schema": CONFIG}).status_code == 503
+        redis_server.start()  # same port, empty: the worker reconnects and beats again
+        wait_for(lambda: ready(client), 90, f"the worker back after the outage\n{worker.log_tail()}")
+        again = client.post("/predict", json=request)
+        assert again.status_code == 200 and again.json()["results"][0]["result"]
+        assert worker.process.poll() is None, "the worker survived the outage"
+
+
+def test_deadline_or_too_many_tasks_hand_off_to_a_bulk_job(settings: Settings) -> None:
+    fast = settings.model_copy(update={"predict_deadline": 1.0, "interactive_max_tasks": 2})
+    with TestClient(create_app(fast)) as client:  # no worker at all: the interactive wait must time out
+        started = time.perf_counter()
+        body = client.post("/predict", json={"tasks": tasks("img0.png"), "project": "4.1", "label_config": CONFIG})
+        assert body.status_code == 200 and time.perf_counter() - started < 5
+        assert body.json()["results"] == [] and body.json()["job_id"]
+        queues = Queues.on(redis.Redis.from_url(settings.redis_url))
+        assert queues.interactive.count == 0, "the waiting interactive job was cancelled"
+        job = client.get(f"/v1/jobs/{body.json()['job_id']}").json()
+        assert (job["project"], job["status"], job["source"]) == (4, "planning", "predict:deadline")
+        started = time.perf_counter()
+        many = client.post("/predict", json={"tasks": tasks("a", "b", "c"), "project": "4.1", "label_config": CONFIG})
+        assert many.json()["results"] == [] and time.perf_counter() - started < 1
+        assert client.get(f"/v1/jobs/{many.json()['job_id']}").json()["source"] == "predict:too_many_tasks"
+        assert queues.plan.count == 2
+
+
+def test_webhook_tasks_created_needs_the_secret(settings: Settings) -> None:
+    from pydantic import SecretStr
+
+    secured = settings.model_copy(update={"webhook_secret": SecretStr("hook-secret"), "embedded_worker": False})
+    event = {"action": "TASKS_CREATED", "project": {"id": 5, "label_config": CONFIG}, "tasks": tasks("img0.png")}
+    with TestClient(create_app(secured)) as client:
+        assert client.post("/webhook", json=event).status_code == 401
+        assert client.post("/webhook", json=event, headers={"X-Dinolabel-Secret": "nope"}).status_code == 401
+        queued = client.post("/webhook", json=event, headers={"X-Dinolabel-Secret": "hook-secret"})
+        assert queued.status_code == 200 and queued.json()["status"] == "queued"
+        job = client.get(f"/v1/jobs/{queued.json()['job_id']}").json()
+        assert (job["project"], job["source"]) == (5, "webhook")
+        assert client.post("/webhook", json={"action": "ANNOTATION_CREATED"}).json()["status"] == "ignored"
+        bad = {"action": "TASKS_CREATED", "tasks": []}
+        assert client.post("/webhook", json=bad, headers={"X-Dinolabel-Secret": "hook-secret"}).status_code == 422
+
+
+def test_jobs_api_cancels_what_has_not_started(settings: Settings) -> None:
+    connection = redis.Redis.from_url(settings.redis_url)
+    spec = JobSpec(project=6, model_version="v1", label_config=CONFIG, params={}, label_studio_url="http://x",
+                   api_key=None)  # fmt: skip
+    job = BulkJob.create(connection, spec)
+    job.start([[{"id": 1, "data": {}}], [{"id": 2, "data": {}}], [{"id": 3, "data": {}}]], skipped=1)
+    queues = Queues.on(connection)
+    for number in range(3):
+        enqueue_batch(queues, job, number, timeout=60)
+    with TestClient(create_app(settings.model_copy(update={"embedded_worker": False}))) as client:
+        assert client.get("/v1/jobs/nope").status_code == 404
+        before = client.get(f"/v1/jobs/{job.id}").json()
+        assert (before["status"], before["total"], before["skipped"], before["remaining"]) == ("running", 4, 1, 3)
+        assert queues.bulk.count == 3
+        cancelled = client.delete(f"/v1/jobs/{job.id}").json()
+        assert cancelled["status"] == "cancelled" and cancelled["finished_at"] is not None
+        assert queues.bulk.count == 0
+        assert client.delete(f"/v1/jobs/{job.id}").json()["status"] == "cancelled"
+
+
+def test_marks_give_each_task_to_one_writer(redis_url: str) -> None:
+    connection = redis.Redis.from_url(redis_url)
+    marks = Marks(connection, 7, "v1")
+    Workers.beat(connection, "alive-worker", {"state": "ready"})
+    assert marks.claim([1, 2], "alive-worker") == {1: "claimed", 2: "claimed"}
+    assert marks.claim([1, 3], "other") == {1: "busy", 3: "claimed"}  # held by a live worker
+    marks.finish([1], "job-a")
+    assert marks.claim([1], "other") == {1: "done"}
+    # task 3 is held by "other", which never beat: it counts as dead and can be taken over.
+    assert marks.claim([3], "alive-worker") == {3: "taken"}
+    marks.release([3], "someone-else")
+    assert marks.claim([3], "alive-worker") == {3: "claimed"}, "only the holder releases"
+    marks.release([3], "alive-worker")
+    assert marks.done_by([1, 2, 3]) == {1: "job-a", 2: None, 3: None}
+
+
+def test_a_batch_is_counted_once_however_often_it_runs(redis_url: str) -> None:
+    connection = redis.Redis.from_url(redis_url)
+    spec = JobSpec(project=8, model_version="v1", label_config=CONFIG, params={}, label_studio_url="http://x",
+                   api_key=None)  # fmt: skip
+    job = BulkJob.create(connection, spec)
+    job.start([[{"id": 1, "data": {}}, {"id": 2, "data": {}}], [{"id": 3, "data": {}}]], skipped=0)
+    assert job.finish_batch(0, done=1, skipped=0, failures=[(2, "broken image")])
+    assert not job.finish_batch(0, done=2, skipped=0, failures=[])  # a re-run of batch 0
+    assert job.status() == JobStatus.RUNNING
+    assert job.finish_batch(1, done=1, skipped=0, failures=[])
+    summary = job.summary()
+    assert (summary["status"], summary["done"], summary["failed"], summary["remaining"]) == ("done", 2, 1, 0)
+    assert summary["failures"][0]["task_id"] == 2 and summary["failures"][0]["reason"] == "broken image"
+    assert job.id not in {j.id for j in BulkJob.active(connection)}

@@ -1,0 +1,17 @@
+"""Small synthetic test images with some structure, different per seed."""
+
+from __future__ import annotations
+
+import io
+
+from PIL import Image
+
+
+def png(width: int, height: int, seed: int) -> bytes:
+    """A PNG with stripes whose colours depend on ``seed``."""
+    img = Image.new("RGB", (width, height), ((seed * 70) % 255, (seed * 130) % 255, 90))
+    for i in range(0, width, 6):
+        img.paste((255 - i % 255, i % 255, 20 * seed % 255), (i, 0, min(i + 2, width), height // 2))
+    out = io.BytesIO()
+    img.save(out, "PNG")
+    return out.getvalue()
