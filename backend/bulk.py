@@ -29,6 +29,18 @@ MARKS_TTL = 90 * 24 * 3600
 WORKER_TTL = 10
 """Seconds a worker counts as alive after its last heartbeat."""
 MAX_FAILURES_KEPT = 10_000
+STATS_KEY = KEY_PREFIX + "stats"
+"""Hash of cluster-wide counters the workers add to (batches, batch_seconds, tasks_predicted, tasks_failed)."""
+
+
+def record_batch(connection: Redis, *, seconds: float, predicted: int, failed: int) -> None:
+    """Add one finished batch to the cluster-wide counters that ``/metrics`` exports."""
+    with connection.pipeline() as pipe:
+        pipe.hincrbyfloat(STATS_KEY, "batch_seconds", seconds)
+        pipe.hincrby(STATS_KEY, "batches", 1)
+        pipe.hincrby(STATS_KEY, "tasks_predicted", predicted)
+        pipe.hincrby(STATS_KEY, "tasks_failed", failed)
+        pipe.execute()
 
 
 class JobStatus(StrEnum):

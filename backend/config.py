@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -43,7 +43,6 @@ class Settings(BaseSettings):
     nms_iou: float = Field(default=0.5, gt=0.0, le=1.0)
     max_boxes: int = Field(default=100, ge=1)
     batch_size: int = Field(default=4, ge=1)
-    model_load_timeout: float = Field(default=600.0, gt=0)
 
     # Queue: Redis + RQ workers
     redis_url: str | None = None
@@ -66,6 +65,15 @@ class Settings(BaseSettings):
     image_max_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
     image_max_pixels: int = Field(default=100_000_000, gt=0)
     image_download_threads: int = Field(default=8, ge=1)
+
+    @field_validator(
+        "basic_auth_user", "basic_auth_pass", "detector_revision", "redis_url", "webhook_secret", "label_studio_url",
+        "label_studio_api_key", "local_files_document_root", "media_root", mode="before",
+    )  # fmt: skip
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        """``VAR=`` (as compose files and shells often leave it) means unset, not "" or the current folder."""
+        return None if isinstance(value, str) and not value.strip() else value
 
 
 @lru_cache

@@ -17,7 +17,7 @@ from typing import Any
 
 from rq.job import Job
 
-from backend.bulk import BulkJob, JobSpec, Marks
+from backend.bulk import BulkJob, JobSpec, Marks, record_batch
 from backend.labeling import LabelConfigError, parse_label_config
 from backend.ls_client import LabelStudioClient, LabelStudioError
 from backend.queues import Queues
@@ -154,10 +154,7 @@ def run_batch(job_id: str, number: int) -> dict[str, Any]:
     marks.release([t for t, _ in failures], runtime.name)
     job.finish_batch(number, done=len(written) + len(done_here), skipped=skipped, failures=failures)
     seconds = time.perf_counter() - started
-    runtime.connection.hincrbyfloat("dinolabel:stats", "batch_seconds", seconds)
-    runtime.connection.hincrby("dinolabel:stats", "batches", 1)
-    runtime.connection.hincrby("dinolabel:stats", "tasks_predicted", len(written))
-    runtime.connection.hincrby("dinolabel:stats", "tasks_failed", len(failures))
+    record_batch(runtime.connection, seconds=seconds, predicted=len(written), failed=len(failures))
     return {"written": len(written), "skipped": skipped, "failed": len(failures), "seconds": round(seconds, 3)}
 
 

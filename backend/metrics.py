@@ -49,6 +49,17 @@ class Metrics:
             "dinolabel_batch_seconds_total", "Seconds spent in bulk batches (counter kept in Redis).", registry=r
         )
 
+        self.job_progress = Gauge(
+            "dinolabel_job_tasks", "Tasks of running bulk jobs, by job and state (done, skipped, failed, remaining).",
+            ["job", "state"], registry=r,
+        )  # fmt: skip
+        self.job_rate = Gauge(
+            "dinolabel_job_tasks_per_second",
+            "Tasks predicted per second by each running bulk job.",
+            ["job"],
+            registry=r,
+        )
+
     def observe(self, route: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(route, method, str(status)).inc()
         self.latency.labels(route).observe(seconds)

@@ -220,7 +220,8 @@ def run_worker(
                 stop=stop,
             )
             worker.work(burst=burst, logging_level=settings.log_level.upper())
-            if burst or worker._stop_requested or (stop and stop.is_set()):
+            # RQ notes a SIGINT/SIGTERM in _shutdown_requested_date (and ends work() quietly when idle).
+            if burst or worker._shutdown_requested_date is not None or (stop and stop.is_set()):
                 break
             log.warning("worker %s: the work loop ended (Redis unreachable?); starting again in 2 s", name)
             time.sleep(2.0)

@@ -193,3 +193,13 @@ def test_a_batch_is_counted_once_however_often_it_runs(redis_url: str) -> None:
     assert (summary["status"], summary["done"], summary["failed"], summary["remaining"]) == ("done", 2, 1, 0)
     assert summary["failures"][0]["task_id"] == 2 and summary["failures"][0]["reason"] == "broken image"
     assert job.id not in {j.id for j in BulkJob.active(connection)}
+
+
+def test_worker_stops_cleanly_on_sigterm(settings: Settings, worker: Service) -> None:
+    connection = redis.Redis.from_url(settings.redis_url)
+    wait_for(lambda: any(w["state"] == "ready" for w in Workers.all(connection).values()), 90, worker.log_tail())
+    started = time.perf_counter()
+    worker.process.terminate()
+    assert worker.process.wait(timeout=15) == 0
+    assert time.perf_counter() - started < 10, "an idle worker stops at once"
+    assert Workers.all(connection) == {}, "it said goodbye: no stale live-worker entry"

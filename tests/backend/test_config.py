@@ -1,0 +1,33 @@
+"""The settings object: environment variables with the DINOLABEL_ prefix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from backend.config import Settings
+
+
+def test_environment_is_read_with_the_prefix(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("DINOLABEL_BOX_THRESHOLD", "0.5")
+    monkeypatch.setenv("DINOLABEL_LOCAL_FILES_DOCUMENT_ROOT", str(tmp_path))
+    monkeypatch.setenv("BASIC_AUTH_USER", "ls")  # Label Studio's own name for it
+    settings = Settings()
+    assert settings.box_threshold == 0.5 and settings.local_files_document_root == tmp_path
+    assert settings.basic_auth_user == "ls"
+
+
+def test_empty_variables_mean_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("LOCAL_FILES_DOCUMENT_ROOT", "DETECTOR_REVISION", "REDIS_URL", "WEBHOOK_SECRET"):
+        monkeypatch.setenv(f"DINOLABEL_{name}", "")
+    settings = Settings()
+    assert settings.local_files_document_root is None, "not the current folder"
+    assert (settings.detector_revision, settings.redis_url, settings.webhook_secret) == (None, None, None)
+
+
+def test_out_of_range_values_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DINOLABEL_BOX_THRESHOLD", "1.5")
+    with pytest.raises(ValidationError, match="box_threshold"):
+        Settings()
