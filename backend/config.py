@@ -57,6 +57,7 @@ class Settings(BaseSettings):
     # Label Studio (fallback: the hostname/access_token that /setup receives)
     label_studio_url: str | None = None
     label_studio_api_key: SecretStr | None = None
+    label_studio_retries: int = Field(default=5, ge=0)
     local_files_document_root: Path | None = None
     media_root: Path | None = None
 

@@ -88,7 +88,7 @@ def _client(spec: JobSpec) -> LabelStudioClient:
     settings = current_runtime().settings
     url = settings.label_studio_url or spec.label_studio_url
     key = settings.label_studio_api_key.get_secret_value() if settings.label_studio_api_key else spec.api_key
-    return LabelStudioClient(url, key)
+    return LabelStudioClient(url, key, retries=settings.label_studio_retries)
 
 
 def plan_job(
@@ -142,14 +142,21 @@ def run_batch(job_id: str, number: int) -> dict[str, Any]:
     todo = [t for t, c in claims.items() if c in ("claimed", "taken")]
     failures: list[tuple[int, str]] = []
     started = time.perf_counter()
-    with _client(spec) as client:
-        taken = [t for t, c in claims.items() if c == "taken"]
-        for task_id in taken:  # a dead worker held it: its write may have gone through
-            if any(p.get("model_version") == spec.model_version for p in client.task_predictions(task_id)):
-                marks.finish([task_id], job_id)
-                done_here.append(task_id)
-                todo.remove(task_id)
-        written = _predict_and_write(client, runtime, spec, [tasks[t] for t in todo], failures)
+    try:
+        with _client(spec) as client:
+            taken = [t for t, c in claims.items() if c == "taken"]
+            for task_id in taken:  # a dead worker held it: its write may have gone through
+                if any(p.get("model_version") == spec.model_version for p in client.task_predictions(task_id)):
+                    marks.finish([task_id], job_id)
+                    done_here.append(task_id)
+                    todo.remove(task_id)
+            written = _predict_and_write(client, runtime, spec, [tasks[t] for t in todo], failures)
+    except Exception as exc:  # a time-out, Label Studio gone for good...: the batch ends, the job goes on
+        log.exception("job %s batch %d failed", job_id, number)
+        reason = f"batch failed: {type(exc).__name__}: {exc}"
+        marks.release(todo, runtime.name)
+        job.finish_batch(number, done=len(done_here), skipped=skipped, failures=[(t, reason) for t in todo])
+        raise
     marks.finish(written, job_id)
     marks.release([t for t, _ in failures], runtime.name)
     job.finish_batch(number, done=len(written) + len(done_here), skipped=skipped, failures=failures)

@@ -203,3 +203,31 @@ def test_worker_stops_cleanly_on_sigterm(settings: Settings, worker: Service) ->
     assert worker.process.wait(timeout=15) == 0
     assert time.perf_counter() - started < 10, "an idle worker stops at once"
     assert Workers.all(connection) == {}, "it said goodbye: no stale live-worker entry"
+
+
+def test_label_studio_unreachable_fails_the_job_with_reasons_not_the_worker(
+    settings: Settings, worker: Service
+) -> None:
+    worker.env["DINOLABEL_LABEL_STUDIO_RETRIES"] = "0"
+    worker.stop()
+    worker.start()
+    connection = redis.Redis.from_url(settings.redis_url)
+    with TestClient(create_app(settings.model_copy(update={"embedded_worker": False}))) as client:
+        wait_for(lambda: ready(client), 90, f"a ready worker\n{worker.log_tail()}")
+        # Planning needs Label Studio (nothing listens on port 9): the job fails and says why.
+        planned = client.post("/v1/projects/9/preannotate").json()
+        failed = wait_for(lambda: (j := client.get(f"/v1/jobs/{planned['id']}").json())["status"] != "planning" and j,
+                          60, "planning to end")  # fmt: skip
+        assert failed["status"] == "failed" and "planning failed" in failed["failures"][0]["reason"]
+        # A batch whose predictions cannot be written: each task fails with the reason, the job ends.
+        spec = JobSpec(project=9, model_version="v1", label_config=CONFIG, params={"box_threshold": 0.3},
+                       label_studio_url="http://127.0.0.1:9", api_key=None)  # fmt: skip
+        job = BulkJob.create(connection, spec)
+        job.start([tasks("img0.png", "img1.png", "missing.png")], skipped=0)
+        enqueue_batch(Queues.on(connection), job, 0, timeout=60)
+        done = wait_for(lambda: (j := job.summary())["status"] == "done" and j, 60, worker.log_tail())
+        assert (done["done"], done["failed"]) == (0, 3)
+        reasons = {f["task_id"]: f["reason"] for f in done["failures"]}
+        assert "missing.png" in reasons[3] and "writing the prediction failed" in reasons[1]
+        assert Marks(connection, 9, "v1").claim([1, 2, 3], "another") == {1: "claimed", 2: "claimed", 3: "claimed"}
+        assert worker.process.poll() is None
