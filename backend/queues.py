@@ -14,6 +14,8 @@ from pathlib import Path
 
 import redis
 from redis import Redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from rq import Queue
 from rq.serializers import JSONSerializer
 
@@ -55,9 +57,14 @@ class EmbeddedRedis:
         log.info("embedded Redis at %s", self.url)
 
     def close(self) -> None:
-        """Save and stop the server, even while other clients are connected."""
+        """Save and stop the server, even while other clients are connected.
+
+        The server drops the connection as it stops: a client without retries takes that as the answer
+        (the default client retries with back-off, ~4 s).
+        """
+        client = Redis(unix_socket_path=self._server.socket_file, retry=Retry(NoBackoff(), 0))
         with contextlib.suppress(redis.ConnectionError):
-            self._server.execute_command("SHUTDOWN", "SAVE")
+            client.execute_command("SHUTDOWN", "SAVE")
 
 
 @dataclass(frozen=True)

@@ -221,6 +221,16 @@ class OtherLoad:
         return round(max(0.0, others) / (end[0] - self._start[0]), 2)
 
 
+BUSY_CORES = 0.2
+"""Above this many cores used by other processes during a phase, its line says to rerun it."""
+
+
+def busy(cores: float | None) -> str:
+    """The load note ending each line; a neighbour's PyTorch on a small machine can slow ours 20x."""
+    note = " (machine not quiet: rerun)" if cores is not None and cores > BUSY_CORES else ""
+    return f"other processes {cores} cores{note}"
+
+
 # --- the cluster ------------------------------------------------------------------------------------------
 
 
@@ -436,14 +446,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             sync = run_sync(c, sync_project, sync_tasks)
             print(
                 f"{head} path=sync batch=1 concurrency=1 | {sync['total_s']:.1f} s, p50 {sync['p50_ms']:.0f} ms/task, "
-                f"{sync['tasks_per_s']:.3f} tasks/s | other processes {sync['other_processes_cores']} cores",
+                f"{sync['tasks_per_s']:.3f} tasks/s | {busy(sync['other_processes_cores'])}",
                 flush=True,
             )
             bulk = run_bulk(c, bulk_project, [t["id"] for t in bulk_tasks])
             print(
                 f"{head} path=bulk batch={args.batch_size} bulk_batch={args.bulk_batch_size} concurrency=1 job | "
                 f"{bulk['wall_s']:.1f} s, {bulk['tasks_per_s']:.3f} tasks/s, {bulk['predictions_verified']} tasks "
-                f"with exactly 1 prediction | other processes {bulk['other_processes_cores']} cores",
+                f"with exactly 1 prediction | {busy(bulk['other_processes_cores'])}",
                 flush=True,
             )
             ratio = round(bulk["tasks_per_s"] / sync["tasks_per_s"], 2)

@@ -162,6 +162,11 @@ class BaselineResult:
     def mean_s(self) -> float:
         return statistics.fmean(self.seconds)
 
+    @property
+    def median_s(self) -> float:
+        """Less swayed than the mean by an image that a neighbouring process slowed down."""
+        return statistics.median(self.seconds)
+
 
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
     """What a user adds for mixed precision: plain ``torch.autocast``, nothing of ours."""
@@ -617,8 +622,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         baseline = run_baseline(checkpoint, [root / n for n in names], device, args.precision)
         baseline_other_cores = meter.cores()
         print(
-            f"baseline: mean {baseline.mean_s * 1000:.1f} ms/image "
-            f"(min {min(baseline.seconds) * 1000:.1f}, max {max(baseline.seconds) * 1000:.1f}), "
+            f"baseline: mean {baseline.mean_s * 1000:.1f} ms/image (median {baseline.median_s * 1000:.1f}, "
+            f"min {min(baseline.seconds) * 1000:.1f}, max {max(baseline.seconds) * 1000:.1f}), "
             f"load {baseline.load_s:.1f} s, warm-up {baseline.warmup_s:.1f} s, "
             f"other processes used {baseline_other_cores} cores meanwhile",
             flush=True,
@@ -655,6 +660,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "baseline": {
             **asdict(baseline),
             "mean_s": baseline.mean_s,
+            "median_s": baseline.median_s,
             "other_processes_cores": baseline_other_cores,
         },
         "results": rows,

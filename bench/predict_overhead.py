@@ -80,6 +80,16 @@ HTTP_TIMEOUT_S = 120.0
 log = logging.getLogger("bench.predict_overhead")
 
 
+BUSY_CORES = 0.2
+"""Above this many cores used by other processes during a phase, its line says to rerun it."""
+
+
+def busy(cores: float | None) -> str:
+    """The load note ending each line; a neighbour's PyTorch on a small machine can slow ours 20x."""
+    note = " (machine not quiet: rerun)" if cores is not None and cores > BUSY_CORES else ""
+    return f"other processes {cores} cores{note}"
+
+
 # --- the stub model and its worker ------------------------------------------------------------------------
 
 
@@ -470,7 +480,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"predict_overhead path={level.path} hw={hardware!r} model=stub precision=n/a batch=1 "
             f"workers={level.workers} clients={level.clients} n={level.requests} | p50 {level.p50_ms:.2f} ms "
             f"p99 {level.p99_ms:.2f} ms mean {level.mean_ms:.2f} ms | {level.requests_per_s:.1f} req/s | "
-            f"other processes {level.other_processes_cores} cores",
+            f"{busy(level.other_processes_cores)}",
             flush=True,
         )
 

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -273,3 +274,33 @@ def test_tasks_created_webhook_preannotates_new_tasks(
         lambda: (s := predictions_by_task(api, project)) and len(s) == 5 and s, 120, "predictions of the new tasks"
     )
     assert sorted(stored) == sorted(ids) and all(len(ps) == 1 for ps in stored.values())
+
+
+def test_ctrl_c_in_the_cli_cancels_the_job_after_confirmation(
+    label_studio: tuple[LabelStudioServer, LabelStudioAPI], cluster: Cluster
+) -> None:
+    import signal
+
+    server, api = label_studio
+    project = api.create_project("e2e cancel", CONFIG)["id"]
+    api.import_tasks(project, local_images(server, api, project, 400))
+    cli = subprocess.Popen(
+        [DINOLABEL, "preannotate", "--project", str(project), "--api", cluster.api_url, "--interval", "0.1"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cluster.env,
+    )  # fmt: skip
+    connection = redis.Redis.from_url(cluster.redis_url)
+    running = wait_for(
+        lambda: [j for j in BulkJob.active(connection) if j.summary()["project"] == project and j.summary()["done"]],
+        60,
+        "the job to start predicting",
+        interval=0.02,
+    )
+    cli.send_signal(signal.SIGINT)
+    out, err = cli.communicate("y\n", timeout=30)
+    assert cli.returncode == 130, out + err
+    assert "Cancel job" in err and "cancelled" in err
+    summary = running[0].summary()
+    assert summary["status"] == "cancelled" and summary["remaining"] > 0, summary
+    time.sleep(2)  # a batch already running finishes; nothing else starts
+    after = running[0].summary()
+    assert after["remaining"] > 0 and len(predictions_by_task(api, project)) < 400
