@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
+import anyio
 import redis
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
@@ -23,6 +24,9 @@ from backend.state import Service
 
 log = logging.getLogger(__name__)
 
+PREDICT_THREADS = 256
+"""Threads that may wait on workers for /predict at once (apart from FastAPI's pool of 40)."""
+
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; Redis (embedded or not) and the embedded worker start with the lifespan."""
@@ -32,6 +36,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service = Service(settings)
         app.state.service = service
+        app.state.predict_limiter = anyio.CapacityLimiter(PREDICT_THREADS)
         if service.embedded is not None and settings.embedded_worker:
             service.start_embedded_worker()
         yield

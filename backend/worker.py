@@ -164,9 +164,11 @@ def load_predictor(settings: Settings) -> Predictor:
         device=settings.device,
         precision=settings.precision,
     )
+    # Batches pay off on GPUs; on the CPU a batch of 4 was ~13% slower per image than 1 (bench/).
+    default_batch = 8 if detector.device.type == "cuda" else 1
     return Predictor(
         detector,
-        batch_size=settings.batch_size,
+        batch_size=settings.batch_size or default_batch,
         max_pixels=settings.image_max_pixels,
         download_threads=settings.image_download_threads,
     )

@@ -9,19 +9,23 @@ backend returned no results and stores nothing; the predictions appear as the wo
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
 from typing import Any
 
+import anyio
 import redis
 from fastapi import APIRouter, Header, HTTPException, Request
 from fastapi.responses import JSONResponse
 from rq.job import Job
 
 from backend.bulk import Marks, Workers
+from backend.config import Settings
 from backend.deps import MetricsDep, ServiceDep, SettingsDep
 from backend.jobs import RESULT_TTL, predict_tasks
 from backend.labeling import LabelConfigError, LabelTarget, parse_label_config
+from backend.metrics import Metrics
 from backend.queues import Queues
 from backend.schemas.ls import PredictRequest, PredictResponse, SetupRequest, SetupResponse
 from backend.state import NoLabelStudio, Service, project_id
@@ -84,8 +88,19 @@ def setup(body: SetupRequest, service: ServiceDep) -> SetupResponse:
 
 
 @router.post("/predict", response_model=PredictResponse, response_model_exclude_none=True)
-def predict(body: PredictRequest, service: ServiceDep, settings: SettingsDep, metrics: MetricsDep) -> PredictResponse:
-    """One prediction per task, same order; or a hand-off to a bulk job (``results: []``)."""
+async def predict(
+    body: PredictRequest, request: Request, service: ServiceDep, settings: SettingsDep, metrics: MetricsDep
+) -> PredictResponse:
+    """One prediction per task, same order; or a hand-off to a bulk job (``results: []``).
+
+    The wait for the worker blocks a thread for up to ``predict_deadline``: those threads come from a
+    limiter of their own, so waiting requests never starve ``/health`` and ``/setup`` of the shared pool.
+    """
+    work = functools.partial(_predict, body, service, settings, metrics)
+    return await anyio.to_thread.run_sync(work, limiter=request.app.state.predict_limiter)
+
+
+def _predict(body: PredictRequest, service: Service, settings: Settings, metrics: Metrics) -> PredictResponse:
     project = service.projects.get(body.project)
     label_config = body.label_config or project.label_config
     if not label_config:

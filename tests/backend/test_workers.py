@@ -231,3 +231,20 @@ def test_label_studio_unreachable_fails_the_job_with_reasons_not_the_worker(
         assert "missing.png" in reasons[3] and "writing the prediction failed" in reasons[1]
         assert Marks(connection, 9, "v1").claim([1, 2, 3], "another") == {1: "claimed", 2: "claimed", 3: "claimed"}
         assert worker.process.poll() is None
+
+
+def test_waiting_predicts_never_starve_health(settings: Settings) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    slow = settings.model_copy(update={"predict_deadline": 4.0, "embedded_worker": False})
+    with TestClient(create_app(slow)) as client, ThreadPoolExecutor(max_workers=60) as pool:
+        # No worker: 60 requests (more than FastAPI's thread pool of 40) wait out their deadline.
+        body = {"tasks": tasks("img0.png"), "project": "10.1", "label_config": CONFIG}
+        waiting = [pool.submit(client.post, "/predict", json=body) for _ in range(60)]
+        time.sleep(1.0)
+        started = time.perf_counter()
+        assert client.get("/health").status_code == 200
+        assert time.perf_counter() - started < 1.0, "Label Studio's /health time-out is 1 s"
+        assert client.post("/setup", json={"project": "10.1", "schema": CONFIG}).status_code == 200
+        answers = [f.result(timeout=60) for f in waiting]
+        assert all(a.status_code == 200 and a.json()["results"] == [] for a in answers), "all handed off"
