@@ -9,7 +9,7 @@ import pytest
 
 from backend.labeling import LabelConfigError, match_label, parse_label_config, typed_prompt
 
-SAMPLES = Path(__file__).resolve().parents[2].parent / "shared" / "label-studio-samples"
+SAMPLES = Path(__file__).resolve().parents[1] / "data" / "label_studio"  # recorded from Label Studio 1.23.2
 
 CONFIG = """<View>
   <Image name="img" value="$photo"/>

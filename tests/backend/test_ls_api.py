@@ -29,7 +29,7 @@ from model import DetectionParams, GroundingDinoDetector
 from model.images import decode_image
 from tests.images import png
 
-SAMPLES = Path(__file__).resolve().parents[2].parent / "shared" / "label-studio-samples"
+SAMPLES = Path(__file__).resolve().parents[1] / "data" / "label_studio"  # recorded from Label Studio 1.23.2
 CONFIG = (
     '<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">'
     '<Label value="cat"/><Label value="dog"/><Label value="vehicle" predicted_values="car,truck"/>'
