@@ -21,6 +21,9 @@ from model import DetectionParams, model_version
 
 log = logging.getLogger(__name__)
 
+SHUTDOWN_GRACE = 30.0
+"""Seconds ``serve`` waits at shutdown for its embedded worker's job in progress."""
+
 
 class NoLabelStudio(LookupError):
     """Neither the settings nor a ``/setup`` call told us where the project's Label Studio is."""
@@ -167,9 +170,14 @@ class Service:
         return job
 
     def close(self) -> None:
-        """Stop the embedded worker (it finishes a job in progress), then the embedded Redis."""
+        """Stop the embedded worker, then the embedded Redis.
+
+        The worker gets ``SHUTDOWN_GRACE`` seconds to finish a job in progress (a model still loading
+        cannot be interrupted). A batch cut short is not lost: its claims belong to a worker that no
+        longer beats, so the next worker takes them over.
+        """
         self._stop.set()
         if self._worker is not None:
-            self._worker.join(timeout=self.settings.batch_timeout)
+            self._worker.join(timeout=SHUTDOWN_GRACE)
         if self.embedded is not None:
             self.embedded.close()
