@@ -40,8 +40,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
-import shutil
 import signal
 import statistics
 import sys
@@ -62,6 +60,7 @@ import httpx
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from bench.common import OtherLoad, busy, ensure_random_checkpoint, machine_info
 from tests.labelstudio import LabelStudioAPI, LabelStudioServer, free_port
 from tests.processes import RedisServer, Service, health, wait_for
 
@@ -74,7 +73,6 @@ LABEL_CONFIG = (
     + "</RectangleLabels></View>"
 )
 IMAGE_FOLDER = "bench-images"
-RANDOM_CHECKPOINT_NAME = "grounding-dino-tiny-random-seed0"  # the same cache entry as predict_latency.py
 REAL_SIZE_LABEL = "grounding-dino-tiny(random weights, real size)"
 TINY_LABEL = "tiny random grounding-dino (tests)"
 POLL_S = 0.2
@@ -83,29 +81,6 @@ JOB_TIMEOUT_S = 1800.0
 
 
 # --- inputs -----------------------------------------------------------------------------------------------
-
-
-def ensure_random_checkpoint(cache: Path) -> Path:
-    """The cached random-weight real-size checkpoint, built on first use (~650 MB, ~10 s).
-
-    Built into a temporary sibling and renamed into place, so an interrupted build never leaves a
-    half-written folder that a later run would take for a checkpoint.
-    """
-    target = cache / RANDOM_CHECKPOINT_NAME
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        return target
-    from tests.tiny_checkpoints import build_real_size_grounding_dino
-
-    cache.mkdir(parents=True, exist_ok=True)
-    print(f"building the random real-size checkpoint under {target} (once, ~650 MB) ...", flush=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{RANDOM_CHECKPOINT_NAME}-", dir=cache))
-    try:
-        build_real_size_grounding_dino(partial, seed=0)
-        shutil.rmtree(target, ignore_errors=True)
-        partial.rename(target)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-    return target
 
 
 def make_images(count: int, folder: Path, *, seed: int = 0) -> list[str]:
@@ -144,91 +119,17 @@ def make_images(count: int, folder: Path, *, seed: int = 0) -> list[str]:
     return names
 
 
-# --- machine and load -------------------------------------------------------------------------------------
+# --- machine ----------------------------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    """``platform.processor()`` is empty on most Linux systems; /proc/cpuinfo has the name."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def machine_info() -> dict[str, Any]:
-    """What decides whether two result files are comparable (the worker's device is added later)."""
+def torch_info() -> dict[str, Any]:
+    """What this benchmark adds to ``machine_info()`` (the worker's device is added later)."""
     import torch
 
-    info: dict[str, Any] = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "cpu_model": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
-    }
+    info: dict[str, Any] = {"torch": torch.__version__}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
-
-
-def _tree_cpu_seconds() -> float:
-    """CPU seconds of this process and all its descendants (Label Studio, Redis, API, worker)."""
-    parents: dict[int, int] = {}
-    seconds: dict[int, float] = {}
-    ticks = os.sysconf("SC_CLK_TCK")
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # gone meanwhile
-        parents[int(entry.name)] = int(fields[1])
-        seconds[int(entry.name)] = sum(int(v) for v in fields[11:15]) / ticks  # utime stime cutime cstime
-    ours = {os.getpid()}
-    while found := {pid for pid, parent in parents.items() if parent in ours} - ours:
-        ours |= found
-    return sum(seconds.get(pid, 0.0) for pid in ours)
-
-
-class OtherLoad:
-    """Cores kept busy by processes outside this benchmark's tree during a phase.
-
-    On a small shared machine a neighbour's job can double a forward pass; a line is trustworthy
-    only when this is close to 0.
-    """
-
-    def __init__(self) -> None:
-        self._start = self._sample()
-
-    @staticmethod
-    def _sample() -> tuple[float, float, float] | None:
-        try:
-            fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        except (OSError, ValueError):
-            return None
-        busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle, iowait
-        return time.perf_counter(), busy, _tree_cpu_seconds()
-
-    def cores(self) -> float | None:
-        end = self._sample()
-        if self._start is None or end is None or end[0] <= self._start[0]:
-            return None
-        others = (end[1] - self._start[1]) - (end[2] - self._start[2])
-        return round(max(0.0, others) / (end[0] - self._start[0]), 2)
-
-
-BUSY_CORES = 0.2
-"""Above this many cores used by other processes during a phase, its line says to rerun it."""
-
-
-def busy(cores: float | None) -> str:
-    """The load note ending each line; a neighbour's PyTorch on a small machine can slow ours 20x."""
-    note = " (machine not quiet: rerun)" if cores is not None and cores > BUSY_CORES else ""
-    return f"other processes {cores} cores{note}"
 
 
 # --- the cluster ------------------------------------------------------------------------------------------
@@ -417,7 +318,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     run_started = time.perf_counter()
-    info = machine_info()
+    info = {**machine_info(), **torch_info()}
     with tempfile.TemporaryDirectory(prefix="dinolabel-bulk-") as tmp:
         directory = Path(tmp)
         if args.tiny:

@@ -29,9 +29,7 @@ import gc
 import json
 import logging
 import os
-import platform
 import resource
-import shutil
 import statistics
 import sys
 import tempfile
@@ -58,6 +56,13 @@ from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
 from backend.config import Settings
 from backend.main import create_app
+from bench.common import (
+    OtherLoad,
+    ensure_random_checkpoint,
+    machine_info,
+    positive_ints,
+    process_cpu_seconds,
+)
 from model.devices import resolve_device
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,37 +82,11 @@ LABEL_CONFIG = (
 )
 READY_TIMEOUT_S = 600.0  # model load on a slow disk; the random checkpoint loads in about a second
 SHUTDOWN_TIMEOUT_S = 30.0
-RANDOM_CHECKPOINT_NAME = "grounding-dino-tiny-random-seed0"
 RANDOM_MODEL_LABEL = "grounding-dino-tiny(random weights, real size)"
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # --- inputs -----------------------------------------------------------------------------------------------
-
-
-def ensure_random_checkpoint(cache: Path) -> Path:
-    """The cached random-weight real-size checkpoint, built on first use.
-
-    Built into a temporary sibling and renamed into place, so an interrupted build never leaves a
-    half-written folder that a later run would take for a checkpoint.
-    """
-    target = cache / RANDOM_CHECKPOINT_NAME
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        return target
-    from tests.tiny_checkpoints import build_real_size_grounding_dino
-
-    cache.mkdir(parents=True, exist_ok=True)
-    print(f"building the random real-size checkpoint under {target} (once, ~650 MB) ...", flush=True)
-    started = time.perf_counter()
-    partial = Path(tempfile.mkdtemp(prefix=f".{RANDOM_CHECKPOINT_NAME}-", dir=cache))
-    try:
-        build_real_size_grounding_dino(partial, seed=0)
-        shutil.rmtree(target, ignore_errors=True)
-        partial.rename(target)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-    print(f"built in {time.perf_counter() - started:.1f} s", flush=True)
-    return target
 
 
 def make_images(count: int, root: Path, *, seed: int = 0) -> list[str]:
@@ -441,15 +420,6 @@ def _free(device: torch.device) -> None:
 # --- machine and report -----------------------------------------------------------------------------------
 
 
-def _cpu_model() -> str:
-    """``platform.processor()`` is empty on most Linux systems; /proc/cpuinfo has the name."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def _cpu_flags() -> list[str]:
     """The flags that decide CPU speed for this model (bf16 autocast needs avx512_bf16 or AMX)."""
     wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
@@ -461,22 +431,14 @@ def _cpu_flags() -> list[str]:
     return []
 
 
-def machine_info(device: torch.device) -> dict[str, Any]:
-    """Everything needed to tell whether two result files are comparable."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+def device_info(device: torch.device) -> dict[str, Any]:
+    """What this benchmark adds to ``machine_info()``: the libraries, CPU flags, threads and device."""
     info: dict[str, Any] = {
-        "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "platform": platform.platform(),
-        "cpu_model": _cpu_model(),
         "cpu_flags": _cpu_flags(),
-        "cpu_count": os.cpu_count(),
-        "cpu_cores_usable": cores,
         "torch_threads": torch.get_num_threads(),
         "device": str(device),
-        # Other processes on a 2-core machine change the numbers a lot: keep the evidence with them.
-        "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -519,37 +481,6 @@ def summarise(ours: OursResult, baseline: BaselineResult) -> dict[str, Any]:
     }
 
 
-class OtherLoad:
-    """CPU cores that *other* processes kept busy during a phase (machine busy time minus ours).
-
-    On a shared 2-core machine a neighbour's test run can double our times; this number says whether a
-    result can be trusted (close to 0) or should be rerun.
-    """
-
-    def __init__(self) -> None:
-        self._start = self._sample()
-
-    @staticmethod
-    def _sample() -> tuple[float, float, float] | None:
-        try:
-            fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        except (OSError, ValueError):
-            return None
-        ticks = os.sysconf("SC_CLK_TCK")
-        busy = (sum(fields[:8]) - fields[3] - fields[4]) / ticks  # all but idle and iowait
-        own = os.times()
-        return time.perf_counter(), busy, own.user + own.system
-
-    def cores(self) -> float | None:
-        """Average number of cores used by other processes since construction."""
-        end = self._sample()
-        if self._start is None or end is None or end[0] <= self._start[0]:
-            return None
-        wall = end[0] - self._start[0]
-        others = (end[1] - self._start[1]) - (end[2] - self._start[2])
-        return round(max(0.0, others) / wall, 2)
-
-
 def _summarise_records(records: Sequence[logging.LogRecord], limit: int = 50) -> list[dict[str, Any]]:
     """Distinct warnings/errors with their counts (a hung worker repeats one line hundreds of times)."""
     counts = Counter(
@@ -569,19 +500,9 @@ def _peak_rss_mib() -> float:
 # --- command line -----------------------------------------------------------------------------------------
 
 
-def _batches(text: str) -> list[int]:
-    try:
-        values = sorted({int(part) for part in text.split(",") if part.strip()})
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or values[0] < 1:
-        raise argparse.ArgumentTypeError(f"batch sizes must be positive integers, got {text!r}")
-    return values
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batches", type=_batches, default=[1, 4, 16], help="comma-separated, e.g. 1,4,16")
+    parser.add_argument("--batches", type=positive_ints, default=[1, 4, 16], help="comma-separated, e.g. 1,4,16")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     parser.add_argument(
@@ -610,7 +531,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("fp16 is for GPUs; use --precision bf16 on the CPU")
     checkpoint = args.checkpoint or str(ensure_random_checkpoint(args.cache))
     model_label = args.checkpoint or RANDOM_MODEL_LABEL
-    info = machine_info(device)
+    info = {**machine_info(), **device_info(device)}
     hardware = hardware_label(info)
     count = max(args.batches)
 
@@ -618,7 +539,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         root = Path(tmp)
         names = make_images(count, root)
         print(f"baseline: plain transformers loop over {count} images (+1 warm-up) ...", flush=True)
-        meter = OtherLoad()
+        # The app, its worker thread and the baseline all run in this process: it alone counts as ours.
+        meter = OtherLoad(process_cpu_seconds)
         baseline = run_baseline(checkpoint, [root / n for n in names], device, args.precision)
         baseline_other_cores = meter.cores()
         print(
@@ -630,7 +552,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         rows: list[dict[str, Any]] = []
         for batch in args.batches:
-            meter = OtherLoad()
+            meter = OtherLoad(process_cpu_seconds)
             ours = run_ours(checkpoint, root, names, batch, args.device, args.precision, collector, quiet)
             row = summarise(ours, baseline)
             row["other_processes_cores"] = meter.cores()

@@ -36,7 +36,6 @@ import json
 import logging
 import math
 import os
-import platform
 import signal
 import statistics
 import subprocess
@@ -63,6 +62,7 @@ from backend.jobs import RESULT_TTL, predict_tasks
 from backend.labeling import parse_label_config
 from backend.predictor import Predictor
 from backend.queues import Queues, connect
+from bench.common import OtherLoad, busy, machine_info, positive_ints
 from model import DetectionParams, model_version
 from tests.images import png
 from tests.processes import RedisServer, Service, health, wait_for
@@ -78,16 +78,6 @@ IMAGE_SIZE = (64, 48)  # small on purpose: the image path should cost little nex
 PROJECT = 1
 HTTP_TIMEOUT_S = 120.0
 log = logging.getLogger("bench.predict_overhead")
-
-
-BUSY_CORES = 0.2
-"""Above this many cores used by other processes during a phase, its line says to rerun it."""
-
-
-def busy(cores: float | None) -> str:
-    """The load note ending each line; a neighbour's PyTorch on a small machine can slow ours 20x."""
-    note = " (machine not quiet: rerun)" if cores is not None and cores > BUSY_CORES else ""
-    return f"other processes {cores} cores{note}"
 
 
 # --- the stub model and its worker ------------------------------------------------------------------------
@@ -113,7 +103,7 @@ def stub_predictor(settings: Settings) -> Predictor:
     """Same signature and wrapping as ``backend.worker.load_predictor``, with the stub inside."""
     return Predictor(
         StubDetector(),  # type: ignore[arg-type]  # duck-typed: Predictor only calls detect()
-        batch_size=settings.batch_size,
+        batch_size=settings.batch_size or 1,  # None: load_predictor's default off a GPU
         max_pixels=settings.image_max_pixels,
         download_threads=settings.image_download_threads,
     )
@@ -319,81 +309,6 @@ def micro(what: Callable[[], object], count: int = 200) -> float:
     return (time.perf_counter() - started) / count * 1000
 
 
-# --- machine and load -------------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    """``platform.processor()`` is empty on most Linux systems; /proc/cpuinfo has the name."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def machine_info() -> dict[str, Any]:
-    """What decides whether two result files are comparable."""
-    return {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_model": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
-    }
-
-
-def _tree_cpu_seconds() -> float:
-    """CPU seconds of this process and all its descendants (the API, Redis, workers)."""
-    parents: dict[int, int] = {}
-    seconds: dict[int, float] = {}
-    ticks = os.sysconf("SC_CLK_TCK")
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # gone meanwhile
-        pid = int(entry.name)
-        parents[pid] = int(fields[1])
-        seconds[pid] = sum(int(v) for v in fields[11:15]) / ticks  # utime stime cutime cstime
-    ours = {os.getpid()}
-    grew = True
-    while grew:
-        found = {pid for pid, parent in parents.items() if parent in ours} - ours
-        grew = bool(found)
-        ours |= found
-    return sum(seconds.get(pid, 0.0) for pid in ours)
-
-
-class OtherLoad:
-    """Cores kept busy by processes outside this benchmark's tree during a phase.
-
-    On a small shared machine a neighbour's job can double a latency; a line is trustworthy only when
-    this is close to 0.
-    """
-
-    def __init__(self) -> None:
-        self._start = self._sample()
-
-    @staticmethod
-    def _sample() -> tuple[float, float, float] | None:
-        try:
-            fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        except (OSError, ValueError):
-            return None
-        busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle, iowait
-        return time.perf_counter(), busy, _tree_cpu_seconds()
-
-    def cores(self) -> float | None:
-        end = self._sample()
-        if self._start is None or end is None or end[0] <= self._start[0]:
-            return None
-        others = (end[1] - self._start[1]) - (end[2] - self._start[2])
-        return round(max(0.0, others) / (end[0] - self._start[0]), 2)
-
-
 # --- the run ----------------------------------------------------------------------------------------------
 
 
@@ -440,23 +355,13 @@ def _free_port() -> int:
     return free_port()
 
 
-def _counts(text: str) -> list[int]:
-    try:
-        values = sorted({int(part) for part in text.split(",") if part.strip()})
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or values[0] < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=300, help="counted requests per path and level")
     parser.add_argument("--warmup", type=int, default=20, help="uncounted requests per level (at least 1 per client)")
-    parser.add_argument("--clients", type=_counts, default=[1, 32], help="concurrent clients, e.g. 1,32")
+    parser.add_argument("--clients", type=positive_ints, default=[1, 32], help="concurrent clients, e.g. 1,32")
     parser.add_argument(
-        "--workers", type=_counts, default=[1, 2, 4], help="stub workers; more than 1 only at the most clients"
+        "--workers", type=positive_ints, default=[1, 2, 4], help="stub workers; more than 1 only at the most clients"
     )
     parser.add_argument("--log-level", default="info", help="the API's and workers' (info: as deployed)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "predict_overhead.json")
