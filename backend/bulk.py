@@ -14,7 +14,7 @@ import secrets
 import socket
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any
 
@@ -74,6 +74,7 @@ class JobSpec:
 # Counts a finished batch once, however often it is run (KEYS: job hash, batches-done hash).
 _FINISH_BATCH = """
 if redis.call('HSETNX', KEYS[2], ARGV[1], '1') == 0 then return 0 end
+redis.call('EXPIRE', KEYS[2], ARGV[6])
 redis.call('HINCRBY', KEYS[1], 'done', ARGV[2])
 redis.call('HINCRBY', KEYS[1], 'skipped', ARGV[3])
 redis.call('HINCRBY', KEYS[1], 'failed', ARGV[4])
@@ -110,8 +111,18 @@ class BulkJob:
 
     @property
     def batches_key(self) -> str:
-        """batch number -> JSON {tasks, worker, rq_job}; the batches planned for this job."""
+        """batch number -> JSON list of its tasks; written once, when the job is planned."""
         return self.key + ":batches"
+
+    @property
+    def holders_key(self) -> str:
+        """batch number -> the worker running it (absent while queued), to find a dead worker's batches."""
+        return self.key + ":holders"
+
+    @property
+    def rq_jobs_key(self) -> str:
+        """batch number -> the RQ job that runs it (the latest one, when re-queued)."""
+        return self.key + ":rq-jobs"
 
     @property
     def finished_batches_key(self) -> str:
@@ -135,7 +146,7 @@ class BulkJob:
                     "failed": 0,
                     "batches": 0,
                     "created_at": now,
-                    "spec": json.dumps(spec.__dict__),
+                    "spec": json.dumps(asdict(spec)),
                 },
             )
             pipe.expire(job.key, JOB_TTL)
@@ -152,7 +163,12 @@ class BulkJob:
 
     @classmethod
     def active(cls, connection: Redis) -> list[BulkJob]:
-        return [cls(_text(i), connection) for i in connection.smembers(cls.active_key)]
+        """Jobs not final yet; ids whose record expired are dropped from the set on the way."""
+        jobs = [cls(_text(i), connection) for i in connection.smembers(cls.active_key)]
+        gone = [job.id for job in jobs if not connection.exists(job.key)]
+        if gone:
+            connection.srem(cls.active_key, *gone)
+        return [job for job in jobs if job.id not in gone]
 
     def spec(self) -> JobSpec:
         return JobSpec(**json.loads(_text(self.connection.hget(self.key, "spec"))))
@@ -189,42 +205,59 @@ class BulkJob:
             if not batches:
                 pipe.hset(self.key, "finished_at", time.time())
             for number, tasks in enumerate(batches):
-                pipe.hset(self.batches_key, str(number), json.dumps({"tasks": list(tasks), "worker": None}))
-            for key in (self.batches_key, self.finished_batches_key, self.failures_key):
-                pipe.expire(key, JOB_TTL)
+                pipe.hset(self.batches_key, str(number), json.dumps(list(tasks)))
+            pipe.expire(self.batches_key, JOB_TTL)
             pipe.execute()
         if not batches:
             self.connection.srem(self.active_key, self.id)
 
-    def batch(self, number: int) -> dict[str, Any]:
+    def batch_tasks(self, number: int) -> list[dict[str, Any]]:
         raw = self.connection.hget(self.batches_key, str(number))
         if raw is None:
             raise NoSuchJob(f"job {self.id} has no batch {number}")
         return json.loads(raw)
 
-    def batch_numbers(self) -> list[int]:
-        return sorted(int(_text(n)) for n in self.connection.hkeys(self.batches_key))
-
     def batch_finished(self, number: int) -> bool:
         return bool(self.connection.hexists(self.finished_batches_key, str(number)))
 
-    def assign_batch(self, number: int, *, worker: str | None, rq_job: str | None = None) -> None:
-        """Note which worker runs a batch (None: queued), so a dead worker's batch can be found."""
-        entry = self.batch(number)
-        entry["worker"] = worker
+    def finished_batches(self) -> set[int]:
+        return {int(_text(n)) for n in self.connection.hkeys(self.finished_batches_key)}
+
+    def holders(self) -> dict[int, str]:
+        """Running batches and their workers."""
+        return {int(_text(n)): _text(w) for n, w in self.connection.hgetall(self.holders_key).items()}
+
+    def rq_jobs(self) -> dict[int, str]:
+        return {int(_text(n)): _text(j) for n, j in self.connection.hgetall(self.rq_jobs_key).items()}
+
+    def hold(self, number: int, worker: str) -> None:
+        """A worker starts a batch (atomic field writes: no read-modify-write to race with)."""
+        self._set(self.holders_key, number, worker)
+
+    def queued(self, number: int, rq_job: str | None = None) -> None:
+        """A batch is (again) waiting on the queue: nobody holds it; ``rq_job`` is its new RQ job."""
+        self.connection.hdel(self.holders_key, str(number))
         if rq_job is not None:
-            entry["rq_job"] = rq_job
-        self.connection.hset(self.batches_key, str(number), json.dumps(entry))
+            self._set(self.rq_jobs_key, number, rq_job)
+
+    def _set(self, key: str, number: int, value: str) -> None:
+        with self.connection.pipeline() as pipe:
+            pipe.hset(key, str(number), value)
+            pipe.expire(key, JOB_TTL)
+            pipe.execute()
 
     def finish_batch(self, number: int, *, done: int, skipped: int, failures: Sequence[tuple[int, str]]) -> bool:
         """Count a batch's outcome once (a re-run batch is not counted twice); True if counted now."""
         if failures:
             entries = [json.dumps({"task_id": t, "reason": r, "at": time.time()}) for t, r in failures]
-            self.connection.rpush(self.failures_key, *entries)
-            self.connection.ltrim(self.failures_key, -MAX_FAILURES_KEPT, -1)
+            with self.connection.pipeline() as pipe:
+                pipe.rpush(self.failures_key, *entries)
+                pipe.ltrim(self.failures_key, -MAX_FAILURES_KEPT, -1)
+                pipe.expire(self.failures_key, JOB_TTL)
+                pipe.execute()
         counted = self.connection.eval(
             _FINISH_BATCH, 2, self.key, self.finished_batches_key, str(number), done, skipped, len(failures),
-            time.time(),
+            time.time(), JOB_TTL,
         )  # fmt: skip
         if self.status() in FINAL:
             self.connection.srem(self.active_key, self.id)
@@ -233,6 +266,7 @@ class BulkJob:
     def fail(self, reason: str) -> None:
         """Planning failed: the job ends with the reason as its only failure."""
         self.connection.rpush(self.failures_key, json.dumps({"task_id": None, "reason": reason, "at": time.time()}))
+        self.connection.expire(self.failures_key, JOB_TTL)
         self.connection.hset(self.key, mapping={"status": JobStatus.FAILED, "finished_at": time.time()})
         self.connection.srem(self.active_key, self.id)
 

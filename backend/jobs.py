@@ -21,7 +21,7 @@ from backend.bulk import BulkJob, JobSpec, Marks, record_batch
 from backend.labeling import LabelConfigError, parse_label_config
 from backend.ls_client import LabelStudioClient, LabelStudioError
 from backend.queues import Queues
-from backend.worker import current_runtime
+from backend.worker import Runtime, current_runtime
 from model import DetectionParams
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,12 @@ def enqueue_plan(
 
 
 def enqueue_batch(queues: Queues, job: BulkJob, number: int, *, timeout: int, at_front: bool = False) -> Job:
-    """Queue one batch (again, when its worker died); ``timeout`` bounds its run in seconds."""
+    """Queue one batch (again, when its worker died); ``timeout`` bounds its run in seconds.
+
+    The batch is marked unheld *before* it is visible on the queue, so a worker that takes it at once
+    is never overwritten as "nobody".
+    """
+    job.queued(number)
     rq_job = queues.bulk.enqueue(
         run_batch,
         job.id,
@@ -80,15 +85,22 @@ def enqueue_batch(queues: Queues, job: BulkJob, number: int, *, timeout: int, at
         at_front=at_front,
         description=f"job {job.id} batch {number}",
     )
-    job.assign_batch(number, worker=None, rq_job=rq_job.id)
+    job.queued(number, rq_job.id)
     return rq_job
 
 
+def cancel_if_queued(rq_job: Job) -> bool:
+    """Cancel an RQ job that no worker has taken yet; a started one runs on. True if cancelled."""
+    if rq_job.get_status() != "queued":
+        return False
+    rq_job.cancel()
+    return True
+
+
 def _client(spec: JobSpec) -> LabelStudioClient:
-    settings = current_runtime().settings
-    url = settings.label_studio_url or spec.label_studio_url
-    key = settings.label_studio_api_key.get_secret_value() if settings.label_studio_api_key else spec.api_key
-    return LabelStudioClient(url, key, retries=settings.label_studio_retries)
+    runtime = current_runtime()
+    url, key = runtime.label_studio(spec.label_studio_url, spec.api_key)
+    return LabelStudioClient(url or "", key, retries=runtime.settings.label_studio_retries)
 
 
 def plan_job(
@@ -131,9 +143,9 @@ def run_batch(job_id: str, number: int) -> dict[str, Any]:
     job = BulkJob.fetch(runtime.connection, job_id)
     if job.is_final() or job.batch_finished(number):
         return {"status": "skipped"}
-    job.assign_batch(number, worker=runtime.name)
+    job.hold(number, runtime.name)
     spec = job.spec()
-    tasks = {t["id"]: t for t in job.batch(number)["tasks"]}
+    tasks = {t["id"]: t for t in job.batch_tasks(number)}
     marks = Marks(runtime.connection, spec.project, spec.model_version)
     claims = marks.claim(tasks, runtime.name)
     writers = marks.done_by(tasks)
@@ -167,7 +179,7 @@ def run_batch(job_id: str, number: int) -> dict[str, Any]:
 
 def _predict_and_write(
     client: LabelStudioClient,
-    runtime: Any,
+    runtime: Runtime,
     spec: JobSpec,
     tasks: list[dict[str, Any]],
     failures: list[tuple[int, str]],
@@ -191,13 +203,6 @@ def _predict_and_write(
 
 def cancel_queued(queues: Queues, job: BulkJob) -> int:
     """Remove a cancelled job's batches that have not started from the bulk queue."""
-    removed = 0
-    for number in job.batch_numbers():
-        rq_id = job.batch(number).get("rq_job")
-        if not rq_id:
-            continue
-        rq_job = Job.fetch(rq_id, connection=queues.bulk.connection, serializer=queues.bulk.serializer)
-        if rq_job.get_status() == "queued":
-            rq_job.cancel()
-            removed += 1
-    return removed
+    fetch = Job.fetch_many(list(job.rq_jobs().values()), connection=queues.bulk.connection,
+                           serializer=queues.bulk.serializer)  # fmt: skip
+    return sum(cancel_if_queued(rq_job) for rq_job in fetch if rq_job is not None)

@@ -64,7 +64,8 @@ class Predictor:
         self.detector = detector
         self.batch_size = batch_size
         self.max_pixels = max_pixels
-        self.download_threads = download_threads
+        # Kept for the predictor's life: a pool per call would start threads on every request.
+        self._downloads = ThreadPoolExecutor(max_workers=download_threads, thread_name_prefix="image-download")
         self._model_lock = threading.Lock()
 
     def predict(
@@ -79,14 +80,13 @@ class Predictor:
         """Detect the project's labels (or the annotator's typed prompt) in every task's image."""
         prompt = _prompt_for(target, context)
         outcome = PredictOutcome(predictions=[])
-        with ThreadPoolExecutor(max_workers=max(1, min(self.download_threads, len(tasks)))) as pool:
-            # All downloads start now; the model takes the images chunk by chunk as they arrive, so
-            # fetching the next chunk overlaps the forward passes of this one.
-            pending = [pool.submit(self._load_image, task, target, fetcher) for task in tasks]
-            step = self.batch_size * CHUNK_BATCHES
-            for start in range(0, len(tasks), step):
-                loaded = [future.result() for future in pending[start : start + step]]
-                self._detect_chunk(tasks[start : start + step], loaded, target, params, model_version, prompt, outcome)
+        # All downloads start now; the model takes the images chunk by chunk as they arrive, so fetching
+        # the next chunk overlaps the forward passes of this one.
+        pending = [self._downloads.submit(self._load_image, task, target, fetcher) for task in tasks]
+        step = self.batch_size * CHUNK_BATCHES
+        for start in range(0, len(tasks), step):
+            loaded = [future.result() for future in pending[start : start + step]]
+            self._detect_chunk(tasks[start : start + step], loaded, target, params, model_version, prompt, outcome)
         return outcome
 
     def _detect_chunk(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from redis import Redis
@@ -59,6 +59,7 @@ class ProjectStore:
             nms_iou=settings.nms_iou,
             max_boxes=settings.max_boxes,
         )
+        self._versions: dict[DetectionParams, str] = {}
 
     def get(self, project: Any) -> Project:
         key = project_id(project)
@@ -73,7 +74,7 @@ class ProjectStore:
         updated = replace(self.get(project), **changes)
         key = project_id(project)
         if key is not None:
-            data = {**updated.__dict__, "params": updated.params.__dict__}
+            data = asdict(updated)
             self.connection.set(f"{self.prefix}{key}", json.dumps(data))
         return updated
 
@@ -82,8 +83,16 @@ class ProjectStore:
         return replace(self.default_params, **(overrides or {}))
 
     def model_version(self, params: DetectionParams) -> str:
-        s = self.settings
-        return model_version(s.detector_checkpoint, revision=s.detector_revision, params=params, precision=s.precision)
+        """Computed once per parameter set: it reads the checkpoint folder, and /predict asks every time.
+
+        Workers load the checkpoint once too, so a checkpoint changed on disk needs a restart of both.
+        """
+        if params not in self._versions:
+            s = self.settings
+            self._versions[params] = model_version(
+                s.detector_checkpoint, revision=s.detector_revision, params=params, precision=s.precision
+            )
+        return self._versions[params]
 
     def label_studio(self, project: Project) -> tuple[str | None, str | None]:
         """Label Studio's URL and token for a project: settings first, then what ``/setup`` sent."""
@@ -105,7 +114,7 @@ class ProjectStore:
             project=project_number,
             model_version=self.model_version(project.params),
             label_config=label_config or project.label_config or "",
-            params=project.params.__dict__,
+            params=asdict(project.params),
             label_studio_url=url,
             api_key=key,
             source=source,

@@ -48,10 +48,17 @@ class Runtime:
     _fetchers: dict[tuple[str | None, str | None], ImageFetcher] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def fetcher(self, label_studio_url: str | None, api_key: str | None) -> ImageFetcher:
+    def label_studio(self, url: str | None, api_key: str | None) -> tuple[str | None, str | None]:
+        """The Label Studio address and token a job names, unless this worker's settings name its own
+        (a worker may reach Label Studio by another address than the API does)."""
         s = self.settings
-        url = s.label_studio_url or label_studio_url
         key = s.label_studio_api_key.get_secret_value() if s.label_studio_api_key else api_key
+        return s.label_studio_url or url, key
+
+    def fetcher(self, label_studio_url: str | None, api_key: str | None) -> ImageFetcher:
+        """One image fetcher (and connection pool) per Label Studio and token, kept for the process."""
+        s = self.settings
+        url, key = self.label_studio(label_studio_url, api_key)
         with self._lock:
             if (url, key) not in self._fetchers:
                 self._fetchers[(url, key)] = ImageFetcher(
@@ -138,14 +145,9 @@ def requeue_abandoned(connection: Redis, *, batch_timeout: int) -> int:
 
     count = 0
     for job in BulkJob.active(connection):
-        if job.is_final():
-            connection.srem(BulkJob.active_key, job.id)
-            continue
-        for number in job.batch_numbers():
-            if job.batch_finished(number):
-                continue
-            holder = job.batch(number).get("worker")
-            if not holder or Workers.alive(connection, holder):
+        finished = job.finished_batches()
+        for number, holder in job.holders().items():
+            if number in finished or Workers.alive(connection, holder):
                 continue
             lock = f"{KEY_PREFIX}reap:{job.id}:{number}:{holder}"
             if not connection.set(lock, "1", nx=True, ex=60):

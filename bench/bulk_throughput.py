@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import signal
 import statistics
@@ -60,7 +59,7 @@ import httpx
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from bench.common import OtherLoad, busy, ensure_random_checkpoint, machine_info
+from bench.common import OtherLoad, busy, ensure_random_checkpoint, machine_info, write_report
 from tests.labelstudio import LabelStudioAPI, LabelStudioServer, free_port
 from tests.processes import RedisServer, Service, health, wait_for
 
@@ -380,9 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ratio_bulk_over_sync": ratio,
         "wall_s": round(time.perf_counter() - run_started, 1),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out} (whole run {report['wall_s']:.0f} s)", flush=True)
+    write_report(args.out, report)
     return 0
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import platform
 import shutil
@@ -167,3 +168,10 @@ def positive_ints(text: str) -> list[int]:
     if not values or values[0] < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
+
+
+def write_report(out: Path, report: dict[str, Any]) -> None:
+    """Write a run's JSON next to the others and say where, with the run's wall time."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out} (whole run {report['wall_s']:.0f} s)", flush=True)

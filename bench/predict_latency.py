@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import logging
 import os
 import resource
@@ -62,6 +61,7 @@ from bench.common import (
     machine_info,
     positive_ints,
     process_cpu_seconds,
+    write_report,
 )
 from model.devices import resolve_device
 
@@ -589,9 +589,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "warnings": _summarise_records(collector.records),
         "wall_s": round(time.perf_counter() - run_started, 1),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out} (whole run {report['wall_s']:.0f} s)", flush=True)
+    write_report(args.out, report)
     return 0
 
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
-import json
 import logging
 import math
 import os
@@ -62,7 +61,7 @@ from backend.jobs import RESULT_TTL, predict_tasks
 from backend.labeling import parse_label_config
 from backend.predictor import Predictor
 from backend.queues import Queues, connect
-from bench.common import OtherLoad, busy, machine_info, positive_ints
+from bench.common import OtherLoad, busy, machine_info, positive_ints, write_report
 from model import DetectionParams, model_version
 from tests.images import png
 from tests.processes import RedisServer, Service, health, wait_for
@@ -451,9 +450,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ratios": ratios,
         "wall_s": round(time.perf_counter() - run_started, 1),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out} (whole run {report['wall_s']:.0f} s)", flush=True)
+    write_report(args.out, report)
     return 0
 
 

@@ -12,18 +12,18 @@ from __future__ import annotations
 import functools
 import logging
 import secrets
+from dataclasses import asdict
 from typing import Any
 
 import anyio
 import redis
 from fastapi import APIRouter, Header, HTTPException, Request
 from fastapi.responses import JSONResponse
-from rq.job import Job
 
 from backend.bulk import Marks, Workers
 from backend.config import Settings
 from backend.deps import MetricsDep, ServiceDep, SettingsDep
-from backend.jobs import RESULT_TTL, predict_tasks
+from backend.jobs import RESULT_TTL, cancel_if_queued, predict_tasks
 from backend.labeling import LabelConfigError, LabelTarget, parse_label_config
 from backend.metrics import Metrics
 from backend.queues import Queues
@@ -41,7 +41,6 @@ SECRET_HEADER = "X-Dinolabel-Secret"
 def health(service: ServiceDep) -> JSONResponse:
     """At once: ``UP`` with a ready worker, ``DEGRADED`` (200) without one, ``DOWN`` (503) without Redis."""
     try:
-        service.health_connection.ping()
         depths = Queues.on(service.health_connection).depths()
         workers = Workers.all(service.health_connection)
     except redis.RedisError as exc:
@@ -115,7 +114,7 @@ def _predict(body: PredictRequest, service: Service, settings: Settings, metrics
     payload = {
         "tasks": tasks,
         "label_config": label_config,
-        "params": project.params.__dict__,
+        "params": asdict(project.params),
         "model_version": version,
         "label_studio_url": url,
         "api_key": key,
@@ -126,7 +125,7 @@ def _predict(body: PredictRequest, service: Service, settings: Settings, metrics
     )
     result = job.latest_result(timeout=max(1, int(settings.predict_deadline)))
     if result is None:
-        _cancel_if_queued(job)
+        cancel_if_queued(job)
         return _hand_off(service, metrics, number, tasks, label_config, version, "deadline")
     if result.type != result.Type.SUCCESSFUL:
         reason = (result.exc_string or "").strip().splitlines()[-1:] or ["unknown error"]
@@ -181,7 +180,7 @@ async def webhook(
 
 
 def _hand_off(
-    service: Service, metrics: Any, number: int | None, tasks: list[dict[str, Any]], config: str, version: str,
+    service: Service, metrics: Metrics, number: int | None, tasks: list[dict[str, Any]], config: str, version: str,
     reason: str,
 ) -> PredictResponse:  # fmt: skip
     """Give the tasks to a bulk job that writes through Label Studio's API; answer at once."""
@@ -194,12 +193,6 @@ def _hand_off(
     metrics.handed_off.labels(reason).inc(len(tasks))
     log.info("/predict: %d tasks handed to job %s (%s)", len(tasks), job.id, reason)
     return PredictResponse(results=[], model_version=version, job_id=job.id)
-
-
-def _cancel_if_queued(job: Job) -> None:
-    """Past the deadline: a job not started yet is cancelled (a started one just finishes unread)."""
-    if job.get_status() == "queued":
-        job.cancel()
 
 
 def _parse(label_config: str) -> LabelTarget:
