@@ -115,7 +115,7 @@ def main() -> int:
                 one = timed(lambda e=embedder: e.preprocess(pictures[:16]), device, 3) / 16
                 report["cpu_preprocess_ms_per_image"] = round(one * 1000, 2)
             for batch in batches:
-                chunk = pictures[:batch] if batch <= len(pictures) else (pictures * (batch // len(pictures) + 1))[:batch]
+                chunk = (pictures * (batch // len(pictures) + 1))[:batch]
                 tensor = embedder.preprocess(chunk).to(device)
                 forward = timed(lambda e=embedder, t=tensor: e.forward(t), device, args.repeats)
                 end_to_end = timed(lambda e=embedder, c=chunk: e.forward(e.preprocess(c)), device, args.repeats)
