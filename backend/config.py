@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from backend.fetch_network import AddressPolicy
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -63,6 +65,8 @@ class Settings(BaseSettings):
 
     # Images
     image_timeout: float = Field(default=15.0, gt=0)
+    image_total_timeout: float = Field(default=30.0, gt=0)
+    fetch_allow: Annotated[tuple[str, ...], NoDecode] = ()
     image_max_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
     image_max_pixels: int = Field(default=100_000_000, gt=0)
     image_download_threads: int = Field(default=8, ge=1)
@@ -75,6 +79,16 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, value: object) -> object:
         """``VAR=`` (as compose files and shells often leave it) means unset, not "" or the current folder."""
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("fetch_allow", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        """``DINOLABEL_FETCH_ALLOW=minio, 10.0.0.0/8``: split on commas; refused at start-up if an entry is bad."""
+        if isinstance(value, str):
+            value = [entry.strip() for entry in value.split(",") if entry.strip()]
+        if isinstance(value, list | tuple):
+            AddressPolicy.parse(str(entry) for entry in value)  # raises ValueError naming the entry
+        return value
 
 
 @lru_cache

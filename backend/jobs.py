@@ -42,6 +42,7 @@ def predict_tasks(payload: dict[str, Any]) -> dict[str, Any]:
         payload["model_version"],
         fetcher,
         payload.get("context"),
+        deadline=payload.get("deadline"),  # when the waiting request gives up: work past it is wasted
     )
     return {
         "predictions": outcome.predictions,

@@ -1,13 +1,15 @@
 """The Label Studio API calls the bulk jobs need, with retries and back-off.
 
 Transient failures (connection errors, time-outs, 429 and 5xx) are retried with exponential back-off;
-4xx answers are not (they will not get better) and raise ``LabelStudioError`` with Label Studio's
-own message. Tokens of both kinds work (``LabelStudioAuth``).
+4xx answers are not (they will not get better) and raise ``LabelStudioError``. Its message names the
+status but never quotes the body (it reaches job records, and the URL may not be Label Studio's):
+the body goes to this process's log. Tokens of both kinds work (``LabelStudioAuth``).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -17,6 +19,8 @@ import httpx
 from backend.ls_auth import LabelStudioAuth
 
 log = logging.getLogger(__name__)
+
+_MEDIA_TYPE = re.compile(r"[\w.+-]{1,40}/[\w.+-]{1,60}")
 
 
 class LabelStudioError(RuntimeError):
@@ -68,7 +72,7 @@ class LabelStudioClient:
             else:
                 if response.status_code < 400:
                     return response.json() if response.content else None
-                reason, status = f"HTTP {response.status_code}: {response.text[:500]}", response.status_code
+                reason, status = _status_reason(method, path, response), response.status_code
                 if status < 500 and status != 429:
                     raise LabelStudioError(f"{method} {path} failed: {reason}", status=status)
             if attempt < self.retries:
@@ -134,3 +138,15 @@ class LabelStudioClient:
                 "is_active": True,
             },
         )
+
+
+def _status_reason(method: str, path: str, response: httpx.Response) -> str:
+    """``HTTP 400 Bad Request (application/json body of 57 bytes, logged by this process)``."""
+    status = response.status_code
+    log.warning("%s %s answered HTTP %d: %.500r", method, path, status, response.text)
+    kind = response.headers.get("content-type", "").split(";")[0].strip()
+    kind = kind if _MEDIA_TYPE.fullmatch(kind) else "untyped"
+    return (
+        f"HTTP {status} {httpx.codes.get_reason_phrase(status)} "
+        f"({kind} body of {len(response.content):,} bytes, logged by this process)"
+    )

@@ -2,14 +2,19 @@
 
 Images are downloaded on threads ahead of the model; a task whose image cannot be fetched or decoded
 fails alone (empty prediction, reason logged and returned) and the others are still served.
+
+Nothing here waits without an end: a download is waited for at most as long as the fetcher may take
+(plus decoding), and a call given a ``deadline`` stops at it. RQ's job time-out cannot interrupt a
+thread blocked in a wait, so the work has to stop itself.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +30,9 @@ log = logging.getLogger(__name__)
 
 CHUNK_BATCHES = 4
 """Batches of images the model takes at a time while the next ones download."""
+DECODE_MARGIN_S = 10.0
+"""Seconds on top of the fetcher's total time-out that loading one image (decoding included) may take."""
+DEADLINE_PASSED = "deadline passed before this task was predicted"
 
 
 @dataclass(frozen=True)
@@ -76,17 +84,37 @@ class Predictor:
         model_version: str,
         fetcher: ImageFetcher,
         context: Mapping[str, Any] | None = None,
+        *,
+        deadline: float | None = None,
     ) -> PredictOutcome:
-        """Detect the project's labels (or the annotator's typed prompt) in every task's image."""
+        """Detect the project's labels (or the annotator's typed prompt) in every task's image.
+
+        ``deadline`` (epoch seconds): once past it, no further chunk is started; the tasks not yet
+        predicted fail with :data:`DEADLINE_PASSED` and their downloads that have not started are
+        cancelled. A forward pass already running finishes first.
+        """
         prompt = _prompt_for(target, context)
         outcome = PredictOutcome(predictions=[])
         # All downloads start now; the model takes the images chunk by chunk as they arrive, so fetching
         # the next chunk overlaps the forward passes of this one.
         pending = [self._downloads.submit(self._load_image, task, target, fetcher) for task in tasks]
+        wait_limit = fetcher.total_timeout + DECODE_MARGIN_S
         step = self.batch_size * CHUNK_BATCHES
         for start in range(0, len(tasks), step):
-            loaded = [future.result() for future in pending[start : start + step]]
-            self._detect_chunk(tasks[start : start + step], loaded, target, params, model_version, prompt, outcome)
+            chunk = tasks[start : start + step]
+            loaded = [
+                _wait(future, task, wait_limit, deadline)
+                for future, task in zip(pending[start : start + step], chunk, strict=True)
+            ]
+            if deadline is not None and time.time() >= deadline:
+                for future in pending[start:]:
+                    future.cancel()
+                for task in tasks[start:]:
+                    outcome.failures.append(TaskFailure(task_id=task.get("id"), reason=DEADLINE_PASSED))
+                    outcome.predictions.append(prediction([], model_version))
+                log.warning("deadline passed: %d of %d tasks not predicted", len(tasks) - start, len(tasks))
+                break
+            self._detect_chunk(chunk, loaded, target, params, model_version, prompt, outcome)
         return outcome
 
     def _detect_chunk(
@@ -137,6 +165,21 @@ class Predictor:
                 reason = str(exc)
         log.warning("task %s failed: %s", task_id, reason)
         return TaskFailure(task_id=task_id, reason=reason)
+
+
+def _wait(
+    future: Future[Image.Image | TaskFailure], task: Mapping[str, Any], limit: float, deadline: float | None
+) -> Image.Image | TaskFailure:
+    """The loaded image (or failure), waiting at most ``limit`` seconds and never past ``deadline``."""
+    timeout = limit if deadline is None else max(0.0, min(limit, deadline - time.time()))
+    try:
+        return future.result(timeout=timeout)
+    except TimeoutError:
+        future.cancel()  # a download still queued never starts; a running one ends by its own deadline
+        past = deadline is not None and time.time() >= deadline
+        reason = DEADLINE_PASSED if past else f"the image was not loaded within {limit:g} s"
+        log.warning("task %s failed: %s", task.get("id"), reason)
+        return TaskFailure(task_id=task.get("id"), reason=reason)
 
 
 def _prompt_for(target: LabelTarget, context: Mapping[str, Any] | None) -> _Prompt:

@@ -18,8 +18,9 @@ from typing import Any
 
 import redis
 from redis import Redis
-from rq import SimpleWorker
+from rq import Queue, SimpleWorker
 from rq.exceptions import StopRequested
+from rq.job import Job
 from rq.serializers import JSONSerializer
 from rq.timeouts import TimerDeathPenalty
 
@@ -67,7 +68,9 @@ class Runtime:
                     document_root=s.local_files_document_root,
                     media_root=s.media_root,
                     timeout=s.image_timeout,
+                    total_timeout=s.image_total_timeout,
                     max_bytes=s.image_max_bytes,
+                    allow=s.fetch_allow,
                 )
             return self._fetchers[(url, key)]
 
@@ -87,13 +90,34 @@ def current_runtime() -> Runtime:
 
 class PredictionWorker(SimpleWorker):
     """A non-forking worker. With ``stop`` it runs off the main thread (the embedded worker): no
-    signal handlers, and it polls the queues in short waits so that setting ``stop`` ends it."""
+    signal handlers, and it polls the queues in short waits so that setting ``stop`` ends it.
+
+    The job it is running goes into ``published["busy"]`` (the state the heartbeat publishes), so ``/health``
+    can tell a worker stuck in one job past its time-out: RQ's timer raises its exception in the
+    job's thread only when that thread next runs Python code, never inside a blocking wait.
+    """
 
     death_penalty_class = TimerDeathPenalty  # signal-free job time-outs: works in any thread
 
-    def __init__(self, *args: Any, stop: threading.Event | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, stop: threading.Event | None = None, published: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.stop = stop
+        self.published = published if published is not None else {}  # RQ's own ``state`` is its status
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        timeout = job.timeout or queue.DEFAULT_TIMEOUT
+        self.published["busy"] = {
+            "job": job.id,
+            "function": job.func_name,  # not the description: it holds the arguments (tokens)
+            "since": time.time(),
+            "timeout": timeout if timeout > 0 else None,  # -1: no time-out
+        }
+        try:
+            super().execute_job(job, queue)
+        finally:
+            self.published["busy"] = None
 
     def _install_signal_handlers(self) -> None:
         if self.stop is None:
@@ -197,7 +221,7 @@ def run_worker(
     """
     name = Workers.new_name()
     state = state if state is not None else {}
-    state.update(name=name, pid=os.getpid(), state="loading", checkpoint=settings.detector_checkpoint)
+    state.update(name=name, pid=os.getpid(), state="loading", checkpoint=settings.detector_checkpoint, busy=None)
     heartbeat = Heartbeat(connection, name, state, settings.batch_timeout)
     heartbeat.start()
     try:
@@ -222,6 +246,7 @@ def run_worker(
                 serializer=JSONSerializer,
                 worker_ttl=30,
                 stop=stop,
+                published=state,
             )
             worker.work(burst=burst, logging_level=settings.log_level.upper())
             # RQ notes a SIGINT/SIGTERM in _shutdown_requested_date (and ends work() quietly when idle).

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import secrets
+import time
 from dataclasses import asdict
 from typing import Any
 
@@ -39,7 +40,11 @@ SECRET_HEADER = "X-Dinolabel-Secret"
 
 @router.get("/health")
 def health(service: ServiceDep) -> JSONResponse:
-    """At once: ``UP`` with a ready worker, ``DEGRADED`` (200) without one, ``DOWN`` (503) without Redis."""
+    """At once: ``UP`` with a ready worker, ``DEGRADED`` (200) without one, ``DOWN`` (503) without Redis.
+
+    Also ``DEGRADED`` while a worker has been busy on one job longer than that job's time-out: it is
+    stuck (a wait that RQ's timer cannot interrupt), and what it holds waits behind it.
+    """
     try:
         depths = Queues.on(service.health_connection).depths()
         workers = Workers.all(service.health_connection)
@@ -47,8 +52,9 @@ def health(service: ServiceDep) -> JSONResponse:
         body = {"status": "DOWN", "model_class": MODEL_CLASS, "reason": f"Redis is unreachable: {exc}"}
         return JSONResponse(body, status_code=503)
     ready = [w for w in workers.values() if w.get("state") == "ready"]
+    stuck = [reason for w in workers.values() if (reason := _stuck(w, time.time()))]
     body: dict[str, Any] = {
-        "status": "UP" if ready else "DEGRADED",
+        "status": "UP" if ready and not stuck else "DEGRADED",
         "model_class": MODEL_CLASS,
         "redis": "ok",
         "queues": depths,
@@ -62,7 +68,23 @@ def health(service: ServiceDep) -> JSONResponse:
             else f"{loading} worker(s) loading the model" if loading
             else "no live worker: start `dinolabel worker`"
         )  # fmt: skip
+    elif stuck:
+        body["reason"] = "; ".join(stuck)
     return JSONResponse(body)
+
+
+def _stuck(worker: dict[str, Any], now: float) -> str | None:
+    """Why a worker counts as stuck (busy on one job past its time-out), or None."""
+    busy = worker.get("busy")
+    if not isinstance(busy, dict) or not busy.get("timeout"):
+        return None
+    seconds = now - float(busy.get("since") or now)
+    if seconds <= busy["timeout"]:
+        return None
+    return (
+        f"worker {worker.get('name')} has been busy on job {busy.get('job')} for {seconds:.0f} s, "
+        f"past its time-out of {busy['timeout']} s"
+    )
 
 
 @router.post("/setup", response_model=SetupResponse)
@@ -111,6 +133,7 @@ def _predict(body: PredictRequest, service: Service, settings: Settings, metrics
     if len(tasks) > settings.interactive_max_tasks:
         return _hand_off(service, metrics, number, tasks, label_config, version, "too_many_tasks")
     url, key = service.projects.label_studio(project)
+    deadline = time.time() + settings.predict_deadline  # the worker stops when this request stops waiting
     payload = {
         "tasks": tasks,
         "label_config": label_config,
@@ -119,6 +142,7 @@ def _predict(body: PredictRequest, service: Service, settings: Settings, metrics
         "label_studio_url": url,
         "api_key": key,
         "context": body.params.context if body.params else None,
+        "deadline": deadline,
     }
     job = service.queues.interactive.enqueue(
         predict_tasks, payload, result_ttl=RESULT_TTL, job_timeout=int(settings.predict_deadline) + 60

@@ -19,11 +19,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, ClassVar
 from urllib.parse import parse_qs, urlsplit
 
+import httpx
 import pytest
 from PIL import Image
 
 LEGACY_TOKEN = "0123456789abcdef0123456789abcdef01234567"
 HUGE_SIZE = 8 * 1024 * 1024
+TRICKLE_SIZE = 100_000
+"""What ``/trickle`` declares in Content-Length before sending one byte a second."""
 
 
 def _b64url(raw: bytes) -> str:
@@ -63,11 +66,17 @@ class Seen:
         return self.headers.get("authorization")
 
 
+def wait_for_answer(url: str) -> int:
+    """An RQ job function for tests: holds its worker until ``url`` answers (e.g. ``/slow``)."""
+    return httpx.get(url, timeout=30).status_code
+
+
 @dataclass
 class _FakeServer:
     url: str = ""
     requests: list[Seen] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    release: threading.Event = field(default_factory=threading.Event)  # set: slow answers end
 
     def record(self, handler: BaseHTTPRequestHandler) -> Seen:
         parts = urlsplit(handler.path)
@@ -88,10 +97,14 @@ class _FakeServer:
 
 @dataclass
 class FakeBucket(_FakeServer):
-    """A "cloud bucket" on a second port: serves presigned object URLs, never needs auth."""
+    """A "cloud bucket" (or any other web server) on a second port: never needs auth.
+
+    ``/trickle`` declares ``TRICKLE_SIZE`` bytes and sends one a second until ``release`` is set.
+    """
 
     objects: dict[str, bytes] = field(default_factory=dict)
     forbidden: set[str] = field(default_factory=set)
+    redirects: dict[str, str] = field(default_factory=dict)  # path -> Location
 
 
 @dataclass
@@ -114,7 +127,6 @@ class FakeLabelStudio(_FakeServer):
     presign_calls: list[tuple[int, str]] = field(default_factory=list)
     issued: list[str] = field(default_factory=list)
     valid_access: set[str] = field(default_factory=set)
-    release: threading.Event = field(default_factory=threading.Event)
 
     @property
     def refresh_count(self) -> int:
@@ -190,6 +202,19 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client stopped reading: that is the behaviour under test
 
+    def trickle(self, release: threading.Event) -> None:
+        """Promise ``TRICKLE_SIZE`` bytes, then send one byte a second (each read sees data in time)."""
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Length", str(TRICKLE_SIZE))
+        self.end_headers()
+        try:
+            while not release.wait(1.0):
+                self.wfile.write(b"\0")
+                self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up: that is the behaviour under test
+
 
 class _BucketHandler(_Handler):
     server: Any
@@ -197,7 +222,11 @@ class _BucketHandler(_Handler):
     def do_GET(self) -> None:
         state: FakeBucket = self.server.state
         seen = state.record(self)
-        if seen.path in state.forbidden:
+        if seen.path == "/trickle":
+            self.trickle(state.release)
+        elif seen.path in state.redirects:
+            self.redirect(state.redirects[seen.path], 302)
+        elif seen.path in state.forbidden:
             self.answer(403, b"<Error><Code>SignatureDoesNotMatch</Code></Error>", "application/xml")
         elif seen.path in state.objects:
             self.answer(200, state.objects[seen.path], "image/png")
@@ -260,6 +289,8 @@ class _LabelStudioHandler(_Handler):
             self.presign(state, int(match.group(1)), seen.query.get("fileuri", [""])[-1])
         elif path == "/api/projects/1/thumbnail.png":
             self.serve(b"thumbnail-bytes")
+        elif path == "/api/current-user/token":  # what a token sent to the API could read
+            self.answer(200, json.dumps({"token": state.legacy_token}).encode())
         else:
             self.answer(404)
 
@@ -305,9 +336,7 @@ def _serve(handler: type[BaseHTTPRequestHandler], state: _FakeServer) -> Iterato
     try:
         yield
     finally:
-        release = getattr(state, "release", None)
-        if release is not None:
-            release.set()
+        state.release.set()
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
