@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from backend.fetch_network import AddressPolicy
@@ -89,6 +89,20 @@ class Settings(BaseSettings):
         if isinstance(value, list | tuple):
             AddressPolicy.parse(str(entry) for entry in value)  # raises ValueError naming the entry
         return value
+
+    @model_validator(mode="after")
+    def _key_needs_its_url(self) -> Settings:
+        """The operator's key goes only to the operator's Label Studio, so it needs that URL.
+
+        Without one it would have to ride along to whatever ``hostname`` a ``/setup`` call names.
+        """
+        if self.label_studio_api_key is not None and not self.label_studio_url:
+            raise ValueError(
+                "DINOLABEL_LABEL_STUDIO_API_KEY is set but DINOLABEL_LABEL_STUDIO_URL is not: the key is only "
+                "sent to the Label Studio it belongs to; set that URL too, or unset the key to use the address "
+                "and token that Label Studio sends in /setup"
+            )
+        return self
 
 
 @lru_cache

@@ -5,7 +5,8 @@
   hold a prediction of the model version, and enqueues batches.
 - ``run_batch``: predicts one batch and writes the predictions through Label Studio's API.
 
-Arguments are JSON: ids, URLs and task dicts. The model comes from the worker's runtime.
+Arguments are JSON: ids, URLs and task dicts, never a Label Studio key (RQ keeps them in Redis): the
+worker resolves the key for the project. The model comes from the worker's runtime.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def predict_tasks(payload: dict[str, Any]) -> dict[str, Any]:
     """Predict a few tasks for a waiting ``/predict``: ``{predictions, failures}``."""
     runtime = current_runtime()
     target = parse_label_config(payload["label_config"])
-    fetcher = runtime.fetcher(payload.get("label_studio_url"), payload.get("api_key"))
+    fetcher = runtime.fetcher(runtime.label_studio(payload.get("project")))
     outcome = runtime.predictor.predict(
         payload["tasks"],
         target,
@@ -100,8 +101,8 @@ def cancel_if_queued(rq_job: Job) -> bool:
 
 def _client(spec: JobSpec) -> LabelStudioClient:
     runtime = current_runtime()
-    url, key = runtime.label_studio(spec.label_studio_url, spec.api_key)
-    return LabelStudioClient(url or "", key, retries=runtime.settings.label_studio_retries)
+    access = runtime.label_studio(spec.project)
+    return LabelStudioClient(access.url or "", access.api_key, retries=runtime.settings.label_studio_retries)
 
 
 def plan_job(
@@ -189,7 +190,7 @@ def _predict_and_write(
     if not tasks:
         return []
     target = parse_label_config(spec.label_config)
-    fetcher = runtime.fetcher(spec.label_studio_url, spec.api_key)
+    fetcher = runtime.fetcher(runtime.label_studio(spec.project))
     outcome = runtime.predictor.predict(tasks, target, DetectionParams(**spec.params), spec.model_version, fetcher)
     failed = {f.task_id: f.reason for f in outcome.failures}
     failures.extend(failed.items())

@@ -27,8 +27,10 @@ from rq.timeouts import TimerDeathPenalty
 from backend.bulk import BulkJob, Workers
 from backend.config import Settings
 from backend.image_source import ImageFetcher
+from backend.ls_credentials import LabelStudioAccess
 from backend.predictor import Predictor
 from backend.queues import KEY_PREFIX, Queues
+from backend.state import ProjectStore
 from model import create_detector
 
 log = logging.getLogger(__name__)
@@ -46,25 +48,22 @@ class Runtime:
     settings: Settings
     connection: Redis
     name: str
-    _fetchers: dict[tuple[str | None, str | None], ImageFetcher] = field(default_factory=dict)
+    _fetchers: dict[LabelStudioAccess, ImageFetcher] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def label_studio(self, url: str | None, api_key: str | None) -> tuple[str | None, str | None]:
-        """The Label Studio address and token a job names, unless this worker's settings name its own
-        (a worker may reach Label Studio by another address than the API does)."""
-        s = self.settings
-        key = s.label_studio_api_key.get_secret_value() if s.label_studio_api_key else api_key
-        return s.label_studio_url or url, key
+    def label_studio(self, project: int | None) -> LabelStudioAccess:
+        """Label Studio's address and key for a project, from this worker's settings (a worker may
+        reach Label Studio by another address than the API) and the project's ``/setup`` record."""
+        return ProjectStore(self.settings, self.connection).label_studio(project)
 
-    def fetcher(self, label_studio_url: str | None, api_key: str | None) -> ImageFetcher:
-        """One image fetcher (and connection pool) per Label Studio and token, kept for the process."""
+    def fetcher(self, access: LabelStudioAccess) -> ImageFetcher:
+        """One image fetcher (and connection pool) per Label Studio and key, kept for the process."""
         s = self.settings
-        url, key = self.label_studio(label_studio_url, api_key)
         with self._lock:
-            if (url, key) not in self._fetchers:
-                self._fetchers[(url, key)] = ImageFetcher(
-                    label_studio_url=url,
-                    api_key=key,
+            if access not in self._fetchers:
+                self._fetchers[access] = ImageFetcher(
+                    label_studio_url=access.url,
+                    api_key=access.api_key,
                     document_root=s.local_files_document_root,
                     media_root=s.media_root,
                     timeout=s.image_timeout,
@@ -72,7 +71,7 @@ class Runtime:
                     max_bytes=s.image_max_bytes,
                     allow=s.fetch_allow,
                 )
-            return self._fetchers[(url, key)]
+            return self._fetchers[access]
 
 
 # Jobs run on the thread that runs the worker loop: a thread-local runtime lets an embedded worker

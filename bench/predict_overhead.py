@@ -269,8 +269,7 @@ def queue_caller(redis_url: str, version: str) -> tuple[Callable[[int], None], C
             "label_config": LABEL_CONFIG,
             "params": params,
             "model_version": version,
-            "label_studio_url": None,
-            "api_key": None,
+            "project": None,
             "context": None,
         }
         job = queue.enqueue(predict_tasks, payload, result_ttl=RESULT_TTL, job_timeout=120)

@@ -132,20 +132,24 @@ def _predict(body: PredictRequest, service: Service, settings: Settings, metrics
     number = project_id(body.project)
     if len(tasks) > settings.interactive_max_tasks:
         return _hand_off(service, metrics, number, tasks, label_config, version, "too_many_tasks")
-    url, key = service.projects.label_studio(project)
     deadline = time.time() + settings.predict_deadline  # the worker stops when this request stops waiting
-    payload = {
+    payload = {  # stored in Redis: the project id, never a key (the worker resolves it)
         "tasks": tasks,
         "label_config": label_config,
         "params": asdict(project.params),
         "model_version": version,
-        "label_studio_url": url,
-        "api_key": key,
+        "project": number,
         "context": body.params.context if body.params else None,
         "deadline": deadline,
     }
     job = service.queues.interactive.enqueue(
-        predict_tasks, payload, result_ttl=RESULT_TTL, job_timeout=int(settings.predict_deadline) + 60
+        predict_tasks,
+        payload,
+        result_ttl=RESULT_TTL,
+        job_timeout=int(settings.predict_deadline) + 60,
+        # RQ's default description is the call with its arguments, logged as the job starts: image
+        # URLs there may carry credentials.
+        description=f"predict {len(tasks)} tasks of project {number}",
     )
     result = job.latest_result(timeout=max(1, int(settings.predict_deadline)))
     if result is None:

@@ -109,7 +109,7 @@ class FakeBucket(_FakeServer):
 
 @dataclass
 class FakeLabelStudio(_FakeServer):
-    """The parts of Label Studio 1.23 that an ML backend downloads images from."""
+    """The parts of Label Studio 1.23 that an ML backend downloads images from and writes predictions to."""
 
     bucket: FakeBucket | None = None
     legacy_token: str = LEGACY_TOKEN
@@ -125,6 +125,7 @@ class FakeLabelStudio(_FakeServer):
     cloud: dict[str, str] = field(default_factory=dict)  # URI -> bucket path to redirect to
     proxied: dict[str, bytes] = field(default_factory=dict)  # URI -> bytes served by presign itself
     presign_calls: list[tuple[int, str]] = field(default_factory=list)
+    predictions: list[dict[str, Any]] = field(default_factory=list)  # rows imported through the API
     issued: list[str] = field(default_factory=list)
     valid_access: set[str] = field(default_factory=set)
 
@@ -219,6 +220,9 @@ class _Handler(BaseHTTPRequestHandler):
 class _BucketHandler(_Handler):
     server: Any
 
+    def do_POST(self) -> None:
+        self.do_GET()  # recorded like a GET: a write that reaches the wrong host must show up
+
     def do_GET(self) -> None:
         state: FakeBucket = self.server.state
         seen = state.record(self)
@@ -237,12 +241,22 @@ class _BucketHandler(_Handler):
 class _LabelStudioHandler(_Handler):
     server: Any
     PRESIGN: ClassVar[re.Pattern[str]] = re.compile(r"/tasks/(\d+)/(?:presign|resolve)/")
+    IMPORT_PREDICTIONS: ClassVar[re.Pattern[str]] = re.compile(r"/api/projects/(\d+)/import/predictions")
 
     def do_POST(self) -> None:
         state: FakeLabelStudio = self.server.state
         seen = state.record(self)
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length)
+        if self.IMPORT_PREDICTIONS.fullmatch(seen.path):
+            if not state.authorised(seen.authorization):
+                self.answer(401, b'{"detail": "Authentication credentials were not provided."}')
+                return
+            rows = json.loads(body)
+            with state.lock:
+                state.predictions.extend(rows)
+            self.answer(201, json.dumps({"created": len(rows)}).encode())
+            return
         if seen.path != "/api/token/refresh/":
             self.answer(404)
             return
@@ -287,6 +301,11 @@ class _LabelStudioHandler(_Handler):
             self.serve(state.storage_data.get(seen.query.get("filepath", [""])[-1]))
         elif match := self.PRESIGN.fullmatch(path):
             self.presign(state, int(match.group(1)), seen.query.get("fileuri", [""])[-1])
+        elif path == "/api/predictions":  # what bulk jobs ask before writing (?project= or ?task=)
+            task = seen.query.get("task", [None])[-1]
+            with state.lock:
+                rows = [p for p in state.predictions if task is None or str(p["task"]) == task]
+            self.answer(200, json.dumps(rows).encode())
         elif path == "/api/projects/1/thumbnail.png":
             self.serve(b"thumbnail-bytes")
         elif path == "/api/current-user/token":  # what a token sent to the API could read
@@ -345,6 +364,14 @@ def _serve(handler: type[BaseHTTPRequestHandler], state: _FakeServer) -> Iterato
 @pytest.fixture
 def fake_bucket() -> Iterator[FakeBucket]:
     """A second server, on another port, that plays the cloud bucket behind presigned URLs."""
+    state = FakeBucket()
+    with _serve(_BucketHandler, state):
+        yield state
+
+
+@pytest.fixture
+def stranger() -> Iterator[FakeBucket]:
+    """Another host that records whatever reaches it: the address an untrusted ``/setup`` names."""
     state = FakeBucket()
     with _serve(_BucketHandler, state):
         yield state
