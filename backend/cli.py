@@ -137,6 +137,13 @@ def _register_webhook(args: argparse.Namespace) -> int:
     from backend.ls_credentials import label_studio_access
 
     settings = _settings()
+    if settings.webhook_secret is None:
+        print(
+            "register-webhook needs DINOLABEL_WEBHOOK_SECRET (the same as the backend's): /webhook refuses "
+            "TASKS_CREATED without it",
+            file=sys.stderr,
+        )
+        return 2
     # The options stand in for the operator's settings (both come from the operator, so they may pair).
     operator: dict[str, Any] = {}
     if args.label_studio_url:
@@ -147,7 +154,7 @@ def _register_webhook(args: argparse.Namespace) -> int:
     if not access.url or not access.api_key:
         print("needs --label-studio-url and --api-key (or DINOLABEL_LABEL_STUDIO_URL/_API_KEY)", file=sys.stderr)
         return 2
-    secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
+    secret = settings.webhook_secret.get_secret_value()
     target = args.backend_url.rstrip("/") + "/webhook"
     try:
         with LabelStudioClient(access.url, access.api_key) as client:
@@ -155,14 +162,12 @@ def _register_webhook(args: argparse.Namespace) -> int:
                    client.webhooks(args.project)):  # fmt: skip
                 print(f"project {args.project} already sends TASKS_CREATED to {target}")
                 return 0
-            headers = {"X-Dinolabel-Secret": secret} if secret else {}
+            headers = {"X-Dinolabel-Secret": secret}
             hook = client.create_webhook(args.project, target, headers=headers, actions=["TASKS_CREATED"])
     except LabelStudioError as exc:
         print(f"register-webhook: {exc}", file=sys.stderr)
         return 1
     print(f"webhook {hook.get('id')}: project {args.project} sends TASKS_CREATED to {target}")
-    if not secret:
-        print("warning: DINOLABEL_WEBHOOK_SECRET is not set; anyone reaching /webhook can queue work", file=sys.stderr)
     return 0
 
 

@@ -28,6 +28,7 @@ class Settings(BaseSettings):
     host: str = "0.0.0.0"
     port: int = 9090
     log_level: str = "info"
+    max_request_bytes: int = Field(default=100 * 1024 * 1024, gt=0)  # Label Studio's biggest: see README
     basic_auth_user: str | None = Field(
         default=None, validation_alias=AliasChoices("DINOLABEL_BASIC_AUTH_USER", "BASIC_AUTH_USER")
     )

@@ -383,3 +383,29 @@ def fake_ls(fake_bucket: FakeBucket) -> Iterator[FakeLabelStudio]:
     state = FakeLabelStudio(bucket=fake_bucket)
     with _serve(_LabelStudioHandler, state):
         yield state
+
+
+@contextmanager
+def serving(app: Any) -> Iterator[str]:
+    """An ASGI app served by uvicorn on a loopback port (a thread of the test); yields its base URL.
+
+    For what TestClient cannot show: raw sockets, chunked uploads, what is read before answering.
+    """
+    import uvicorn
+
+    from tests.labelstudio import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
