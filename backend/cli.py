@@ -21,9 +21,14 @@ import httpx
 if TYPE_CHECKING:
     from backend.config import Settings
 
+# They log every request's full URL at INFO: image URLs may carry user:password@ or signed queries.
+QUIET_LOGGERS = ("httpx", "httpcore")
+
 
 def _logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _settings() -> Settings:
