@@ -97,17 +97,19 @@ class Predictor:
         context: Mapping[str, Any] | None = None,
         *,
         deadline: float | None = None,
+        stats: PipelineStats | None = None,
     ) -> PredictOutcome:
         """Detect the project's labels (or the annotator's typed prompt) in every task's image.
 
         ``deadline`` (epoch seconds): once past it, no further batch goes to the model; the tasks not
         yet predicted fail with :data:`DEADLINE_PASSED` and their downloads that have not started are
-        cancelled. A forward pass already running finishes first.
+        cancelled. A forward pass already running finishes first. ``stats``, if given, receives where
+        the time went (``bench/pipeline_efficiency.py`` reads it).
         """
         prompt = _prompt_for(target, context)
         stages = self._stages(prompt, params)
         results: list[Any] = [None] * len(tasks)
-        stats = PipelineStats()
+        stats = stats if stats is not None else PipelineStats()
         for index, result in self.pipeline.run(
             tasks,
             lambda task: self._load_image(task, target, fetcher),

