@@ -190,9 +190,9 @@ class Pipeline:
         """Yield ``(index in items, result or Failed)`` for every item, as batches complete.
 
         ``item_timeout`` bounds, in seconds, the wait for one item's load and preprocessing from the
-        moment it was handed to a thread; ``deadline`` (``time.time()`` seconds) stops the run: batches
-        not yet on the device and items not yet loaded fail with "deadline passed". Closing the
-        iterator early stops the run too.
+        moment its load started (time queued behind other loads does not count). ``deadline``
+        (``time.time()`` seconds) stops the run: batches not yet on the device and items not yet
+        loaded fail with "deadline passed". Closing the iterator early stops the run too.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -231,6 +231,7 @@ class _Run(Generic[X, S, M, R]):
         self.stop = threading.Event()
         self.device_waiting = threading.Event()
         self.started = time.perf_counter()
+        self.load_started: dict[int, float] = {}  # written by the load threads (one key each)
 
     # --- device loop (the caller's thread) ----------------------------------------------------------------
 
@@ -314,16 +315,16 @@ class _Run(Generic[X, S, M, R]):
     # --- batcher thread -----------------------------------------------------------------------------------
 
     def _batcher(self) -> None:
-        in_flight: dict[int, tuple[Future[tuple[torch.Tensor, Any]], float]] = {}
+        in_flight: dict[int, Future[tuple[torch.Tensor, Any]]] = {}
         try:
             self._batch_items(in_flight)
         except BaseException as exc:  # handed to the caller's thread, which raises it
             self._send(_Abort(exc))
         finally:
-            for future, _ in in_flight.values():
+            for future in in_flight.values():
                 future.cancel()
 
-    def _batch_items(self, in_flight: dict[int, tuple[Future[tuple[torch.Tensor, Any]], float]]) -> None:
+    def _batch_items(self, in_flight: dict[int, Future[tuple[torch.Tensor, Any]]]) -> None:
         groups: dict[Hashable, list[tuple[int, torch.Tensor, Any]]] = {}  # insertion order = age
         waiting = 0  # items sitting in groups
         next_index = 0
@@ -335,8 +336,8 @@ class _Run(Generic[X, S, M, R]):
                 except StopIteration:
                     exhausted = True
                     break
-                future = self.pipeline._loads.submit(self._prepare, item)
-                in_flight[next_index] = (future, time.monotonic())
+                future = self.pipeline._loads.submit(self._prepare, next_index, item)
+                in_flight[next_index] = future
                 future.add_done_callback(lambda _, index=next_index: self.inbox.put(index))
                 next_index += 1
             if self._past_deadline():
@@ -351,7 +352,7 @@ class _Run(Generic[X, S, M, R]):
                 continue
             message = self._wait(in_flight)
             if message is not None and message != _WAKE and message in in_flight:
-                future, _ = in_flight.pop(message)
+                future = in_flight.pop(message)
                 prepared = self._outcome(message, future)
                 if prepared is not None:
                     key = (tuple(prepared[0].shape[1:]), prepared[0].dtype)
@@ -365,8 +366,9 @@ class _Run(Generic[X, S, M, R]):
                 waiting -= self._send_group(groups.pop(fullest))
         self._send(_END)
 
-    def _prepare(self, item: X) -> tuple[torch.Tensor, Any]:
+    def _prepare(self, index: int, item: X) -> tuple[torch.Tensor, Any]:
         """Load then preprocess one item on a load thread; preprocessing takes one of the CPU slots."""
+        self.load_started[index] = time.monotonic()  # item_timeout counts from here, not from the queue
         started = time.perf_counter()
         loaded = self.load(item)
         loaded_at = time.perf_counter()
@@ -382,14 +384,14 @@ class _Run(Generic[X, S, M, R]):
             )
         return tensor, meta
 
-    def _wait(self, in_flight: dict[int, tuple[Future[Any], float]]) -> int | None:
+    def _wait(self, in_flight: dict[int, Future[Any]]) -> int | None:
         """The next inbox message, waiting at most until the next item times out or the deadline."""
         limits = []
         if self.deadline is not None:
             limits.append(self.deadline - time.time())
-        if self.item_timeout is not None and in_flight:
-            oldest = min(submitted for _, submitted in in_flight.values())
-            limits.append(oldest + self.item_timeout - time.monotonic())
+        started = [self.load_started[i] for i in list(in_flight) if i in self.load_started]
+        if self.item_timeout is not None and started:
+            limits.append(min(started) + self.item_timeout - time.monotonic())
         try:
             return self.inbox.get(timeout=max(0.0, min(limits)) if limits else None)
         except queue.Empty:
@@ -403,25 +405,25 @@ class _Run(Generic[X, S, M, R]):
             self._send(_Failures([(index, Failed(str(exc)))]))
             return None
 
-    def _expire(self, in_flight: dict[int, tuple[Future[Any], float]]) -> None:
+    def _expire(self, in_flight: dict[int, Future[Any]]) -> None:
         if self.item_timeout is None:
             return
         now = time.monotonic()
-        late = [index for index, (_, submitted) in in_flight.items() if now - submitted >= self.item_timeout]
+        late = [i for i in list(in_flight) if now - self.load_started.get(i, now) >= self.item_timeout]
         for index in late:
-            in_flight.pop(index)[0].cancel()
+            in_flight.pop(index).cancel()
         if late:
             reason = f"not loaded within {self.item_timeout:g} s"
             self._send(_Failures([(index, Failed(reason)) for index in late]))
 
     def _fail_the_rest(
         self,
-        in_flight: dict[int, tuple[Future[Any], float]],
+        in_flight: dict[int, Future[Any]],
         groups: dict[Hashable, list[tuple[int, torch.Tensor, Any]]],
         next_index: int,
     ) -> None:
         indices = [index for group in groups.values() for index, _, _ in group] + list(in_flight)
-        for future, _ in in_flight.values():
+        for future in in_flight.values():
             future.cancel()
         indices += range(next_index, next_index + sum(1 for _ in self.items))
         self._send(_Failures([(index, DEADLINE_PASSED) for index in sorted(indices)]))

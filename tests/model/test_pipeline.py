@@ -7,6 +7,7 @@ tests, which run the tiny Grounding DINO through the pipeline and compare it wit
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 
 import pytest
@@ -139,6 +140,23 @@ def test_a_load_past_its_timeout_fails_and_the_rest_are_served(pipeline: Pipelin
         release.set()
     assert results[1] == Failed("not loaded within 0.5 s")
     assert all(results[i] == (float(i), 4.0 * i) for i in (0, 2, 3, 4))
+
+
+def test_time_queued_behind_other_loads_does_not_count_against_the_timeout() -> None:
+    # One load thread, six loads of 0.5 s: the last starts 2.5 s after it was queued, yet each load
+    # itself takes well under the 2 s limit, so none may time out.
+    pipeline = Pipeline(CPU, load_threads=1, preprocess_threads=1)
+
+    def load(item: tuple[float, int]) -> tuple[float, int]:
+        time.sleep(0.5)
+        return item
+
+    try:
+        items = [(float(i), 2) for i in range(6)]
+        results = dict(pipeline.run(items, load, Recorder().stages(), batch_size=2, item_timeout=2.0))
+    finally:
+        pipeline.close()
+    assert results == {i: (float(i), 4.0 * i) for i in range(6)}
 
 
 def test_past_the_deadline_nothing_more_runs(pipeline: Pipeline) -> None:
