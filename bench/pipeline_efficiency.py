@@ -354,7 +354,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         root = Path(tmp)
         names = write_images(root)
         server = ImageServer(root)
-        fetcher = ImageFetcher(label_studio_url=None, api_key=None, document_root=root)
+        # The loopback image server is not public: allowed explicitly, as DINOLABEL_FETCH_ALLOW would.
+        fetcher = ImageFetcher(label_studio_url=None, api_key=None, document_root=root, allow=["127.0.0.1"])
         try:
             for source in sources:
                 for set_name in sets:
