@@ -71,6 +71,7 @@ class Settings(BaseSettings):
     image_max_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
     image_max_pixels: int = Field(default=100_000_000, gt=0)
     image_download_threads: int = Field(default=8, ge=1)
+    image_preprocess_threads: int | None = Field(default=None, ge=1)  # None: one per usable core
 
     @field_validator(
         "basic_auth_user", "basic_auth_pass", "detector_revision", "redis_url", "webhook_secret", "label_studio_url",

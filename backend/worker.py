@@ -196,6 +196,7 @@ def load_predictor(settings: Settings) -> Predictor:
         batch_size=settings.batch_size or default_batch,
         max_pixels=settings.image_max_pixels,
         download_threads=settings.image_download_threads,
+        preprocess_threads=settings.image_preprocess_threads,
     )
 
 

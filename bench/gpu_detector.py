@@ -8,8 +8,11 @@ the machine it runs on:
 1. the pure forward: images/s at each batch size and precision, pre-made pixel tensors already on the
    device, CUDA-synchronised, warm-up uncounted;
 2. end to end, decoded PIL images -> processor -> model -> detections, through
-   ``GroundingDinoDetector.detect`` (today's path); efficiency = end-to-end images/s / pure-forward
-   images/s at the same batch size and precision;
+   ``GroundingDinoDetector.detect`` (every step on one thread, one after the other) and through
+   ``model.pipeline`` (what the service runs: preprocessing on one thread per core, batches stacked
+   in pinned memory while the device runs, postprocessing on its own thread); and the pipeline from
+   the JPEG bytes (decoding and EXIF included, on the load threads). Efficiency = end-to-end
+   images/s / pure-forward images/s at the same batch size and precision;
 3. fp16/bf16 against fp32 on the same images: per image, matched boxes' IoU, score difference, boxes
    found and lost; and the raw outputs (sigmoid of the logits, ``pred_boxes``);
 4. GPU memory: peak allocated at each batch size, and per image above the weights;
@@ -62,6 +65,7 @@ from bench.common import ensure_random_checkpoint, machine_info, positive_ints, 
 from model import Detection, DetectionParams, GroundingDinoDetector, create_detector
 from model.devices import resolve_device
 from model.images import decode_image
+from model.pipeline import Pipeline, PipelineStats
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,6 +79,9 @@ PARAMS = DetectionParams(box_threshold=BOX_THRESHOLD, text_threshold=0.25)
 MATCH_IOU = 0.5
 """Two boxes of one phrase in two precisions are the same box when their IoU reaches this."""
 ORIENTATION = 0x0112
+END_TO_END = ("detect", "pipeline", "pipeline_jpeg")
+LOAD_THREADS = 8
+"""The service's default ``DINOLABEL_IMAGE_DOWNLOAD_THREADS``; preprocessing takes one thread per core."""
 MAX_PIXELS = 100_000_000
 
 # (stored width, stored height, EXIF orientation or None): every image *as displayed* is 4:3 landscape,
@@ -242,6 +249,35 @@ def end_to_end_detect(detector: GroundingDinoDetector, images: list[Image.Image]
     }
 
 
+def end_to_end_pipeline(
+    detector: GroundingDinoDetector, pipeline: Pipeline, inputs: list[Any], batch: int, *, decode: bool
+) -> dict[str, Any]:
+    """The service's path: ``model.pipeline`` over decoded images, or over JPEG bytes (``decode``)."""
+    stages = detector.stages(PHRASES, PARAMS)
+
+    def load(item: Any) -> Image.Image:
+        return decode_image(item, max_pixels=MAX_PIXELS) if decode else item
+
+    def run(items: list[Any], stats: PipelineStats | None = None) -> list[Any]:
+        return [result for _, result in pipeline.run(items, load, stages, batch_size=batch, stats=stats)]
+
+    run(inputs[:batch])  # warm-up
+    sync(detector.device)
+    stats = PipelineStats()
+    started = time.perf_counter()
+    found = run(inputs, stats)
+    sync(detector.device)
+    seconds = time.perf_counter() - started
+    return {
+        "images": len(inputs),
+        "seconds": round(seconds, 4),
+        "images_per_s": round(len(inputs) / seconds, 2),
+        "boxes_per_image": round(statistics.fmean(len(f) for f in found), 1),
+        "mean_batch": round(stats.items / max(stats.batches, 1), 2),
+        "stats": stats.as_dict(),
+    }
+
+
 # --- 3. precision drift -----------------------------------------------------------------------------------
 
 
@@ -392,14 +428,20 @@ def print_table(report: dict[str, Any]) -> None:
         f"model={report['model']} torch={info['torch']} transformers={info['transformers']} "
         f"processor={info['image_processor']} cpu_cores={info['cpu_cores_usable']}"
     )
-    print(f"{'precision':>9} {'batch':>5} | {'forward img/s':>13} {'MiB/img':>8} | {'detect img/s':>12} {'eff':>5}")
+    print(
+        f"{'precision':>9} {'batch':>5} | {'forward img/s':>13} {'MiB/img':>8} | "
+        + " | ".join(f"{name + ' img/s':>20} {'eff':>5}" for name in END_TO_END)
+    )
     for row in report["results"]:
-        fwd, old = row["forward"], row["detect"]
-        fwd_rate, old_rate = fwd.get("images_per_s"), old.get("images_per_s")
-        eff = f"{old_rate / fwd_rate:.2f}" if fwd_rate and old_rate else "-"
+        fwd = row["forward"]
+        cells = []
+        for name in END_TO_END:
+            rate = row[name].get("images_per_s")
+            eff = row.get(f"{name}_efficiency")
+            cells.append(f"{rate or _why(row[name]):>20} {eff if eff is not None else '-':>5}")
         print(
-            f"{row['precision']:>9} {row['batch']:>5} | {fwd_rate or _why(fwd):>13} "
-            f"{fwd.get('activation_mib_per_image', '-'):>8} | {old_rate or _why(old):>12} {eff:>5}"
+            f"{row['precision']:>9} {row['batch']:>5} | {fwd.get('images_per_s') or _why(fwd):>13} "
+            f"{fwd.get('activation_mib_per_image', '-'):>8} | " + " | ".join(cells)
         )
     for precision in ("bf16", "fp16"):
         d = report["drift"].get(precision)
@@ -459,14 +501,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="dinolabel-gpu-bench-") as tmp:
         detector, model_label = load(args, device, Path(tmp))
     print(f"loaded {model_label} on {device} after {time.perf_counter() - budget.started:.0f} s", flush=True)
-    _, pictures = make_inputs(plan.specs)
+    files, pictures = make_inputs(plan.specs)
     print(f"{len(pictures)} test images decoded after {time.perf_counter() - budget.started:.0f} s", flush=True)
     images = cycle(pictures, plan.images)
-    processed = [detector._pixels(p) for p in pictures]
+    processed = [detector.preprocess(p)[0] for p in pictures]
     sizes = {tuple(p.shape[2:]) for p in processed}
     if len(sizes) != 1:
         raise SystemExit(f"test images give several processed sizes {sizes}: they would not batch together")
 
+    pipeline = Pipeline(device, load_threads=LOAD_THREADS)
+    jpegs = cycle(files, plan.images)
     rows: list[dict[str, Any]] = []
     for precision in plan.precisions:
         if precision == "fp16" and device.type == "cpu":
@@ -477,15 +521,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             row: dict[str, Any] = {"precision": precision, "batch": batch}
             row["forward"] = guarded(budget, 10, lambda pixels=pixels: pure_forward(detector, pixels, plan))
             row["detect"] = guarded(budget, 15, lambda batch=batch: end_to_end_detect(detector, images, batch))
-            fwd, old = row["forward"].get("images_per_s"), row["detect"].get("images_per_s")
-            row["detect_efficiency"] = round(old / fwd, 3) if fwd and old else None
+            row["pipeline"] = guarded(
+                budget, 15, lambda batch=batch: end_to_end_pipeline(detector, pipeline, images, batch, decode=False)
+            )
+            row["pipeline_jpeg"] = guarded(
+                budget, 15, lambda batch=batch: end_to_end_pipeline(detector, pipeline, jpegs, batch, decode=True)
+            )
+            fwd = row["forward"].get("images_per_s")
+            for name in END_TO_END:
+                rate = row[name].get("images_per_s")
+                row[f"{name}_efficiency"] = round(rate / fwd, 3) if fwd and rate else None
             rows.append(row)
             print(
                 f"{precision} batch {batch}: forward {row['forward'].get('images_per_s', _why(row['forward']))} img/s, "
-                f"detect {row['detect'].get('images_per_s', _why(row['detect']))} img/s "
-                f"(efficiency {row['detect_efficiency']}) at {time.perf_counter() - budget.started:.0f} s",
+                + ", ".join(
+                    f"{name} {row[name].get('images_per_s', _why(row[name]))} img/s "
+                    f"(efficiency {row[f'{name}_efficiency']})"
+                    for name in END_TO_END
+                )
+                + f" at {time.perf_counter() - budget.started:.0f} s",
                 flush=True,
             )
+    pipeline.close()
     detector.precision = "fp32"
     drift_pictures = cycle(pictures, plan.drift_images)
     drift_report = guarded(

@@ -1,4 +1,4 @@
-"""The detector on a CUDA GPU: same boxes batched or alone, and the same boxes as on the CPU.
+"""The detector on a CUDA GPU: same boxes batched or alone, through the pipeline, and as on the CPU.
 
 CUDA-only (marked ``gpu``; CI deselects them). They need only torch, transformers, torchvision,
 Pillow and pytest, so that a GPU machine without Redis or Label Studio runs them with the root
@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from model import Detection, DetectionParams, GroundingDinoDetector, create_detector
+from model.pipeline import Pipeline
 from tests.tiny_checkpoints import build_tiny_grounding_dino
 
 pytestmark = pytest.mark.gpu
@@ -101,3 +102,19 @@ def test_cuda_finds_the_boxes_the_cpu_finds(
     assert sum(len(found) for found in on_cpu) >= 3
     for img, a, b in zip(images, on_cpu, on_cuda, strict=True):
         assert disagreements(a, b, img.size, LOW.box_threshold) == []
+
+
+def test_the_pipeline_on_cuda_finds_what_detect_finds(cuda_detector: GroundingDinoDetector) -> None:
+    # Pinned memory, non-blocking copies in and out, postprocessing on another thread: a copy read
+    # before it landed would give other boxes than detect's plain path.
+    sizes = [(64, 48), (128, 96), (40, 80), (90, 60), (64, 48), (128, 96), (64, 48), (96, 72)]
+    images = [image(w, h, seed) for seed, (w, h) in enumerate(sizes)]
+    old = cuda_detector.detect(images, PHRASES, LOW, batch_size=4)
+    pipeline = Pipeline(cuda_detector.device, load_threads=4, preprocess_threads=2)
+    try:
+        new = dict(pipeline.run(images, lambda img: img, cuda_detector.stages(PHRASES, LOW), batch_size=4))
+    finally:
+        pipeline.close()
+    assert sum(len(found) for found in old) >= len(images)
+    for index, img in enumerate(images):
+        assert disagreements(old[index], new[index], img.size, LOW.box_threshold) == []
