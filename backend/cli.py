@@ -84,48 +84,124 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
+EXIT_API = 3
+"""Exit status of ``preannotate`` when the API cannot be reached, stops answering or refuses the request."""
+
+
+class ApiError(Exception):
+    """The API refused a request or answered something unreadable; the message is one line."""
+
+
+class ApiGone(ApiError):
+    """The API did not answer at all (refused connection, reset, time-out)."""
+
+
 def _api(args: argparse.Namespace) -> httpx.Client:
     auth = (args.user, args.password) if args.user else None
     return httpx.Client(base_url=args.api.rstrip("/"), auth=auth, timeout=30.0)
 
 
 def _call(client: httpx.Client, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
-    response = client.request(method, path, **kwargs)
+    """One API call; failures become ``ApiGone``/``ApiError`` with a one-line reason, never a body dump."""
+    try:
+        response = client.request(method, path, **kwargs)
+    except httpx.TransportError as exc:
+        raise ApiGone(type(exc).__name__) from exc
     if response.status_code >= 400:
-        raise SystemExit(f"{method} {path}: HTTP {response.status_code}: {response.text}")
-    return response.json()
+        raise ApiError(f"{method} {path}: HTTP {response.status_code}: {_reason(response)}")
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        raise ApiError(f"{method} {path}: the answer is not the API's JSON ({_kind(response)}); is --api right?")
+    return body
+
+
+def _reason(response: httpx.Response) -> str:
+    """The API's own ``detail`` when it sent one; otherwise what came back, by kind only (an HTML page of a
+    proxy is not printed)."""
+    try:
+        detail = response.json().get("detail")
+    except (ValueError, AttributeError):
+        detail = None
+    if isinstance(detail, list):  # a 422: the refused fields
+        detail = "; ".join(
+            f"{'.'.join(str(p) for p in d.get('loc', []))}: {d.get('msg')}" for d in detail if isinstance(d, dict)
+        )
+    if isinstance(detail, str) and detail:
+        return detail if len(detail) <= 300 else detail[:300] + "..."
+    return f"no reason given ({_kind(response)})"
+
+
+def _kind(response: httpx.Response) -> str:
+    content_type = response.headers.get("content-type", "no content type").split(";")[0]
+    return f"{content_type}, {len(response.content)} bytes"
+
+
+def _shown(client: httpx.Client) -> str:
+    """The API's address without any user:password in it."""
+    return str(client.base_url.copy_with(username=None, password=None)).rstrip("/")
 
 
 def _preannotate(args: argparse.Namespace) -> int:
+    with _api(args) as client:
+        job: dict[str, Any] | None = None
+        try:
+            job = _call(
+                client,
+                "POST",
+                f"/v1/projects/{args.project}/preannotate",
+                json={"task_ids": args.task_ids} if args.task_ids else None,
+            )
+            return _follow(client, args, job)
+        except ApiGone as exc:
+            if job is None:
+                print(
+                    f"dinolabel preannotate: cannot reach the API at {_shown(client)} ({exc}); "
+                    "is `dinolabel serve` running there?",
+                    file=sys.stderr,
+                )
+            else:
+                print(
+                    f"dinolabel preannotate: the API at {_shown(client)} stopped answering ({exc}); job {job['id']} "
+                    f"goes on in the workers: follow it with `GET /v1/jobs/{job['id']}` when the API is back, or "
+                    f"rerun `dinolabel preannotate --project {args.project}` (it only predicts what is missing)",
+                    file=sys.stderr,
+                )
+        except ApiError as exc:
+            print(f"dinolabel preannotate: {exc}", file=sys.stderr)
+        return EXIT_API
+
+
+def _follow(client: httpx.Client, args: argparse.Namespace, job: dict[str, Any]) -> int:
+    """Show the job's progress until it ends; then its counts and first failures."""
     from tqdm import tqdm
 
-    body = {"task_ids": args.task_ids} if args.task_ids else None
-    with _api(args) as client:
-        job = _call(client, "POST", f"/v1/projects/{args.project}/preannotate", json=body)
-        print(f"job {job['id']} for project {args.project}, model version {job['model_version']}", file=sys.stderr)
-        bar = tqdm(total=0, unit="task", desc=f"project {args.project}", disable=args.quiet)
-        try:
-            while True:
-                job = _call(client, "GET", f"/v1/jobs/{job['id']}", params={"failures": 0})
-                bar.total = job["total"]
-                bar.n = job["done"] + job["skipped"] + job["failed"]
-                bar.set_postfix(done=job["done"], skipped=job["skipped"], failed=job["failed"], status=job["status"])
-                bar.refresh()
-                if job["status"] in ("done", "cancelled", "failed"):
-                    break
-                time.sleep(args.interval)
-        except KeyboardInterrupt:
-            bar.clear()
-            answer = input(f"\nCancel job {job['id']} (tasks not started yet are dropped)? [y/N] ").strip().lower()
-            if answer in ("y", "yes"):
-                job = _call(client, "DELETE", f"/v1/jobs/{job['id']}")
-                print(f"job {job['id']} cancelled", file=sys.stderr)
-            else:
-                print(f"job {job['id']} keeps running; follow it with GET /v1/jobs/{job['id']}", file=sys.stderr)
-            return 130
-        finally:
-            bar.close()
-        job = _call(client, "GET", f"/v1/jobs/{job['id']}", params={"failures": 20})
+    print(f"job {job['id']} for project {args.project}, model version {job['model_version']}", file=sys.stderr)
+    bar = tqdm(total=0, unit="task", desc=f"project {args.project}", disable=args.quiet)
+    try:
+        while True:
+            job = _call(client, "GET", f"/v1/jobs/{job['id']}", params={"failures": 0})
+            bar.total = job["total"]
+            bar.n = job["done"] + job["skipped"] + job["failed"]
+            bar.set_postfix(done=job["done"], skipped=job["skipped"], failed=job["failed"], status=job["status"])
+            bar.refresh()
+            if job["status"] in ("done", "cancelled", "failed"):
+                break
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        bar.clear()
+        answer = input(f"\nCancel job {job['id']} (tasks not started yet are dropped)? [y/N] ").strip().lower()
+        if answer in ("y", "yes"):
+            job = _call(client, "DELETE", f"/v1/jobs/{job['id']}")
+            print(f"job {job['id']} cancelled", file=sys.stderr)
+        else:
+            print(f"job {job['id']} keeps running; follow it with GET /v1/jobs/{job['id']}", file=sys.stderr)
+        return 130
+    finally:
+        bar.close()
+    job = _call(client, "GET", f"/v1/jobs/{job['id']}", params={"failures": 20})
     print(
         f"{job['status']}: {job['done']} predicted, {job['skipped']} skipped (already predicted), "
         f"{job['failed']} failed of {job['total']} tasks"
@@ -191,7 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--burst", action="store_true", help="quit when the queues are empty")
     worker.set_defaults(run=_worker)
 
-    pre = commands.add_parser("preannotate", help="pre-annotate a Label Studio project, with a progress bar")
+    pre = commands.add_parser(
+        "preannotate",
+        help="pre-annotate a Label Studio project, with a progress bar",
+        description="Exit status: 0 all predicted, 1 some tasks failed, 3 the API was unreachable, stopped "
+        "answering or refused the request, 130 interrupted.",
+    )
     pre.add_argument("--project", type=int, required=True, help="Label Studio project id")
     pre.add_argument("--task-ids", type=int, nargs="+", help="only these tasks")
     pre.add_argument("--api", default="http://127.0.0.1:9090", help="the dinolabel API (default %(default)s)")
