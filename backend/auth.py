@@ -19,12 +19,17 @@ OPEN_PATHS = frozenset({"/webhook"})
 def basic_auth_valid(settings: Settings, headers: Iterable[tuple[bytes, bytes]]) -> bool:
     """True when basic auth is configured and the ``Authorization`` header carries its user and password.
 
-    Compared as bytes (UTF-8 on our side), in constant time: any header, ASCII or not, is a plain no.
+    Compared as bytes, in constant time: any header, ASCII or not, is a plain no. Non-ASCII credentials
+    are accepted in the two charsets clients use: UTF-8 (RFC 7617, browsers, httpx, curl) and latin-1
+    (``requests``, so Label Studio's model connection).
     """
     if not settings.basic_auth_user:
         return False
     password = settings.basic_auth_pass.get_secret_value() if settings.basic_auth_pass else ""
-    expected = f"{settings.basic_auth_user}:{password}".encode()
+    pair = f"{settings.basic_auth_user}:{password}"
+    expected = [pair.encode()]
+    if not pair.isascii() and all(ord(c) < 256 for c in pair):
+        expected.append(pair.encode("latin-1"))
     header = dict(headers).get(b"authorization", b"")
     scheme, _, encoded = header.partition(b" ")
     if scheme.lower() != b"basic":
@@ -33,7 +38,7 @@ def basic_auth_valid(settings: Settings, headers: Iterable[tuple[bytes, bytes]])
         sent = base64.b64decode(encoded.strip(), validate=True)
     except binascii.Error:
         return False
-    return secrets.compare_digest(sent, expected)
+    return any([secrets.compare_digest(sent, candidate) for candidate in expected])
 
 
 class BasicAuthMiddleware:

@@ -131,7 +131,8 @@ class BulkJob:
         return self.key + ":finished"
 
     @classmethod
-    def create(cls, connection: Redis, spec: JobSpec) -> BulkJob:
+    def create(cls, connection: Redis, spec: JobSpec, *, rejected: Sequence[tuple[int | None, str]] = ()) -> BulkJob:
+        """A new job, planning; ``rejected`` tasks (refused where they entered) count as its first failures."""
         job = cls(secrets.token_hex(8), connection)
         now = time.time()
         with connection.pipeline() as pipe:
@@ -142,10 +143,11 @@ class BulkJob:
                     "model_version": spec.model_version,
                     "source": spec.source,
                     "status": JobStatus.PLANNING,
-                    "total": 0,
+                    "total": len(rejected),
                     "done": 0,
                     "skipped": 0,
-                    "failed": 0,
+                    "failed": len(rejected),
+                    "rejected": len(rejected),
                     "batches": 0,
                     "created_at": now,
                     "spec": json.dumps(asdict(spec)),
@@ -153,6 +155,11 @@ class BulkJob:
             )
             pipe.expire(job.key, JOB_TTL)
             pipe.sadd(cls.active_key, job.id)
+            if rejected:
+                entries = [json.dumps({"task_id": t, "reason": r, "at": now}) for t, r in rejected]
+                pipe.rpush(job.failures_key, *entries)
+                pipe.ltrim(job.failures_key, -MAX_FAILURES_KEPT, -1)
+                pipe.expire(job.failures_key, JOB_TTL)
             pipe.execute()
         return job
 
@@ -191,13 +198,16 @@ class BulkJob:
         return self.status() in FINAL
 
     def start(self, batches: Sequence[Sequence[dict[str, Any]]], skipped: int) -> None:
-        """Record the planned batches; the job is done at once when nothing is left to predict."""
-        total = sum(len(b) for b in batches) + skipped
+        """Record the planned batches; the job is done at once when nothing is left to predict.
+
+        The total counts the tasks refused at entry too (they are failures of the job already).
+        """
+        rejected = int(self.connection.hget(self.key, "rejected") or 0)
         with self.connection.pipeline() as pipe:
             pipe.hset(
                 self.key,
                 mapping={
-                    "total": total,
+                    "total": sum(len(b) for b in batches) + skipped + rejected,
                     "skipped": skipped,
                     "batches": len(batches),
                     "started_at": time.time(),

@@ -57,6 +57,13 @@ class Settings(BaseSettings):
     batch_timeout: int = Field(default=1800, ge=10)
     webhook_secret: SecretStr | None = None
 
+    # Limits on what one request may ask for; past one, a 422 names the limit and its setting
+    max_tasks_per_request: int = Field(default=1_000_000, ge=1)  # Label Studio's own cap on one import
+    max_labels: int = Field(default=2000, ge=1)  # labels of one config (LVIS, the largest usual set: 1,203)
+    max_phrases: int = Field(default=4000, ge=1)  # phrases to detect per config: labels + predicted_values
+    max_prompt_phrases: int = Field(default=100, ge=1)  # phrases typed into a <TextArea> prompt
+    max_phrase_length: int = Field(default=200, ge=1)  # characters of a label or phrase (< 256 tokens)
+
     # Label Studio (fallback: the hostname/access_token that /setup receives)
     label_studio_url: str | None = None
     label_studio_api_key: SecretStr | None = None

@@ -23,7 +23,7 @@ from backend.labeling import LabelConfigError, parse_label_config
 from backend.ls_client import LabelStudioClient, LabelStudioError
 from backend.queues import Queues
 from backend.worker import Runtime, current_runtime
-from model import DetectionParams
+from model import DetectionParams, PromptError
 
 log = logging.getLogger(__name__)
 
@@ -32,19 +32,26 @@ RESULT_TTL = 600
 
 
 def predict_tasks(payload: dict[str, Any]) -> dict[str, Any]:
-    """Predict a few tasks for a waiting ``/predict``: ``{predictions, failures}``."""
+    """Predict a few tasks for a waiting ``/predict``: ``{predictions, failures}``.
+
+    A config or prompt the model cannot take (a phrase without tokens, one longer than the text
+    encoder reads) is the request's fault: ``{refused: reason}``, which the API answers with a 422.
+    """
     runtime = current_runtime()
-    target = parse_label_config(payload["label_config"])
-    fetcher = runtime.fetcher(runtime.label_studio(payload.get("project")))
-    outcome = runtime.predictor.predict(
-        payload["tasks"],
-        target,
-        DetectionParams(**payload["params"]),
-        payload["model_version"],
-        fetcher,
-        payload.get("context"),
-        deadline=payload.get("deadline"),  # when the waiting request gives up: work past it is wasted
-    )
+    try:
+        target = parse_label_config(payload["label_config"])
+        fetcher = runtime.fetcher(runtime.label_studio(payload.get("project")))
+        outcome = runtime.predictor.predict(
+            payload["tasks"],
+            target,
+            DetectionParams(**payload["params"]),
+            payload["model_version"],
+            fetcher,
+            payload.get("context"),
+            deadline=payload.get("deadline"),  # when the waiting request gives up: work past it is wasted
+        )
+    except (LabelConfigError, PromptError) as exc:
+        return {"refused": str(exc)}
     return {
         "predictions": outcome.predictions,
         "failures": [{"task_id": f.task_id, "reason": f.reason} for f in outcome.failures],

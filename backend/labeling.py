@@ -8,6 +8,7 @@ where an annotator types a prompt. Parsing uses Label Studio's own parser (``lab
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -17,12 +18,32 @@ from label_studio_sdk.label_interface import LabelInterface
 
 from model import PromptError, normalize_phrase
 
+log = logging.getLogger(__name__)
+
 _PROMPT_SPLIT = re.compile(r"[.,;\n]+")
+_SDK_CONFIG_ERRORS = frozenset(
+    {"LabelStudioXMLSyntaxErrorSentryIgnored", "LabelStudioValidationErrorSentryIgnored", "LSConfigParseException",
+     "XMLSyntaxError"}
+)  # fmt: skip
 _WORD = re.compile(r"[a-z0-9]+")
 
 
 class LabelConfigError(ValueError):
-    """The labeling config cannot drive the detector (no rectangle labels on an image, no labels)."""
+    """The labeling config (or a typed prompt) cannot drive the detector: no rectangle labels on an
+    image, no labels, or more than a limit allows (the message names the limit's setting)."""
+
+
+@dataclass(frozen=True)
+class LabelLimits:
+    """How much one config or typed prompt may ask of the detector (its work grows with the phrases).
+
+    Each is a setting (``DINOLABEL_MAX_LABELS``...); past one, parsing refuses with the limit's name.
+    """
+
+    labels: int
+    phrases: int
+    prompt_phrases: int
+    phrase_length: int
 
 
 @dataclass(frozen=True)
@@ -42,12 +63,18 @@ class LabelTarget:
     prompt_from_name: str | None = None
 
 
-def parse_label_config(xml: str) -> LabelTarget:
-    """Find the first ``<RectangleLabels>`` that points at an ``<Image>`` and describe it."""
+def parse_label_config(xml: str, limits: LabelLimits | None = None) -> LabelTarget:
+    """Find the first ``<RectangleLabels>`` that points at an ``<Image>`` and describe it.
+
+    With ``limits`` (the API checks them before queueing work), a config past one is refused.
+    """
     try:
         interface = LabelInterface(xml)
     except Exception as exc:  # the SDK raises a variety of XML/validation errors
-        raise LabelConfigError(f"cannot parse the labeling config: {exc}") from exc
+        if type(exc).__name__ in _SDK_CONFIG_ERRORS:  # they describe the client's XML: worth showing
+            raise LabelConfigError(f"cannot parse the labeling config: {exc}") from exc
+        log.warning("the SDK failed on a labeling config: %s: %s", type(exc).__name__, exc)
+        raise LabelConfigError("cannot parse the labeling config (not a Label Studio labeling config)") from exc
     images = {obj.name: obj for obj in interface.objects if type(obj).__name__ == "ImageTag"}
     for control in interface.controls:
         if type(control).__name__ != "RectangleLabelsTag":
@@ -55,14 +82,18 @@ def parse_label_config(xml: str) -> LabelTarget:
         to_name = next((name for name in control.to_name if name in images), None)
         if to_name is None:
             continue
-        return _describe(control, to_name, images[to_name], interface)
+        return _describe(control, to_name, images[to_name], interface, limits)
     raise LabelConfigError("the labeling config needs a <RectangleLabels> control on an <Image>")
 
 
-def _describe(control: Any, to_name: str, image: Any, interface: LabelInterface) -> LabelTarget:
+def _describe(
+    control: Any, to_name: str, image: Any, interface: LabelInterface, limits: LabelLimits | None
+) -> LabelTarget:
     labels = tuple(dict.fromkeys(control.labels))
     if not labels:
         raise LabelConfigError(f"<RectangleLabels name={control.name!r}> has no <Label> values")
+    if limits is not None:
+        _check_labels(control.name, labels, limits)
     phrases: list[str] = []
     phrase_label: list[int] = []
     seen: set[str] = set()
@@ -74,10 +105,20 @@ def _describe(control: Any, to_name: str, image: Any, interface: LabelInterface)
                 phrase = normalize_phrase(raw)
             except PromptError:
                 continue
+            if limits is not None and len(phrase) > limits.phrase_length:
+                raise LabelConfigError(
+                    f"label {_short(label)!r} has a phrase of {len(phrase)} characters; at most "
+                    f"{limits.phrase_length} are served (DINOLABEL_MAX_PHRASE_LENGTH)"
+                )
             if phrase not in seen:  # one phrase cannot name two labels: the first label keeps it
                 seen.add(phrase)
                 phrases.append(phrase)
                 phrase_label.append(index)
+        if limits is not None and len(phrases) > limits.phrases:
+            raise LabelConfigError(
+                f"the labels of {control.name!r} give more than {limits.phrases} phrases to detect (labels and "
+                "their predicted_values); that is the most served (DINOLABEL_MAX_PHRASES)"
+            )
     if not phrases:
         raise LabelConfigError(f"the labels of {control.name!r} give no phrase to detect")
     value = str(image.value or "")
@@ -96,24 +137,66 @@ def _describe(control: Any, to_name: str, image: Any, interface: LabelInterface)
     )
 
 
-def typed_prompt(context: Mapping[str, Any] | None, target: LabelTarget) -> list[str]:
+def typed_prompt(
+    context: Mapping[str, Any] | None, target: LabelTarget, limits: LabelLimits | None = None
+) -> list[str]:
     """The phrases an annotator typed into the config's prompt ``<TextArea>``, normalised.
 
     Label Studio sends them as ``params.context.result[*]`` with ``type: textarea`` and
-    ``value.text: [...]``. Phrases are split on ``.``, ``,``, ``;`` and new lines.
+    ``value.text: [...]``. Phrases are split on ``.``, ``,``, ``;`` and new lines. Parts of the context
+    that are not shaped like that are ignored (the context is the client's). With ``limits``, too many
+    or too long phrases are refused with a ``LabelConfigError`` naming the limit.
     """
-    if not context or target.prompt_from_name is None:
+    if not isinstance(context, Mapping) or target.prompt_from_name is None:
         return []
-    phrases: list[str] = []
-    for item in context.get("result") or []:
+    items = context.get("result")
+    phrases: dict[str, None] = {}  # ordered, and a set: a long prompt costs no quadratic search
+    for item in items if isinstance(items, list) else []:
         if not isinstance(item, Mapping) or item.get("from_name") != target.prompt_from_name:
             continue
-        texts = (item.get("value") or {}).get("text") or []
-        for text in [texts] if isinstance(texts, str) else texts:
-            for part in _PROMPT_SPLIT.split(str(text)):
-                if part.strip() and (phrase := normalize_phrase(part)) not in phrases:
-                    phrases.append(phrase)
-    return phrases
+        value = item.get("value")
+        texts = value.get("text") if isinstance(value, Mapping) else None
+        for text in [texts] if isinstance(texts, str) else texts if isinstance(texts, list) else []:
+            if not isinstance(text, str):
+                continue
+            for part in _PROMPT_SPLIT.split(text):
+                if part.strip():
+                    phrases[normalize_phrase(part)] = None
+    if limits is not None:
+        _check_prompt(list(phrases), limits)
+    return list(phrases)
+
+
+def _check_labels(control: str, labels: Sequence[str], limits: LabelLimits) -> None:
+    if len(labels) > limits.labels:
+        raise LabelConfigError(
+            f"<RectangleLabels name={control!r}> has {len(labels)} labels; at most {limits.labels} are served "
+            "(DINOLABEL_MAX_LABELS)"
+        )
+    for label in labels:
+        if len(label) > limits.phrase_length:
+            raise LabelConfigError(
+                f"label {_short(label)!r} has {len(label)} characters; at most {limits.phrase_length} are served "
+                "(DINOLABEL_MAX_PHRASE_LENGTH)"
+            )
+
+
+def _check_prompt(phrases: Sequence[str], limits: LabelLimits) -> None:
+    if len(phrases) > limits.prompt_phrases:
+        raise LabelConfigError(
+            f"the typed prompt has {len(phrases)} phrases; at most {limits.prompt_phrases} are served "
+            "(DINOLABEL_MAX_PROMPT_PHRASES)"
+        )
+    for phrase in phrases:
+        if len(phrase) > limits.phrase_length:
+            raise LabelConfigError(
+                f"the typed prompt has a phrase of {len(phrase)} characters; at most {limits.phrase_length} are "
+                "served (DINOLABEL_MAX_PHRASE_LENGTH)"
+            )
+
+
+def _short(text: str, most: int = 40) -> str:
+    return text if len(text) <= most else text[:most] + "..."
 
 
 def match_label(phrase: str, target: LabelTarget) -> int | None:

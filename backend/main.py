@@ -12,10 +12,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import anyio
-import redis
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse
 
+from backend import errors
 from backend.auth import BasicAuthMiddleware
 from backend.body_limit import BodyLimitMiddleware
 from backend.config import Settings, get_settings
@@ -54,14 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Innermost of our middleware: its 413s are counted by `record` below, and basic auth refuses first.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
 
-    @app.exception_handler(redis.ConnectionError)
-    @app.exception_handler(redis.TimeoutError)
-    async def redis_down(request: Request, exc: Exception) -> JSONResponse:
-        log.warning("Redis unreachable on %s: %s", request.url.path, exc)
-        return JSONResponse(
-            {"detail": f"Redis is unreachable ({exc}); nothing was queued, try again when it is back"},
-            status_code=503,
-        )
+    errors.install(app)
 
     @app.middleware("http")
     async def record(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -70,7 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             response = await call_next(request)
         except Exception:  # unexpected: log the traceback, answer a reason without it
             log.exception("unhandled error on %s %s", request.method, request.url.path)
-            response = JSONResponse({"detail": "internal error; see the service log"}, status_code=500)
+            response = errors.SafeJSONResponse({"detail": "internal error; see the service log"}, status_code=500)
         route = getattr(request.scope.get("route"), "path", "unmatched")
         app.state.metrics.observe(route, request.method, response.status_code, time.perf_counter() - started)
         return response

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -18,6 +19,8 @@ from backend.bulk import BulkJob, JobSpec
 from backend.config import Settings
 from backend.ls_credentials import LabelStudioAccess, label_studio_access
 from backend.queues import KEY_PREFIX, EmbeddedRedis, Queues, connect
+from backend.schemas.tasks import MAX_ID
+from backend.tasks import Rejection
 from model import DetectionParams, model_version
 
 log = logging.getLogger(__name__)
@@ -41,9 +44,18 @@ class Project:
 
 
 def project_id(project: Any) -> int | None:
-    """Label Studio sends ``"<id>.<timestamp>"`` as the project; the id part names it."""
-    head = str(project).split(".", 1)[0] if project is not None else ""
-    return int(head) if head.isdigit() else None
+    """Label Studio sends ``"<id>.<timestamp>"`` as the project; the id part names it.
+
+    Only ASCII digits count (``str.isdigit`` also accepts "²", which ``int`` refuses), and only ids in
+    range: anything else names no project.
+    """
+    if isinstance(project, bool) or project is None:
+        return None
+    head = str(project).split(".", 1)[0]
+    if not (head.isascii() and head.isdigit()) or len(head) > len(str(MAX_ID)):
+        return None
+    number = int(head)
+    return number if number <= MAX_ID else None
 
 
 class ProjectStore:
@@ -165,15 +177,17 @@ class Service:
         task_ids: list[int] | None = None,
         label_config: str | None = None,
         source: str = "api",
+        rejected: Sequence[Rejection] = (),
     ) -> BulkJob:
         """Create a bulk pre-annotation job and queue its planning; returns at once.
 
-        ``tasks`` (with their data) skip paging through Label Studio; ``task_ids`` restrict the paging.
+        ``tasks`` (checked ones, ``backend.tasks.check_tasks``) skip paging through Label Studio;
+        ``task_ids`` restrict the paging; ``rejected`` tasks are recorded as failures of the job.
         """
         from backend.jobs import enqueue_plan
 
         spec = self.projects.job_spec(project_number, label_config=label_config, source=source)
-        job = BulkJob.create(self.connection, spec)
+        job = BulkJob.create(self.connection, spec, rejected=[(r.task_id, r.reason) for r in rejected])
         enqueue_plan(self.queues, job, tasks=tasks, task_ids=task_ids)
         return job
 

@@ -15,26 +15,40 @@ import logging
 import secrets
 import time
 from dataclasses import asdict
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import redis
 from fastapi import APIRouter, Header, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 
 from backend.auth import basic_auth_valid
 from backend.bulk import Marks, Workers
 from backend.config import Settings
 from backend.deps import MetricsDep, ServiceDep, SettingsDep
+from backend.errors import responses
 from backend.jobs import RESULT_TTL, cancel_if_queued, predict_tasks
-from backend.labeling import LabelConfigError, LabelTarget, parse_label_config
+from backend.json_body import StrictJSONRoute, parse_json
+from backend.labeling import LabelConfigError, LabelLimits, LabelTarget, parse_label_config, typed_prompt
 from backend.metrics import Metrics
 from backend.queues import Queues
-from backend.schemas.ls import PredictRequest, PredictResponse, SetupRequest, SetupResponse
+from backend.schemas.ls import (
+    Health,
+    PredictRequest,
+    PredictResponse,
+    SetupRequest,
+    SetupResponse,
+    TasksCreated,
+    WebhookEvent,
+    WebhookResponse,
+)
 from backend.state import NoLabelStudio, Service, project_id
+from backend.tasks import check_tasks
 
 log = logging.getLogger(__name__)
-router = APIRouter(tags=["label-studio"])
+router = APIRouter(tags=["label-studio"], route_class=StrictJSONRoute)
 
 MODEL_CLASS = "GroundingDINO"
 SECRET_HEADER = "X-Dinolabel-Secret"
@@ -42,9 +56,10 @@ ANONYMOUS_WEBHOOK_BYTES = 1024 * 1024
 """Most bytes read from a webhook without the secret or credentials: enough for Label Studio's other
 events (an annotation with its task and project), which are only acknowledged."""
 _ANONYMOUS_LIMIT = f"webhooks without {SECRET_HEADER} or basic-auth credentials"
+WebhookEventT = TypeVar("WebhookEventT", bound=WebhookEvent)
 
 
-@router.get("/health")
+@router.get("/health", response_model=None, responses={**responses(), 200: {"model": Health}, 503: {"model": Health}})
 def health(service: ServiceDep) -> JSONResponse:
     """At once: ``UP`` with a ready worker, ``DEGRADED`` (200) without one, ``DOWN`` (503) without Redis.
 
@@ -55,7 +70,8 @@ def health(service: ServiceDep) -> JSONResponse:
         depths = Queues.on(service.health_connection).depths()
         workers = Workers.all(service.health_connection)
     except redis.RedisError as exc:
-        body = {"status": "DOWN", "model_class": MODEL_CLASS, "reason": f"Redis is unreachable: {exc}"}
+        log.warning("/health: Redis unreachable: %s", exc)
+        body = {"status": "DOWN", "model_class": MODEL_CLASS, "reason": "Redis is unreachable (see the log)"}
         return JSONResponse(body, status_code=503)
     ready = [w for w in workers.values() if w.get("state") == "ready"]
     stuck = [reason for w in workers.values() if (reason := _stuck(w, time.time()))]
@@ -93,8 +109,8 @@ def _stuck(worker: dict[str, Any], now: float) -> str | None:
     )
 
 
-@router.post("/setup", response_model=SetupResponse)
-def setup(body: SetupRequest, service: ServiceDep) -> SetupResponse:
+@router.post("/setup", response_model=SetupResponse, responses=responses(422, 503))
+def setup(body: SetupRequest, service: ServiceDep, settings: SettingsDep) -> SetupResponse:
     """Remember the project's config and Label Studio address; answer the model version it will get."""
     projects = service.projects
     overrides = body.extra_params.changes() if body.extra_params else {}
@@ -103,7 +119,7 @@ def setup(body: SetupRequest, service: ServiceDep) -> SetupResponse:
     except ValueError as exc:
         raise HTTPException(status_code=422, detail=f"extra_params: {exc}") from exc
     if body.label_config:
-        _parse(body.label_config)  # refuse a config we cannot serve now, not at the first prediction
+        _parse(body.label_config, settings)  # refuse a config we cannot serve now, not at the first prediction
     project = projects.update(
         body.project,
         label_config=body.label_config,
@@ -114,7 +130,9 @@ def setup(body: SetupRequest, service: ServiceDep) -> SetupResponse:
     return SetupResponse(model_version=projects.model_version(project.params))
 
 
-@router.post("/predict", response_model=PredictResponse, response_model_exclude_none=True)
+@router.post(
+    "/predict", response_model=PredictResponse, response_model_exclude_none=True, responses=responses(422, 500, 503)
+)
 async def predict(
     body: PredictRequest, request: Request, service: ServiceDep, settings: SettingsDep, metrics: MetricsDep
 ) -> PredictResponse:
@@ -128,11 +146,17 @@ async def predict(
 
 
 def _predict(body: PredictRequest, service: Service, settings: Settings, metrics: Metrics) -> PredictResponse:
+    _check_task_count(len(body.tasks), settings)
     project = service.projects.get(body.project)
     label_config = body.label_config or project.label_config
     if not label_config:
         raise HTTPException(status_code=422, detail="no label_config in the request and none from /setup")
-    _parse(label_config)
+    target = _parse(label_config, settings)
+    context = body.params.context if body.params else None
+    try:
+        typed_prompt(context, target, _limits(settings))  # the worker reads it again; here only its size counts
+    except LabelConfigError as exc:
+        raise HTTPException(status_code=422, detail=f"params.context: {exc}") from exc
     version = service.projects.model_version(project.params)
     tasks = [{"id": t.id, "data": t.data} for t in body.tasks]
     number = project_id(body.project)
@@ -145,7 +169,7 @@ def _predict(body: PredictRequest, service: Service, settings: Settings, metrics
         "params": asdict(project.params),
         "model_version": version,
         "project": number,
-        "context": body.params.context if body.params else None,
+        "context": context,
         "deadline": deadline,
     }
     job = service.queues.interactive.enqueue(
@@ -162,11 +186,11 @@ def _predict(body: PredictRequest, service: Service, settings: Settings, metrics
         cancel_if_queued(job)
         return _hand_off(service, metrics, number, tasks, label_config, version, "deadline")
     if result.type != result.Type.SUCCESSFUL:
-        reason = (result.exc_string or "").strip().splitlines()[-1:] or ["unknown error"]
-        status = 422 if "PromptError" in reason[0] or "LabelConfigError" in reason[0] else 500
         log.error("prediction job %s failed: %s", job.id, result.exc_string)
-        raise HTTPException(status_code=status, detail=f"prediction failed: {reason[0]}")
+        raise HTTPException(status_code=500, detail="the prediction failed in the worker; see the service log")
     value = result.return_value
+    if "refused" in value:  # the model cannot take this config or prompt (the worker says why)
+        raise HTTPException(status_code=422, detail=f"the model cannot take this request: {value['refused']}")
     if number is not None:  # a bulk job started later skips what Label Studio now stores from us
         Marks(service.connection, number, version).finish([t["id"] for t in tasks if t["id"] is not None], "predict")
     metrics.tasks.labels("failed").inc(len(value["failures"]))
@@ -175,13 +199,28 @@ def _predict(body: PredictRequest, service: Service, settings: Settings, metrics
     return PredictResponse(results=value["predictions"], model_version=version)
 
 
-@router.post("/webhook")
+@router.post(
+    "/webhook",
+    response_model=WebhookResponse,
+    response_model_exclude_none=True,
+    responses=responses(400, 409, 422, 503),
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {"anyOf": [TasksCreated.model_json_schema(), WebhookEvent.model_json_schema()]}
+                }
+            },
+        }
+    },
+)
 async def webhook(
     request: Request,
     service: ServiceDep,
     settings: SettingsDep,
     secret: str | None = Header(default=None, alias=SECRET_HEADER),
-) -> dict[str, Any]:
+) -> WebhookResponse:
     """``TASKS_CREATED`` queues pre-annotation of the new tasks; other events are acknowledged only.
 
     Label Studio cannot send basic auth with webhooks, and it posts every event of a project to
@@ -189,36 +228,56 @@ async def webhook(
     (which makes us write into Label Studio with our key) needs ``DINOLABEL_WEBHOOK_SECRET`` in the
     ``X-Dinolabel-Secret`` header, or this service's basic-auth credentials. Both are checked before
     the body is read: without them at most ``ANONYMOUS_WEBHOOK_BYTES`` are read, to learn the action.
+    Each task is checked on its own: a malformed one is recorded as a failure of the job, with its
+    reason, and the others are queued.
     """
     authorised = _webhook_secret_matches(settings, secret) or basic_auth_valid(settings, request.scope["headers"])
     limit = settings.max_request_bytes if authorised else ANONYMOUS_WEBHOOK_BYTES
     raw = await _read_body(request, limit, "DINOLABEL_MAX_REQUEST_BYTES" if authorised else _ANONYMOUS_LIMIT)
     try:
-        payload = json.loads(raw)
-    except ValueError as exc:
-        raise HTTPException(status_code=400, detail="webhook body is not JSON") from exc
-    if not isinstance(payload, dict):
-        raise HTTPException(status_code=400, detail="webhook body must be a JSON object")
-    action = payload.get("action")
+        payload = parse_json(raw)
+    except json.JSONDecodeError as exc:  # strict JSON: see backend/json_body.py
+        raise HTTPException(status_code=400, detail=f"the webhook body is not JSON: {exc.msg}") from exc
+    action = _validated(WebhookEvent, payload).action
     if action != "TASKS_CREATED":
-        return {"status": "ignored", "action": action}
+        return WebhookResponse(status="ignored", action=action)
     if not authorised:
         raise HTTPException(
             status_code=401,
             detail=f"TASKS_CREATED needs the shared secret (DINOLABEL_WEBHOOK_SECRET) in {SECRET_HEADER}",
         )
-    project = payload.get("project") or {}
-    number = project.get("id") if isinstance(project, dict) else project
-    tasks = [{"id": t["id"], "data": t.get("data") or {}} for t in payload.get("tasks") or [] if "id" in t]
-    if not isinstance(number, int) or not tasks:
-        raise HTTPException(status_code=422, detail="TASKS_CREATED without a project id or tasks")
-    config = project.get("label_config") if isinstance(project, dict) else None
+    event = _validated(TasksCreated, payload)
+    _check_task_count(len(event.tasks), settings)
+    checked = check_tasks(event.tasks)
+    if not checked.tasks:
+        reasons = "; ".join(r.reason for r in checked.rejected[:3])
+        raise HTTPException(status_code=422, detail=f"TASKS_CREATED without a usable task: {reasons}")
     try:
-        job = service.submit(number, tasks=tasks, label_config=config, source="webhook")
+        job = service.submit(
+            event.project_number,
+            tasks=checked.tasks,
+            label_config=event.label_config,
+            source="webhook",
+            rejected=checked.rejected,
+        )
     except NoLabelStudio as exc:
         raise HTTPException(status_code=409, detail=str(exc)) from exc
-    log.info("webhook: %d new tasks of project %s -> job %s", len(tasks), number, job.id)
-    return {"status": "queued", "action": action, "job_id": job.id, "tasks": len(tasks)}
+    log.info(
+        "webhook: %d new tasks of project %s -> job %s (%d refused)",
+        len(checked.tasks), event.project_number, job.id, len(checked.rejected),
+    )  # fmt: skip
+    return WebhookResponse(
+        status="queued", action=action, job_id=job.id, tasks=len(checked.tasks), rejected=len(checked.rejected)
+    )
+
+
+def _validated(model: type[WebhookEventT], payload: Any) -> WebhookEventT:
+    """The webhook body as ``model``, or the same 422 FastAPI gives for a declared body."""
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_input=False)
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in errors]) from None
 
 
 def _webhook_secret_matches(settings: Settings, sent: str | None) -> bool:
@@ -245,6 +304,15 @@ async def _read_body(request: Request, limit: int, setting: str) -> bytes:
     return bytes(body)
 
 
+def _check_task_count(count: int, settings: Settings) -> None:
+    if count > settings.max_tasks_per_request:
+        raise HTTPException(
+            status_code=422,
+            detail=f"tasks: {count} in one request; at most {settings.max_tasks_per_request} are taken "
+            "(DINOLABEL_MAX_TASKS_PER_REQUEST)",
+        )
+
+
 def _hand_off(
     service: Service, metrics: Metrics, number: int | None, tasks: list[dict[str, Any]], config: str, version: str,
     reason: str,
@@ -261,8 +329,17 @@ def _hand_off(
     return PredictResponse(results=[], model_version=version, job_id=job.id)
 
 
-def _parse(label_config: str) -> LabelTarget:
+def _parse(label_config: str, settings: Settings) -> LabelTarget:
     try:
-        return parse_label_config(label_config)
+        return parse_label_config(label_config, _limits(settings))
     except LabelConfigError as exc:
         raise HTTPException(status_code=422, detail=str(exc)) from exc
+
+
+def _limits(settings: Settings) -> LabelLimits:
+    return LabelLimits(
+        labels=settings.max_labels,
+        phrases=settings.max_phrases,
+        prompt_phrases=settings.max_prompt_phrases,
+        phrase_length=settings.max_phrase_length,
+    )

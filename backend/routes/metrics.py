@@ -9,11 +9,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from backend.bulk import STATS_KEY, BulkJob, NoSuchJob, Workers
 from backend.deps import MetricsDep, ServiceDep
+from backend.errors import responses
+from backend.json_body import StrictJSONRoute
 
-router = APIRouter(tags=["operations"])
+router = APIRouter(tags=["operations"], route_class=StrictJSONRoute)
 
 
-@router.get("/metrics")
+_TEXT = {"description": "Prometheus' text format", "content": {"text/plain": {"schema": {"type": "string"}}}}
+
+
+@router.get("/metrics", response_class=Response, responses={**responses(503), 200: _TEXT})
 def metrics(metrics: MetricsDep, service: ServiceDep) -> Response:
     for name, depth in service.queues.depths().items():
         metrics.queue_depth.labels(name).set(depth)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from backend.schemas.tasks import Id
+
 
 class PreannotateRequest(BaseModel):
     """Optional body of ``POST /v1/projects/{id}/preannotate``: restrict the job to some tasks."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"task_ids": [1, 2, 3]}]})
 
-    task_ids: list[int] | None = Field(default=None, min_length=1)
+    task_ids: list[Id] | None = Field(default=None, min_length=1)
 
 
 class Failure(BaseModel):
