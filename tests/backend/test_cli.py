@@ -31,7 +31,7 @@ def preannotate(api: str, *extra: str) -> subprocess.Popen[str]:
 
 @pytest.mark.slow
 def test_an_api_that_goes_away_mid_job_gets_one_line_and_a_non_zero_status(
-    tiny_checkpoint: Path, tmp_path: Path
+    tiny_checkpoint: Path, tmp_path: Path, redis_url: str
 ) -> None:
     port = free_port()
     env = {
@@ -40,7 +40,9 @@ def test_an_api_that_goes_away_mid_job_gets_one_line_and_a_non_zero_status(
         "DINOLABEL_DATA_DIR": str(tmp_path / "data"),
         "DINOLABEL_HOST": "127.0.0.1",
         "DINOLABEL_PORT": str(port),
-        "DINOLABEL_EMBEDDED_WORKER": "false",  # the job stays planning: the command keeps polling
+        # The session's Redis, and no worker: the job stays planning and the command keeps polling. (An
+        # embedded Redis would outlive the SIGKILL below: it runs in a session of its own.)
+        "DINOLABEL_REDIS_URL": redis_url,
         "DINOLABEL_LABEL_STUDIO_URL": "http://127.0.0.1:9",
     }
     api = Service(["serve"], env, tmp_path / "serve.log").start()
