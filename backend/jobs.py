@@ -157,11 +157,11 @@ def run_batch(job_id: str, number: int) -> dict[str, Any]:
     try:
         with _client(spec) as client:
             taken = [t for t, c in claims.items() if c == "taken"]
-            for task_id in taken:  # a dead worker held it: its write may have gone through
-                if any(p.get("model_version") == spec.model_version for p in client.task_predictions(task_id)):
-                    marks.finish([task_id], job_id)
-                    done_here.append(task_id)
-                    todo.remove(task_id)
+            if taken:  # a dead worker held them: its write may have gone through
+                held = client.tasks_holding(spec.project, taken, spec.model_version)
+                marks.finish(held, job_id)
+                done_here.extend(held)
+                todo = [t for t in todo if t not in held]
             written = _predict_and_write(client, runtime, spec, [tasks[t] for t in todo], failures)
     except Exception as exc:  # a time-out, Label Studio gone for good...: the batch ends, the job goes on
         log.exception("job %s batch %d failed", job_id, number)

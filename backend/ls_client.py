@@ -1,15 +1,25 @@
-"""The Label Studio API calls the bulk jobs need, with retries and back-off.
+"""The Label Studio API calls the bulk jobs need, with a retry policy per kind of call.
 
-Transient failures (connection errors, time-outs, 429 and 5xx) are retried with exponential back-off;
-4xx answers are not (they will not get better) and raise ``LabelStudioError`` with Label Studio's
-own message. Tokens of both kinds work (``LabelStudioAuth``).
+- Reads (``GET``) are retried on transient failures (connection errors, time-outs, 429 and 5xx) with
+  exponential back-off, waiting at least what a ``Retry-After`` header asks.
+- Writes are never sent twice blindly. One that surely did not reach Label Studio (the connection
+  could not be opened, or a 429 said it was not processed) is sent again; one whose answer was lost
+  (a read time-out, a dropped connection, a 5xx from Label Studio or a proxy) may have been committed,
+  and raises ``WriteUncertain``. ``import_predictions`` then asks Label Studio which of its tasks now
+  hold a prediction of the model version and writes only the others.
+- Other 4xx answers are not retried (they will not get better) and raise ``LabelStudioError`` with
+  Label Studio's own message.
+
+Tokens of both kinds work (``LabelStudioAuth``).
 """
 
 from __future__ import annotations
 
+import email.utils
+import json
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import httpx
@@ -18,6 +28,14 @@ from backend.ls_auth import LabelStudioAuth
 
 log = logging.getLogger(__name__)
 
+READS = frozenset({"GET", "HEAD", "OPTIONS"})
+MAX_WAIT = 60.0
+"""Seconds at most between two tries, whatever a ``Retry-After`` header asks."""
+MAX_IDS_PER_QUERY = 1000
+"""Task ids named in one ``GET /api/tasks`` query (Label Studio's page size)."""
+# Failures where the request never reached Label Studio: safe to send again, writes included.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
 
 class LabelStudioError(RuntimeError):
     """A Label Studio API call failed for good (after retries, or with a 4xx)."""
@@ -25,6 +43,24 @@ class LabelStudioError(RuntimeError):
     def __init__(self, message: str, *, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+
+
+class WriteUncertain(LabelStudioError):
+    """A write whose answer was lost: Label Studio may have committed it. Check before writing again."""
+
+
+def retry_after(response: httpx.Response, *, now: float | None = None) -> float | None:
+    """Seconds a ``Retry-After`` header asks to wait (delta-seconds or an HTTP date), None without one."""
+    value = response.headers.get("Retry-After", "").strip()
+    if not value:
+        return None
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(when.timestamp() - (time.time() if now is None else now), 0.0)
 
 
 class LabelStudioClient:
@@ -36,15 +72,21 @@ class LabelStudioClient:
         api_key: str | None,
         *,
         timeout: float = 30.0,
+        write_timeout: float = 300.0,
         retries: int = 5,
         backoff: float = 0.5,
         transport: httpx.BaseTransport | None = None,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
+        """``write_timeout`` bounds a write's wait for its answer: long, since an import into a big
+        project takes seconds, and a write that times out must be verified before anything else."""
         if not url:
             raise LabelStudioError("no Label Studio URL: set DINOLABEL_LABEL_STUDIO_URL or connect the model")
         self.url = url.rstrip("/")
         self.retries = retries
         self.backoff = backoff
+        self.write_timeout = write_timeout
+        self.sleep = sleep
         auth = LabelStudioAuth(self.url, api_key, transport=transport) if api_key else None
         self._http = httpx.Client(base_url=self.url, auth=auth, timeout=timeout, transport=transport)
 
@@ -58,24 +100,41 @@ class LabelStudioClient:
         self.close()
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
-        """One API call, retried on transient failures; returns the decoded JSON (or None)."""
-        delay = self.backoff
+        """One API call under the policy of its method; returns the decoded JSON (or None)."""
+        read = method.upper() in READS
+        if not read:
+            kwargs.setdefault("timeout", httpx.Timeout(self._http.timeout.connect, read=self.write_timeout))
         for attempt in range(self.retries + 1):
+            wait: float | None = None
             try:
                 response = self._http.request(method, path, **kwargs)
+            except _NOT_SENT as exc:
+                reason, status = f"{type(exc).__name__}: {exc}", None
             except httpx.TransportError as exc:
                 reason, status = f"{type(exc).__name__}: {exc}", None
+                if not read:
+                    raise WriteUncertain(f"{method} {path}: no answer ({reason})") from exc
             else:
                 if response.status_code < 400:
                     return response.json() if response.content else None
                 reason, status = f"HTTP {response.status_code}: {response.text[:500]}", response.status_code
-                if status < 500 and status != 429:
+                if status == 429:
+                    wait = retry_after(response)
+                elif status >= 500 and not read:
+                    raise WriteUncertain(f"{method} {path} failed: {reason}", status=status)
+                elif status < 500:
                     raise LabelStudioError(f"{method} {path} failed: {reason}", status=status)
+                else:
+                    wait = retry_after(response)
             if attempt < self.retries:
+                delay = min(max(self.delay(attempt), wait or 0.0), MAX_WAIT)
                 log.warning("%s %s failed (%s); retry %d in %.1f s", method, path, reason, attempt + 1, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 30.0)
+                self.sleep(delay)
         raise LabelStudioError(f"{method} {path} failed after {self.retries + 1} tries: {reason}", status=status)
+
+    def delay(self, attempt: int) -> float:
+        """Exponential back-off: ``backoff`` seconds before the first retry, doubling, at most 30 s."""
+        return min(self.backoff * 2**attempt, 30.0)
 
     def project(self, project_id: int) -> dict[str, Any]:
         return self.request("GET", f"/api/projects/{project_id}")
@@ -106,13 +165,69 @@ class LabelStudioClient:
         predictions = self.request("GET", "/api/predictions", params={"project": project_id})
         return {p["task"] for p in predictions or [] if p.get("model_version") == model_version}
 
-    def task_predictions(self, task_id: int) -> list[dict[str, Any]]:
-        return self.request("GET", "/api/predictions", params={"task": task_id}) or []
+    def tasks_holding(self, project_id: int, task_ids: Iterable[int], model_version: str) -> set[int]:
+        """Which of ``task_ids`` hold a prediction of ``model_version``: one query per 1,000 tasks.
+
+        The Data Manager filter matches a part of a version, so the versions each task holds (which
+        the filter makes Label Studio list) are compared exactly. Label Studio joins them with commas:
+        a version of another model that contains a comma could, in theory, look like ours.
+        """
+        ids = list(dict.fromkeys(task_ids))
+        held: set[int] = set()
+        for start in range(0, len(ids), MAX_IDS_PER_QUERY):
+            chunk = ids[start : start + MAX_IDS_PER_QUERY]
+            query = {
+                "filters": {
+                    "conjunction": "and",
+                    "items": [
+                        {
+                            "filter": "filter:tasks:predictions_model_versions",
+                            "operator": "contains",
+                            "type": "List",
+                            "value": [model_version],
+                        }
+                    ],
+                },
+                "selectedItems": {"all": False, "included": chunk},
+            }
+            params = {
+                "project": project_id,
+                "page_size": len(chunk),
+                "include": "id,predictions_model_versions",
+                "query": json.dumps(query),
+            }
+            body = self.request("GET", "/api/tasks", params=params)
+            for task in body.get("tasks", []) if isinstance(body, dict) else []:
+                versions = str(task.get("predictions_model_versions") or "").split(",")
+                if model_version in versions:
+                    held.add(int(task["id"]))
+        return held
 
     def import_predictions(self, project_id: int, predictions: Sequence[dict[str, Any]]) -> None:
-        """Create predictions (``{task, result, score, model_version}``) in one call."""
-        if predictions:
-            self.request("POST", f"/api/projects/{project_id}/import/predictions", json=list(predictions))
+        """Create predictions (``{task, result, score, model_version}``, one version), never twice.
+
+        When the answer to an import is lost, Label Studio is asked (after a back-off that lets a
+        commit in progress land) which tasks now hold a prediction of the version, and only the
+        others are written again. Each task has at most one prediction in ``predictions``.
+        """
+        rows = list(predictions)
+        versions = {row["model_version"] for row in rows}
+        if len(versions) > 1:
+            raise ValueError(f"one model version per import, not {sorted(versions)}")
+        for attempt in range(self.retries + 1):
+            if not rows:
+                return
+            try:
+                self.request("POST", f"/api/projects/{project_id}/import/predictions", json=rows)
+                return
+            except WriteUncertain as exc:
+                if attempt == self.retries:
+                    raise
+                log.warning("import of %d predictions may have gone through (%s): checking", len(rows), exc)
+                self.sleep(self.delay(attempt))
+                held = self.tasks_holding(project_id, [row["task"] for row in rows], next(iter(versions)))
+                rows = [row for row in rows if row["task"] not in held]
+                log.warning("%d of them were stored; writing the %d others", len(held), len(rows))
 
     def webhooks(self, project_id: int) -> list[dict[str, Any]]:
         return self.request("GET", "/api/webhooks", params={"project": project_id}) or []

@@ -290,6 +290,118 @@ class _LabelStudioHandler(_Handler):
             self.answer(404)
 
 
+@dataclass
+class FakeProjectAPI(_FakeServer):
+    """Label Studio's task listing and prediction import over tasks kept here, with scripted faults.
+
+    ``faults`` is consumed one per request, in order (``None``: answer normally):
+    ``"500"`` / ``"429"`` / ``"429:<Retry-After>"`` answer that without doing anything; ``"stall"``
+    waits (past the client's time-out) without doing anything; ``"commit-then-500"``,
+    ``"commit-then-drop"`` (the connection closes without an answer) and ``"commit-then-stall"`` do
+    the work first: the answer is what gets lost.
+    """
+
+    project: int = 1
+    tasks: dict[int, dict[str, Any]] = field(default_factory=dict)
+    predictions: list[dict[str, Any]] = field(default_factory=list)
+    faults: list[str | None] = field(default_factory=list)
+    posted: list[list[dict[str, Any]]] = field(default_factory=list)
+    stall_seconds: float = 3.0
+
+    def next_fault(self) -> str | None:
+        with self.lock:
+            return self.faults.pop(0) if self.faults else None
+
+    def versions(self, task_id: int) -> list[str]:
+        with self.lock:
+            return [p["model_version"] for p in self.predictions if p["task"] == task_id]
+
+    def per_task(self, model_version: str) -> dict[int, int]:
+        """How many predictions of ``model_version`` each task holds."""
+        with self.lock:
+            counts: dict[int, int] = {}
+            for p in self.predictions:
+                if p["model_version"] == model_version:
+                    counts[p["task"]] = counts.get(p["task"], 0) + 1
+            return counts
+
+
+class _ProjectHandler(_Handler):
+    server: Any
+
+    def do_GET(self) -> None:
+        state: FakeProjectAPI = self.server.state
+        seen = state.record(self)
+        fault = state.next_fault()
+        if self.fail_before(state, fault):
+            return
+        if seen.path != "/api/tasks" or seen.query.get("project") != [str(state.project)]:
+            self.answer(404, b'{"detail": "Not found."}')
+            return
+        query = json.loads(seen.query.get("query", ["{}"])[-1])
+        selected = query.get("selectedItems") or {"all": True}
+        ids = sorted(state.tasks) if selected.get("all") else [t for t in selected["included"] if t in state.tasks]
+        tasks = []
+        for item in (query.get("filters") or {}).get("items", []):
+            if item["filter"] == "filter:tasks:predictions_model_versions" and item["operator"] == "contains":
+                ids = [t for t in ids if any(v in version for v in item["value"] for version in state.versions(t))]
+        for task_id in ids:
+            tasks.append({"id": task_id, "data": state.tasks[task_id],
+                          "predictions_model_versions": ",".join(sorted(set(state.versions(task_id))))})  # fmt: skip
+        page_size = int(seen.query.get("page_size", ["100"])[-1])
+        body = {"total": len(ids), "tasks": tasks[:page_size]}
+        self.finish_with(state, fault, json.dumps(body).encode())
+
+    def do_POST(self) -> None:
+        state: FakeProjectAPI = self.server.state
+        seen = state.record(self)
+        rows = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+        fault = state.next_fault()
+        if self.fail_before(state, fault):
+            return
+        if seen.path != f"/api/projects/{state.project}/import/predictions":
+            self.answer(404, b'{"detail": "Not found."}')
+            return
+        unknown = [row["task"] for row in rows if row["task"] not in state.tasks]
+        if unknown:
+            self.answer(400, json.dumps({"detail": f"tasks {unknown} are not in the project"}).encode())
+            return
+        with state.lock:
+            state.posted.append(rows)
+            state.predictions.extend(rows)
+        self.finish_with(state, fault, json.dumps({"created": len(rows)}).encode())
+
+    def fail_before(self, state: FakeProjectAPI, fault: str | None) -> bool:
+        """Faults that answer before any work is done; True when one did."""
+        if fault == "500":
+            self.answer(500, b'{"detail": "Internal Server Error"}')
+        elif fault is not None and fault.startswith("429"):
+            _, _, after = fault.partition(":")
+            self.send_response(429)
+            if after:
+                self.send_header("Retry-After", after)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif fault == "stall":
+            time.sleep(state.stall_seconds)
+            self.close_connection = True
+        else:
+            return False
+        return True
+
+    def finish_with(self, state: FakeProjectAPI, fault: str | None, body: bytes) -> None:
+        """The work is done: answer, or lose the answer as ``fault`` says."""
+        if fault == "commit-then-500":
+            self.answer(500, b'{"detail": "Internal Server Error"}')
+        elif fault == "commit-then-drop":
+            self.close_connection = True  # no status line: the client sees the connection close
+        elif fault == "commit-then-stall":
+            time.sleep(state.stall_seconds)
+            self.close_connection = True
+        else:
+            self.answer(200, body)
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 64  # the default backlog of 5 drops SYNs under 8 parallel downloads
@@ -326,4 +438,12 @@ def fake_ls(fake_bucket: FakeBucket) -> Iterator[FakeLabelStudio]:
     """A fake Label Studio: 401 without a valid Token/Bearer, JWT refresh, presign redirects."""
     state = FakeLabelStudio(bucket=fake_bucket)
     with _serve(_LabelStudioHandler, state):
+        yield state
+
+
+@pytest.fixture
+def fake_project() -> Iterator[FakeProjectAPI]:
+    """A fake Label Studio project API (task listing, prediction import) with scripted faults."""
+    state = FakeProjectAPI()
+    with _serve(_ProjectHandler, state):
         yield state
