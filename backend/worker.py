@@ -4,6 +4,10 @@ RQ's default ``Worker`` forks a child for every job: the child would load the mo
 cannot be used after a fork once initialised. We use ``SimpleWorker`` (jobs run in the worker's own
 process) and build the model *before* the first job. A heartbeat thread keeps a short-lived "alive"
 key, and re-queues the batches of workers whose key has expired (killed, crashed, machine gone).
+
+A Redis outage of any length, even one that breaks RQ's own handling of the job in progress, does not
+end the process: it waits for Redis and goes on under a new name, so that the job cut short is
+re-queued and checked against Label Studio like one of a dead worker (``recover``).
 """
 
 from __future__ import annotations
@@ -94,6 +98,18 @@ class PredictionWorker(SimpleWorker):
     def __init__(self, *args: Any, stop: threading.Event | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.stop = stop
+        self.lost_redis = False
+
+    def handle_exception(self, job: Any, *exc_info: Any) -> None:
+        """Note a job that failed because Redis went away: its bookkeeping may be half done."""
+        if isinstance(exc_info[1], redis.ConnectionError | redis.TimeoutError):
+            self.lost_redis = True
+        super().handle_exception(job, *exc_info)
+
+    def execute_job(self, job: Any, queue: Any) -> None:
+        super().execute_job(job, queue)
+        if self.lost_redis:  # Redis came back before RQ noticed: end the loop all the same, to recover
+            raise redis.ConnectionError(f"job {job.id} lost Redis while it ran")
 
     def _install_signal_handlers(self) -> None:
         if self.stop is None:
@@ -215,20 +231,54 @@ def run_worker(
         )
         log.info("worker %s ready on %s", name, state["device"])
         while not (stop and stop.is_set()):
-            worker = PredictionWorker(
-                Queues.on(connection).in_listen_order(),
-                connection=connection,
-                name=f"{name}.{int(time.time())}",
-                serializer=JSONSerializer,
-                worker_ttl=30,
-                stop=stop,
-            )
-            worker.work(burst=burst, logging_level=settings.log_level.upper())
+            worker: PredictionWorker | None = None
+            try:
+                worker = PredictionWorker(
+                    Queues.on(connection).in_listen_order(),
+                    connection=connection,
+                    name=f"{runtime.name}.{int(time.time())}",
+                    serializer=JSONSerializer,
+                    worker_ttl=30,
+                    stop=stop,
+                )
+                worker.work(burst=burst, logging_level=settings.log_level.upper())
+            except Exception as exc:  # mostly Redis gone mid-job, raised out of RQ's own failure handling
+                log.error("worker %s: the work loop failed (%s: %s)", runtime.name, type(exc).__name__, exc)
+                if worker is not None and worker.pubsub_thread is not None:  # RQ's teardown failed before it
+                    worker.pubsub_thread.stop()
+                    worker.pubsub_thread.join(timeout=1)
             # RQ notes a SIGINT/SIGTERM in _shutdown_requested_date (and ends work() quietly when idle).
-            if burst or worker._shutdown_requested_date is not None or (stop and stop.is_set()):
+            if burst or (worker and worker._shutdown_requested_date is not None) or (stop and stop.is_set()):
                 break
-            log.warning("worker %s: the work loop ended (Redis unreachable?); starting again in 2 s", name)
-            time.sleep(2.0)
+            recover(connection, runtime, heartbeat, state, stop)
     finally:
         heartbeat.stopped.set()
         heartbeat.join(timeout=5)
+
+
+def recover(
+    connection: Redis, runtime: Runtime, heartbeat: Heartbeat, state: dict[str, Any], stop: threading.Event | None
+) -> None:
+    """After the work loop broke (Redis unreachable, however long): wait for Redis, then go on under a
+    new name.
+
+    A job cut short may have written to Label Studio without recording it. Under a new name, what the
+    old one held counts as abandoned: the reaper re-queues its batches, and their claims are taken
+    over with a check of what Label Studio holds, as for a worker that died. The process carries on.
+    """
+    delay = 0.5
+    while not (stop and stop.is_set()):
+        try:
+            connection.ping()
+            break
+        except redis.RedisError as exc:
+            log.warning("worker %s: Redis unreachable (%s); trying again in %.1f s", runtime.name, exc, delay)
+            (stop.wait if stop else time.sleep)(delay)
+            delay = min(delay * 2, 30.0)
+    old, new = runtime.name, Workers.new_name()
+    runtime.name = heartbeat.worker_name = new
+    state["name"] = new
+    with contextlib.suppress(redis.RedisError):
+        Workers.gone(connection, old)
+        Workers.beat(connection, new, state)
+    log.warning("worker %s: Redis is back; going on as %s (what %s held is re-queued)", old, new, old)

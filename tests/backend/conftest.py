@@ -307,6 +307,7 @@ class FakeProjectAPI(_FakeServer):
     faults: list[str | None] = field(default_factory=list)
     posted: list[list[dict[str, Any]]] = field(default_factory=list)
     stall_seconds: float = 3.0
+    import_seconds: float = 0.0  # how long an import takes before it commits
 
     def next_fault(self) -> str | None:
         with self.lock:
@@ -366,6 +367,7 @@ class _ProjectHandler(_Handler):
         if unknown:
             self.answer(400, json.dumps({"detail": f"tasks {unknown} are not in the project"}).encode())
             return
+        time.sleep(state.import_seconds)
         with state.lock:
             state.posted.append(rows)
             state.predictions.extend(rows)

@@ -18,6 +18,7 @@ from backend.config import Settings
 from backend.jobs import enqueue_batch
 from backend.main import create_app
 from backend.queues import Queues
+from tests.backend.conftest import FakeProjectAPI
 from tests.images import png
 from tests.processes import RedisServer, Service, wait_for
 
@@ -248,3 +249,49 @@ def test_waiting_predicts_never_starve_health(settings: Settings) -> None:
         assert client.post("/setup", json={"project": "10.1", "schema": CONFIG}).status_code == 200
         answers = [f.result(timeout=60) for f in waiting]
         assert all(a.status_code == 200 and a.json()["results"] == [] for a in answers), "all handed off"
+
+
+def test_a_redis_outage_mid_job_does_not_end_the_worker(
+    settings: Settings, tmp_path: Path, fake_project: FakeProjectAPI
+) -> None:
+    """Redis (AOF) killed while a batch writes to Label Studio, back 6 s later: the same worker
+    process finishes the job, and every task holds exactly one prediction."""
+    server = RedisServer(tmp_path / "redis-aof", aof=True)
+    server.directory.mkdir()
+    server.start()
+    fake_project.tasks.update({t: {"image": f"/data/local-files/?d=img{t % 4}.png"} for t in range(1, 41)})
+    fake_project.import_seconds = 0.4  # the batch spends most of its time in the write, where Redis dies
+    env = {
+        "DINOLABEL_REDIS_URL": server.url,
+        "DINOLABEL_DETECTOR_CHECKPOINT": settings.detector_checkpoint,
+        "DINOLABEL_DEVICE": "cpu",
+        "DINOLABEL_LOCAL_FILES_DOCUMENT_ROOT": str(settings.local_files_document_root),
+        "DINOLABEL_LABEL_STUDIO_URL": fake_project.url,
+    }
+    worker = Service(["worker"], env, tmp_path / "worker.log").start()
+    try:
+        connection = redis.Redis.from_url(server.url)
+        wait_for(lambda: any(w["state"] == "ready" for w in Workers.all(connection).values()), 90, worker.log_tail())
+        spec = JobSpec(project=1, model_version="v1", label_config=CONFIG, params={"box_threshold": 0.3},
+                       label_studio_url=fake_project.url, api_key=None)  # fmt: skip
+        job = BulkJob.create(connection, spec)
+        tasks = [{"id": t, "data": d} for t, d in sorted(fake_project.tasks.items())]
+        job.start([tasks[i : i + 4] for i in range(0, 40, 4)], skipped=0)
+        for number in range(10):
+            enqueue_batch(Queues.on(connection), job, number, timeout=60)
+
+        def writing() -> bool:  # a write under way, after some batches were counted
+            return job.summary()["done"] >= 8 and len(fake_project.seen("/api/projects")) > len(fake_project.posted)
+
+        wait_for(writing, 60, f"a write in progress\n{worker.log_tail()}", interval=0.005)
+        server.kill()
+        time.sleep(6)
+        server.start()
+        done = wait_for(lambda: (s := job.summary())["status"] == "done" and s, 120, worker.log_tail())
+        assert (done["done"], done["failed"], done["total"]) == (40, 0, 40), done
+        assert fake_project.per_task("v1") == dict.fromkeys(range(1, 41), 1), "every task once, none twice"
+        assert worker.process.poll() is None, "the same worker process carried on"
+        assert "Redis is back" in worker.log.read_text()
+    finally:
+        worker.stop()
+        server.stop()
