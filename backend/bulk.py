@@ -1,10 +1,12 @@
 """Bulk pre-annotation bookkeeping in Redis: job records, per-task write marks, live workers.
 
-Exactly one prediction per task and model version, even when a job runs twice or a worker dies
-mid-batch, rests on the *marks*: before predicting a task a batch claims it (``pending:<worker>``),
-after Label Studio accepted the prediction it marks it ``done:<job>``. A claim held by a worker that
-is no longer alive can be taken over; the taker then asks Label Studio whether the dead worker's
-write went through before predicting again. A claim held by a live worker is left alone.
+Label Studio is the truth about what a task holds: a job plans the tasks that lack a prediction of the
+model version there (a prediction deleted in Label Studio is predicted again). The *marks* only guard
+work in flight, so that a job run twice, two jobs at once or a worker that dies mid-batch never give a
+task two predictions: before predicting a task a batch claims it (``pending:<worker>``), after Label
+Studio accepted the prediction it marks it ``done:<job>``. A claim held by a live worker is left
+alone. A claim of a worker that is no longer alive is taken over, and a ``done`` mark is claimed too;
+either way the claimer asks Label Studio whether the task now holds a prediction before predicting it.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from backend.queues import KEY_PREFIX
 
 JOB_TTL = 7 * 24 * 3600
 """Seconds a finished job's record (counts, failures) stays readable."""
-MARKS_TTL = 90 * 24 * 3600
-"""Seconds the write marks of a project and model version are kept after their last change."""
+MARKS_TTL = 7 * 24 * 3600
+"""Seconds the write marks of a project and model version are kept after their last change: as long as
+a job planned before a write may still run a batch (a job record's life)."""
 WORKER_TTL = 10
 """Seconds a worker counts as alive after its last heartbeat."""
 MAX_FAILURES_KEPT = 10_000
@@ -309,11 +312,14 @@ class Marks:
 
     prefix = KEY_PREFIX + "marks:"
 
-    # Claim a task unless done or held by a live worker (KEYS: marks hash; ARGV: task, owner, alive prefix).
+    # Claim a task unless held by a live worker (KEYS: marks hash; ARGV: task, owner, alive prefix).
     _CLAIM = """
     local current = redis.call('HGET', KEYS[1], ARGV[1])
     if not current then redis.call('HSET', KEYS[1], ARGV[1], 'pending:' .. ARGV[2]) return 'claimed' end
-    if string.sub(current, 1, 5) == 'done:' then return 'done' end
+    if string.sub(current, 1, 5) == 'done:' then
+      redis.call('HSET', KEYS[1], ARGV[1], 'pending:' .. ARGV[2])
+      return 'done'
+    end
     local holder = string.sub(current, 9)
     if holder == ARGV[2] then return 'claimed' end
     if redis.call('EXISTS', ARGV[3] .. holder) == 1 then return 'busy' end
@@ -330,7 +336,9 @@ class Marks:
         self.key = f"{self.prefix}{project}:{model_version}"
 
     def claim(self, task_ids: Iterable[int], owner: str) -> dict[int, str]:
-        """``claimed`` (new), ``taken`` (from a dead worker: check Label Studio), ``done`` or ``busy``."""
+        """Per task: ``claimed`` (new), ``taken`` (from a dead worker) or ``done`` (written before): all
+        three are now held by ``owner``, the last two to be checked against Label Studio first; or
+        ``busy`` (a live worker holds it)."""
         out = {
             t: _text(self.connection.eval(self._CLAIM, 1, self.key, str(t), owner, Workers.prefix)) for t in task_ids
         }

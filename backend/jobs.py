@@ -19,7 +19,7 @@ from rq.job import Job
 
 from backend.bulk import BulkJob, JobSpec, Marks, record_batch
 from backend.labeling import LabelConfigError, parse_label_config
-from backend.ls_client import LabelStudioClient, LabelStudioError
+from backend.ls_client import LabelStudioClient, LabelStudioError, WriteUncertain
 from backend.queues import Queues
 from backend.worker import Runtime, current_runtime
 from model import DetectionParams
@@ -121,12 +121,11 @@ def plan_job(
             if tasks is None:
                 wanted = set(task_ids or [])
                 tasks = [t for t in client.iter_tasks(spec.project) if not wanted or t["id"] in wanted]
-            existing = client.predicted_task_ids(spec.project, spec.model_version)
+            existing = client.tasks_holding(spec.project, [t["id"] for t in tasks], spec.model_version)
     except (LabelStudioError, LabelConfigError) as exc:
         job.fail(f"planning failed: {exc}")
         return {"status": "failed", "reason": str(exc)}
-    marked = Marks(runtime.connection, spec.project, spec.model_version).done_by(t["id"] for t in tasks)
-    todo = [t for t in tasks if t["id"] not in existing and marked[t["id"]] is None]
+    todo = [t for t in tasks if t["id"] not in existing]
     size = runtime.settings.bulk_batch_size
     batches = [todo[i : i + size] for i in range(0, len(todo), size)]
     job.start(batches, skipped=len(tasks) - len(todo))
@@ -147,34 +146,55 @@ def run_batch(job_id: str, number: int) -> dict[str, Any]:
     spec = job.spec()
     tasks = {t["id"]: t for t in job.batch_tasks(number)}
     marks = Marks(runtime.connection, spec.project, spec.model_version)
-    claims = marks.claim(tasks, runtime.name)
     writers = marks.done_by(tasks)
-    done_here = [t for t, c in claims.items() if c == "done" and writers[t] == job_id]
-    skipped = sum(1 for t, c in claims.items() if c in ("done", "busy")) - len(done_here)
-    todo = [t for t, c in claims.items() if c in ("claimed", "taken")]
+    claims = marks.claim(tasks, runtime.name)
+    done_here: list[int] = []
+    skipped = sum(1 for c in claims.values() if c == "busy")
+    todo = [t for t, c in claims.items() if c != "busy"]
     failures: list[tuple[int, str]] = []
     started = time.perf_counter()
     try:
         with _client(spec) as client:
-            taken = [t for t, c in claims.items() if c == "taken"]
-            if taken:  # a dead worker held them: its write may have gone through
-                held = client.tasks_holding(spec.project, taken, spec.model_version)
-                marks.finish(held, job_id)
-                done_here.extend(held)
-                todo = [t for t in todo if t not in held]
-            written = _predict_and_write(client, runtime, spec, [tasks[t] for t in todo], failures)
+            # Written before (by a dead worker, by another job, by this batch run earlier): Label Studio
+            # says whether the prediction is still there; one deleted since is predicted again.
+            check = [t for t, c in claims.items() if c in ("taken", "done")]
+            held = client.tasks_holding(spec.project, check, spec.model_version) if check else set()
+            marks.finish(held, job_id)
+            done_here = [t for t in held if writers[t] == job_id or claims[t] == "taken"]
+            skipped += len(held) - len(done_here)
+            todo = [t for t in todo if t not in held]
+            written, uncertain = _predict_and_write(client, runtime, spec, [tasks[t] for t in todo], failures)
     except Exception as exc:  # a time-out, Label Studio gone for good...: the batch ends, the job goes on
         log.exception("job %s batch %d failed", job_id, number)
         reason = f"batch failed: {type(exc).__name__}: {exc}"
-        marks.release(todo, runtime.name)
+        _unclaim(marks, runtime.name, job_id, todo, claims, writers, uncertain=[])
         job.finish_batch(number, done=len(done_here), skipped=skipped, failures=[(t, reason) for t in todo])
         raise
     marks.finish(written, job_id)
-    marks.release([t for t, _ in failures], runtime.name)
+    _unclaim(marks, runtime.name, job_id, [t for t, _ in failures], claims, writers, uncertain=uncertain)
     job.finish_batch(number, done=len(written) + len(done_here), skipped=skipped, failures=failures)
     seconds = time.perf_counter() - started
     record_batch(runtime.connection, seconds=seconds, predicted=len(written), failed=len(failures))
     return {"written": len(written), "skipped": skipped, "failed": len(failures), "seconds": round(seconds, 3)}
+
+
+def _unclaim(
+    marks: Marks,
+    owner: str,
+    job_id: str,
+    task_ids: list[int],
+    claims: dict[int, str],
+    writers: dict[int, str | None],
+    *,
+    uncertain: list[int],
+) -> None:
+    """Give back tasks this batch did not write. A task that was marked done before, or taken from a
+    dead worker, or whose write may have gone through, stays marked done: whoever claims it next asks
+    Label Studio first. The others are released."""
+    maybe_held = set(uncertain) | {t for t in task_ids if claims.get(t) in ("done", "taken")}
+    for writer in {writers.get(t) or job_id for t in maybe_held}:
+        marks.finish([t for t in maybe_held if (writers.get(t) or job_id) == writer], writer)
+    marks.release([t for t in task_ids if t not in maybe_held], owner)
 
 
 def _predict_and_write(
@@ -183,10 +203,11 @@ def _predict_and_write(
     spec: JobSpec,
     tasks: list[dict[str, Any]],
     failures: list[tuple[int, str]],
-) -> list[int]:
-    """Predict ``tasks`` and import the successful ones in one call; returns the ids written."""
+) -> tuple[list[int], list[int]]:
+    """Predict ``tasks`` and import the successful ones in one call: the ids written, and those whose
+    write may or may not have gone through (Label Studio's answer kept getting lost)."""
     if not tasks:
-        return []
+        return [], []
     target = parse_label_config(spec.label_config)
     fetcher = runtime.fetcher(spec.label_studio_url, spec.api_key)
     outcome = runtime.predictor.predict(tasks, target, DetectionParams(**spec.params), spec.model_version, fetcher)
@@ -197,8 +218,8 @@ def _predict_and_write(
         client.import_predictions(spec.project, rows)
     except LabelStudioError as exc:
         failures.extend((row["task"], f"writing the prediction failed: {exc}") for row in rows)
-        return []
-    return [row["task"] for row in rows]
+        return [], [row["task"] for row in rows] if isinstance(exc, WriteUncertain) else []
+    return [row["task"] for row in rows], []
 
 
 def cancel_queued(queues: Queues, job: BulkJob) -> int:

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 
 from backend.bulk import BulkJob, JobSpec, JobStatus, Marks, Workers
 from backend.config import Settings
-from backend.jobs import enqueue_batch
+from backend.jobs import enqueue_batch, enqueue_plan
 from backend.main import create_app
 from backend.queues import Queues
 from tests.backend.conftest import FakeProjectAPI
@@ -171,7 +171,9 @@ def test_marks_give_each_task_to_one_writer(redis_url: str) -> None:
     assert marks.claim([1, 2], "alive-worker") == {1: "claimed", 2: "claimed"}
     assert marks.claim([1, 3], "other") == {1: "busy", 3: "claimed"}  # held by a live worker
     marks.finish([1], "job-a")
-    assert marks.claim([1], "other") == {1: "done"}
+    assert marks.claim([1], "other") == {1: "done"}, "claimed, to be checked against Label Studio"
+    assert marks.claim([1], "alive-worker") == {1: "taken"}, "'other' never beat: it counts as dead"
+    marks.finish([1], "job-a")
     # task 3 is held by "other", which never beat: it counts as dead and can be taken over.
     assert marks.claim([3], "alive-worker") == {3: "taken"}
     marks.release([3], "someone-else")
@@ -251,6 +253,70 @@ def test_waiting_predicts_never_starve_health(settings: Settings) -> None:
         assert all(a.status_code == 200 and a.json()["results"] == [] for a in answers), "all handed off"
 
 
+def worker_on(redis_url: str, settings: Settings, project: FakeProjectAPI, log: Path) -> Service:
+    """A ``dinolabel worker`` child process that writes to the fake Label Studio ``project``, once ready."""
+    env = {
+        "DINOLABEL_REDIS_URL": redis_url,
+        "DINOLABEL_DETECTOR_CHECKPOINT": settings.detector_checkpoint,
+        "DINOLABEL_DEVICE": "cpu",
+        "DINOLABEL_LOCAL_FILES_DOCUMENT_ROOT": str(settings.local_files_document_root),
+        "DINOLABEL_LABEL_STUDIO_URL": project.url,
+        "DINOLABEL_BULK_BATCH_SIZE": "4",
+    }
+    worker = Service(["worker"], env, log).start()
+    connection = redis.Redis.from_url(redis_url)
+    wait_for(lambda: any(w["state"] == "ready" for w in Workers.all(connection).values()), 90, worker.log_tail())
+    return worker
+
+
+def project_job(connection: redis.Redis, project: FakeProjectAPI) -> BulkJob:
+    spec = JobSpec(project=1, model_version="v1", label_config=CONFIG, params={"box_threshold": 0.3},
+                   label_studio_url=project.url, api_key=None)  # fmt: skip
+    return BulkJob.create(connection, spec)
+
+
+def finished(job: BulkJob, worker: Service) -> dict:
+    return wait_for(lambda: (s := job.summary())["status"] not in ("planning", "running") and s, 120, worker.log_tail())
+
+
+def test_deleted_predictions_are_predicted_again_and_never_twice(
+    settings: Settings, tmp_path: Path, fake_project: FakeProjectAPI
+) -> None:
+    """Label Studio is the truth: predictions deleted there are predicted again by the next job,
+    although the write marks remember them; a task that still holds one is never written twice."""
+    fake_project.tasks.update({t: {"image": f"/data/local-files/?d=img{t % 4}.png"} for t in range(1, 9)})
+    tasks = [{"id": t, "data": d} for t, d in sorted(fake_project.tasks.items())]
+    connection = redis.Redis.from_url(settings.redis_url)
+    queues = Queues.on(connection)
+    worker = worker_on(settings.redis_url, settings, fake_project, tmp_path / "worker.log")
+    try:
+        first = project_job(connection, fake_project)
+        enqueue_plan(queues, first, tasks=tasks)
+        assert (finished(first, worker)["done"], fake_project.per_task("v1")) == (8, dict.fromkeys(range(1, 9), 1))
+
+        with fake_project.lock:  # "Delete predictions" in the Data Manager, for tasks 1-4
+            fake_project.predictions[:] = [p for p in fake_project.predictions if p["task"] > 4]
+        second = project_job(connection, fake_project)
+        enqueue_plan(queues, second, tasks=tasks)
+        summary = finished(second, worker)
+        assert (summary["done"], summary["skipped"], summary["failed"]) == (4, 4, 0)
+        assert fake_project.per_task("v1") == dict.fromkeys(range(1, 9), 1)
+        assert sorted(r["task"] for r in fake_project.posted[-1]) == [1, 2, 3, 4]
+
+        # A batch planned before a deletion (and before other writes): it checks Label Studio itself.
+        with fake_project.lock:
+            fake_project.predictions[:] = [p for p in fake_project.predictions if p["task"] not in (5, 6)]
+        third = project_job(connection, fake_project)
+        third.start([tasks], skipped=0)
+        enqueue_batch(queues, third, 0, timeout=60)
+        summary = finished(third, worker)
+        assert (summary["done"], summary["skipped"], summary["failed"]) == (2, 6, 0)
+        assert fake_project.per_task("v1") == dict.fromkeys(range(1, 9), 1)
+        assert sorted(r["task"] for r in fake_project.posted[-1]) == [5, 6]
+    finally:
+        worker.stop()
+
+
 def test_a_redis_outage_mid_job_does_not_end_the_worker(
     settings: Settings, tmp_path: Path, fake_project: FakeProjectAPI
 ) -> None:
@@ -261,20 +327,10 @@ def test_a_redis_outage_mid_job_does_not_end_the_worker(
     server.start()
     fake_project.tasks.update({t: {"image": f"/data/local-files/?d=img{t % 4}.png"} for t in range(1, 41)})
     fake_project.import_seconds = 0.4  # the batch spends most of its time in the write, where Redis dies
-    env = {
-        "DINOLABEL_REDIS_URL": server.url,
-        "DINOLABEL_DETECTOR_CHECKPOINT": settings.detector_checkpoint,
-        "DINOLABEL_DEVICE": "cpu",
-        "DINOLABEL_LOCAL_FILES_DOCUMENT_ROOT": str(settings.local_files_document_root),
-        "DINOLABEL_LABEL_STUDIO_URL": fake_project.url,
-    }
-    worker = Service(["worker"], env, tmp_path / "worker.log").start()
+    worker = worker_on(server.url, settings, fake_project, tmp_path / "worker.log")
     try:
         connection = redis.Redis.from_url(server.url)
-        wait_for(lambda: any(w["state"] == "ready" for w in Workers.all(connection).values()), 90, worker.log_tail())
-        spec = JobSpec(project=1, model_version="v1", label_config=CONFIG, params={"box_threshold": 0.3},
-                       label_studio_url=fake_project.url, api_key=None)  # fmt: skip
-        job = BulkJob.create(connection, spec)
+        job = project_job(connection, fake_project)
         tasks = [{"id": t, "data": d} for t, d in sorted(fake_project.tasks.items())]
         job.start([tasks[i : i + 4] for i in range(0, 40, 4)], skipped=0)
         for number in range(10):
