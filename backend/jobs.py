@@ -1,8 +1,11 @@
 """RQ job functions, run inside ``dinolabel worker`` processes, and the calls that enqueue them.
 
 - ``predict_tasks``: the interactive path; an HTTP request is waiting for its return value.
-- ``plan_job``: pages through a project's tasks (or takes the tasks given), skips those that already
-  hold a prediction of the model version, and enqueues batches.
+- ``plan_job``: one plan step: lists one page of the job's tasks, skips those that already hold a
+  prediction of the model version, queues the others in batches, and asks for the next step while
+  fewer than ``bulk_plan_ahead`` tasks are in flight (a finishing batch asks too): Redis holds per job
+  what is in flight, not the project. Planning is streamed:
+  the first batches run seconds after the request, whatever the project's size.
 - ``run_batch``: predicts one batch and writes the predictions through Label Studio's API.
 
 Arguments are JSON: ids, URLs and task dicts. The model comes from the worker's runtime.
@@ -12,14 +15,17 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
+import redis
+from rq import get_current_job
 from rq.job import Job
 
 from backend.bulk import BulkJob, JobSpec, Marks, record_batch
 from backend.labeling import LabelConfigError, parse_label_config
-from backend.ls_client import LabelStudioClient, LabelStudioError, WriteUncertain
+from backend.ls_client import MAX_IDS_PER_QUERY, PAGE_SIZE, LabelStudioClient, LabelStudioError, WriteUncertain
 from backend.queues import Queues
 from backend.worker import Runtime, current_runtime
 from model import DetectionParams
@@ -28,6 +34,8 @@ log = logging.getLogger(__name__)
 
 RESULT_TTL = 600
 """Seconds an interactive result stays in Redis (the HTTP request reads it at once)."""
+PLAN_STEP_TIMEOUT = 600
+"""Seconds one plan step (one page listed and checked) may run."""
 
 
 def predict_tasks(payload: dict[str, Any]) -> dict[str, Any]:
@@ -55,17 +63,28 @@ def enqueue_plan(
     *,
     tasks: Sequence[dict[str, Any]] | None = None,
     task_ids: Sequence[int] | None = None,
-) -> Job:
-    """Queue the planning of a bulk job: the given ``tasks``, or the project's (only ``task_ids``)."""
-    return queues.plan.enqueue(
+) -> bool:
+    """Start planning a bulk job: over the project's tasks, or only those given (``tasks`` or ``task_ids``;
+    their data is listed from Label Studio again, as it stands when planned)."""
+    if tasks is not None or task_ids is not None:
+        job.restrict_to([t["id"] for t in tasks] if tasks is not None else list(task_ids or []))
+    return request_plan_step(queues, job)
+
+
+def request_plan_step(queues: Queues, job: BulkJob) -> bool:
+    """Queue the job's next plan step unless one is queued or running; True if queued now."""
+    rq_id = uuid.uuid4().hex
+    if not job.claim_plan_step(f"queued:{rq_id}"):
+        return False
+    queues.plan.enqueue(
         plan_job,
         job.id,
-        list(tasks) if tasks is not None else None,
-        list(task_ids) if task_ids is not None else None,
-        job_timeout=3600,
+        job_id=rq_id,
+        job_timeout=PLAN_STEP_TIMEOUT,
         result_ttl=RESULT_TTL,
         description=f"plan job {job.id}",
     )
+    return True
 
 
 def enqueue_batch(queues: Queues, job: BulkJob, number: int, *, timeout: int, at_front: bool = False) -> Job:
@@ -103,37 +122,83 @@ def _client(spec: JobSpec) -> LabelStudioClient:
     return LabelStudioClient(url or "", key, retries=runtime.settings.label_studio_retries)
 
 
-def plan_job(
-    job_id: str, tasks: list[dict[str, Any]] | None = None, task_ids: list[int] | None = None
-) -> dict[str, Any]:
-    """Decide what the job predicts and enqueue it in batches; planning errors fail the job."""
+def plan_job(job_id: str) -> dict[str, Any]:
+    """One plan step (see the module's docstring); a job that cannot be planned fails with the reason."""
     runtime = current_runtime()
     job = BulkJob.fetch(runtime.connection, job_id)
+    queues = Queues.on(runtime.connection)
+    step = get_current_job()
+    if not job.plan_step_running(step.id if step else "", runtime.name):
+        return {"status": "stale step"}
     if job.is_final():
+        job.end_plan_step(runtime.name)
         return {"status": str(job.status())}
+    for number in job.unqueued_batches():  # recorded by a planner that died before it queued them
+        enqueue_batch(queues, job, number, timeout=runtime.settings.batch_timeout)
+    state = job.plan_state()
+    outcome: dict[str, Any] = {}
+    if not state["plan_done"] and state["in_flight"] < runtime.settings.bulk_plan_ahead:
+        try:
+            outcome = _plan_page(job, state, runtime, queues)
+        except redis.RedisError:
+            raise  # the worker recovers; a new step starts where this one stopped
+        except (LabelStudioError, LabelConfigError) as exc:
+            job.fail(f"planning failed: {exc}")
+            outcome = {"status": "failed", "reason": str(exc)}
+        except Exception as exc:  # whatever it is, planning ends, and the job says so
+            log.exception("job %s: planning failed", job_id)
+            job.fail(f"planning failed: {type(exc).__name__}")
+            outcome = {"status": "failed", "reason": type(exc).__name__}
+    job.end_plan_step(runtime.name)
+    keep_planning(queues, job, runtime.settings.bulk_plan_ahead)
+    return outcome
+
+
+def keep_planning(queues: Queues, job: BulkJob, plan_ahead: int) -> bool:
+    """Ask for the next plan step if the job still has tasks to plan and fewer than ``plan_ahead`` in flight."""
+    state = job.plan_state()
+    if state["plan_done"] or state["in_flight"] >= plan_ahead or job.is_final():
+        return False
+    return request_plan_step(queues, job)
+
+
+def _plan_page(job: BulkJob, state: dict[str, Any], runtime: Runtime, queues: Queues) -> dict[str, Any]:
+    """List one page after the cursor, check it against Label Studio, record and queue its batches."""
     spec = job.spec()
-    try:
-        with _client(spec) as client:
-            if not spec.label_config:
-                job.set_label_config(client.project(spec.project)["label_config"])
-                spec = job.spec()
-            parse_label_config(spec.label_config)
-            if tasks is None:
-                wanted = set(task_ids or [])
-                tasks = [t for t in client.iter_tasks(spec.project) if not wanted or t["id"] in wanted]
-            existing = client.tasks_holding(spec.project, [t["id"] for t in tasks], spec.model_version)
-    except (LabelStudioError, LabelConfigError) as exc:
-        job.fail(f"planning failed: {exc}")
-        return {"status": "failed", "reason": str(exc)}
-    todo = [t for t in tasks if t["id"] not in existing]
+    with _client(spec) as client:
+        if not spec.label_config:
+            job.set_label_config(client.project(spec.project)["label_config"])
+            spec = job.spec()
+        parse_label_config(spec.label_config)
+        if state["restricted"]:
+            ids = job.next_ids(state["cursor"], MAX_IDS_PER_QUERY)
+            tasks = client.task_page(spec.project, ids=ids)[0] if ids else []
+            held = client.tasks_holding(spec.project, [t["id"] for t in tasks], spec.model_version)
+            cursor, last = (ids[-1] if ids else state["cursor"]), len(ids) < MAX_IDS_PER_QUERY
+        else:
+            tasks, total = client.task_page(spec.project, after=state["cursor"], page_size=PAGE_SIZE)
+            if state["listed"] == 0:
+                job.set_total(total)
+            held = (
+                client.tasks_holding_between(spec.project, tasks[0]["id"], tasks[-1]["id"], spec.model_version)
+                if tasks
+                else set()
+            )
+            cursor, last = (tasks[-1]["id"] if tasks else state["cursor"]), len(tasks) < PAGE_SIZE
+    todo = [t for t in tasks if t["id"] not in held]
     size = runtime.settings.bulk_batch_size
     batches = [todo[i : i + size] for i in range(0, len(todo), size)]
-    job.start(batches, skipped=len(tasks) - len(todo))
-    queues = Queues.on(runtime.connection)
-    for number in range(len(batches)):
+    numbers = job.plan_page(
+        after=state["cursor"], cursor=cursor, listed=len(tasks), skipped=len(held), batches=batches, last=last
+    )
+    if numbers is None:  # cancelled meanwhile
+        return {"status": str(job.status())}
+    for number in numbers:
         enqueue_batch(queues, job, number, timeout=runtime.settings.batch_timeout)
-    log.info("job %s: %d tasks, %d to predict in %d batches", job_id, len(tasks), len(todo), len(batches))
-    return {"tasks": len(tasks), "to_predict": len(todo), "batches": len(batches)}
+    if job.is_final():  # cancelled while this page was queued: take it back
+        cancel_queued(queues, job)
+    log.info("job %s: planned %d tasks after %d, %d to predict", job.id, len(tasks), state["cursor"], len(todo))
+    return {"tasks": len(tasks), "to_predict": len(todo), "batches": len(batches), "last": last}
 
 
 def run_batch(job_id: str, number: int) -> dict[str, Any]:
@@ -169,10 +234,12 @@ def run_batch(job_id: str, number: int) -> dict[str, Any]:
         reason = f"batch failed: {type(exc).__name__}: {exc}"
         _unclaim(marks, runtime.name, job_id, todo, claims, writers, uncertain=[])
         job.finish_batch(number, done=len(done_here), skipped=skipped, failures=[(t, reason) for t in todo])
+        keep_planning(Queues.on(runtime.connection), job, runtime.settings.bulk_plan_ahead)
         raise
     marks.finish(written, job_id)
     _unclaim(marks, runtime.name, job_id, [t for t, _ in failures], claims, writers, uncertain=uncertain)
     job.finish_batch(number, done=len(written) + len(done_here), skipped=skipped, failures=failures)
+    keep_planning(Queues.on(runtime.connection), job, runtime.settings.bulk_plan_ahead)
     seconds = time.perf_counter() - started
     record_batch(runtime.connection, seconds=seconds, predicted=len(written), failed=len(failures))
     return {"written": len(written), "skipped": skipped, "failed": len(failures), "seconds": round(seconds, 3)}
@@ -223,7 +290,12 @@ def _predict_and_write(
 
 
 def cancel_queued(queues: Queues, job: BulkJob) -> int:
-    """Remove a cancelled job's batches that have not started from the bulk queue."""
-    fetch = Job.fetch_many(list(job.rq_jobs().values()), connection=queues.bulk.connection,
-                           serializer=queues.bulk.serializer)  # fmt: skip
-    return sum(cancel_if_queued(rq_job) for rq_job in fetch if rq_job is not None)
+    """Remove a cancelled job's batches that have not started, and its queued plan step, from the queues."""
+    ids = list(job.rq_jobs().values())
+    step = job.pending_plan_step()
+    if step.startswith("queued:"):
+        ids.append(step.removeprefix("queued:"))
+    fetch = Job.fetch_many(ids, connection=queues.bulk.connection, serializer=queues.bulk.serializer)
+    cancelled = sum(cancel_if_queued(rq_job) for rq_job in fetch if rq_job is not None)
+    job.end_plan_step()
+    return cancelled

@@ -24,6 +24,7 @@ import redis
 from redis import Redis
 from rq import SimpleWorker
 from rq.exceptions import StopRequested
+from rq.job import Job
 from rq.serializers import JSONSerializer
 from rq.timeouts import TimerDeathPenalty
 
@@ -161,9 +162,9 @@ def requeue_abandoned(connection: Redis, *, batch_timeout: int) -> int:
 
     count = 0
     for job in BulkJob.active(connection):
-        finished = job.finished_batches()
+        count += _restart_plan_step(connection, job)
         for number, holder in job.holders().items():
-            if number in finished or Workers.alive(connection, holder):
+            if job.batch_finished(number) or Workers.alive(connection, holder):
                 continue
             lock = f"{KEY_PREFIX}reap:{job.id}:{number}:{holder}"
             if not connection.set(lock, "1", nx=True, ex=60):
@@ -172,6 +173,23 @@ def requeue_abandoned(connection: Redis, *, batch_timeout: int) -> int:
             enqueue_batch(Queues.on(connection), job, number, timeout=batch_timeout, at_front=True)
             count += 1
     return count
+
+
+def _restart_plan_step(connection: Redis, job: BulkJob) -> int:
+    """Queue a job's plan step again when the worker running it is gone, or its queued RQ job vanished."""
+    from backend.jobs import request_plan_step
+
+    step = job.pending_plan_step()
+    kind, _, who = step.partition(":")
+    if not step or (kind == "running" and Workers.alive(connection, who)):
+        return 0
+    if kind == "queued" and Job.exists(who, connection=connection):
+        return 0
+    if not connection.set(f"{KEY_PREFIX}reap:{job.id}:plan:{who}", "1", nx=True, ex=60):
+        return 0
+    log.warning("job %s: its plan step (%s) is lost: queueing it again", job.id, step)
+    job.end_plan_step()
+    return int(request_plan_step(Queues.on(connection), job))
 
 
 def load_predictor(settings: Settings) -> Predictor:

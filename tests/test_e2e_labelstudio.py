@@ -240,8 +240,7 @@ def test_a_worker_killed_mid_batch_loses_nothing_and_duplicates_nothing(
     def victim_mid_batch() -> bool:
         if job.status() != "running" or job.summary()["done"] < 16:
             return False
-        finished = job.finished_batches()
-        return any(w == victim_name and n not in finished for n, w in job.holders().items())
+        return any(w == victim_name and not job.batch_finished(n) for n, w in job.holders().items())
 
     wait_for(victim_mid_batch, 120, "the worker in the middle of a batch, after one finished", interval=0.01)
     victim.kill()

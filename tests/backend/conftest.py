@@ -313,9 +313,23 @@ class FakeProjectAPI(_FakeServer):
         with self.lock:
             return self.faults.pop(0) if self.faults else None
 
-    def versions(self, task_id: int) -> list[str]:
+    def versions_by_task(self) -> dict[int, list[str]]:
         with self.lock:
-            return [p["model_version"] for p in self.predictions if p["task"] == task_id]
+            out: dict[int, list[str]] = {}
+            for p in self.predictions:
+                out.setdefault(p["task"], []).append(p["model_version"])
+            return out
+
+    def matches(self, task_id: int, item: dict[str, Any], versions: list[str]) -> bool:
+        """The Data Manager filters the bulk jobs use: id greater / id between / versions contain."""
+        value = item["value"]
+        if item["filter"] == "filter:tasks:id" and item["operator"] == "greater":
+            return task_id > value
+        if item["filter"] == "filter:tasks:id" and item["operator"] == "in":
+            return value["min"] <= task_id <= value["max"]
+        if item["filter"] == "filter:tasks:predictions_model_versions" and item["operator"] == "contains":
+            return any(v in version for v in value for version in versions)
+        raise AssertionError(f"the fake does not know the filter {item}")
 
     def per_task(self, model_version: str) -> dict[int, int]:
         """How many predictions of ``model_version`` each task holds."""
@@ -341,17 +355,24 @@ class _ProjectHandler(_Handler):
             return
         query = json.loads(seen.query.get("query", ["{}"])[-1])
         selected = query.get("selectedItems") or {"all": True}
-        ids = sorted(state.tasks) if selected.get("all") else [t for t in selected["included"] if t in state.tasks]
-        tasks = []
+        versions = state.versions_by_task()
+        with state.lock:
+            listed = state.tasks if selected.get("all") else [t for t in selected["included"] if t in state.tasks]
+            ids = sorted(listed)
         for item in (query.get("filters") or {}).get("items", []):
-            if item["filter"] == "filter:tasks:predictions_model_versions" and item["operator"] == "contains":
-                ids = [t for t in ids if any(v in version for v in item["value"] for version in state.versions(t))]
-        for task_id in ids:
-            tasks.append({"id": task_id, "data": state.tasks[task_id],
-                          "predictions_model_versions": ",".join(sorted(set(state.versions(task_id))))})  # fmt: skip
-        page_size = int(seen.query.get("page_size", ["100"])[-1])
-        body = {"total": len(ids), "tasks": tasks[:page_size]}
-        self.finish_with(state, fault, json.dumps(body).encode())
+            ids = [t for t in ids if state.matches(t, item, versions.get(t, []))]
+        page, page_size = int(seen.query.get("page", ["1"])[-1]), int(seen.query.get("page_size", ["100"])[-1])
+        chosen = ids[(page - 1) * page_size : page * page_size]
+        if page > 1 and not chosen:
+            self.answer(404, b'{"detail": "Invalid page."}')
+            return
+        fields = seen.query.get("include", ["id,data,predictions_model_versions"])[-1].split(",")
+        tasks = []
+        for task_id in chosen:
+            task = {"id": task_id, "data": state.tasks[task_id],
+                    "predictions_model_versions": ",".join(sorted(set(versions.get(task_id, []))))}  # fmt: skip
+            tasks.append({k: v for k, v in task.items() if k in fields})
+        self.finish_with(state, fault, json.dumps({"total": len(ids), "tasks": tasks}).encode())
 
     def do_POST(self) -> None:
         state: FakeProjectAPI = self.server.state
