@@ -6,7 +6,8 @@
   fewer than ``bulk_plan_ahead`` tasks are in flight (a finishing batch asks too): Redis holds per job
   what is in flight, not the project. Planning is streamed:
   the first batches run seconds after the request, whatever the project's size.
-- ``run_batch``: predicts one batch and writes the predictions through Label Studio's API.
+- ``run_batch``: predicts one batch and hands the predictions to the worker's writer thread, which
+  writes those of many batches in one call to Label Studio's API (``backend.writer``).
 
 Arguments are JSON: ids, URLs and task dicts. The model comes from the worker's runtime.
 """
@@ -25,9 +26,10 @@ from rq.job import Job
 
 from backend.bulk import BulkJob, JobSpec, Marks, record_batch
 from backend.labeling import LabelConfigError, parse_label_config
-from backend.ls_client import MAX_IDS_PER_QUERY, PAGE_SIZE, LabelStudioClient, LabelStudioError, WriteUncertain
+from backend.ls_client import MAX_IDS_PER_QUERY, PAGE_SIZE, LabelStudioClient, LabelStudioError
 from backend.queues import Queues
 from backend.worker import Runtime, current_runtime
+from backend.writer import Submission
 from model import DetectionParams
 
 log = logging.getLogger(__name__)
@@ -202,47 +204,62 @@ def _plan_page(job: BulkJob, state: dict[str, Any], runtime: Runtime, queues: Qu
 
 
 def run_batch(job_id: str, number: int) -> dict[str, Any]:
-    """Predict one batch and write it to Label Studio, exactly once per task and model version."""
+    """Predict one batch and hand its rows to the worker's writer; the batch is counted once written.
+
+    Exactly once per task and model version: the batch claims its tasks (write marks), and stays held
+    by this worker until the writer wrote its rows, so a worker that dies meanwhile has its batch re-run
+    by another, which asks Label Studio what it holds first.
+    """
     runtime = current_runtime()
     job = BulkJob.fetch(runtime.connection, job_id)
     if job.is_final() or job.batch_finished(number):
         return {"status": "skipped"}
-    job.hold(number, runtime.name)
+    owner = runtime.name
+    job.hold(number, owner)
     spec = job.spec()
     tasks = {t["id"]: t for t in job.batch_tasks(number)}
     marks = Marks(runtime.connection, spec.project, spec.model_version)
     writers = marks.done_by(tasks)
-    claims = marks.claim(tasks, runtime.name)
+    claims = marks.claim(tasks, owner)
     done_here: list[int] = []
     skipped = sum(1 for c in claims.values() if c == "busy")
     todo = [t for t, c in claims.items() if c != "busy"]
-    failures: list[tuple[int, str]] = []
     started = time.perf_counter()
     try:
-        with _client(spec) as client:
+        check = [t for t, c in claims.items() if c in ("taken", "done")]
+        if check:
             # Written before (by a dead worker, by another job, by this batch run earlier): Label Studio
             # says whether the prediction is still there; one deleted since is predicted again.
-            check = [t for t, c in claims.items() if c in ("taken", "done")]
-            held = client.tasks_holding(spec.project, check, spec.model_version) if check else set()
+            with _client(spec) as client:
+                held = client.tasks_holding(spec.project, check, spec.model_version)
             marks.finish(held, job_id)
             done_here = [t for t in held if writers[t] == job_id or claims[t] == "taken"]
             skipped += len(held) - len(done_here)
             todo = [t for t in todo if t not in held]
-            written, uncertain = _predict_and_write(client, runtime, spec, [tasks[t] for t in todo], failures)
+        rows, failures = _predict(runtime, spec, [tasks[t] for t in todo])
     except Exception as exc:  # a time-out, Label Studio gone for good...: the batch ends, the job goes on
         log.exception("job %s batch %d failed", job_id, number)
         reason = f"batch failed: {type(exc).__name__}: {exc}"
-        _unclaim(marks, runtime.name, job_id, todo, claims, writers, uncertain=[])
+        _unclaim(marks, owner, job_id, todo, claims, writers, uncertain=[])
         job.finish_batch(number, done=len(done_here), skipped=skipped, failures=[(t, reason) for t in todo])
         keep_planning(Queues.on(runtime.connection), job, runtime.settings.bulk_plan_ahead)
         raise
-    marks.finish(written, job_id)
-    _unclaim(marks, runtime.name, job_id, [t for t, _ in failures], claims, writers, uncertain=uncertain)
-    job.finish_batch(number, done=len(written) + len(done_here), skipped=skipped, failures=failures)
-    keep_planning(Queues.on(runtime.connection), job, runtime.settings.bulk_plan_ahead)
     seconds = time.perf_counter() - started
-    record_batch(runtime.connection, seconds=seconds, predicted=len(written), failed=len(failures))
-    return {"written": len(written), "skipped": skipped, "failed": len(failures), "seconds": round(seconds, 3)}
+
+    def written(ids: list[int], uncertain: list[int], error: str | None) -> None:
+        lost = [(row["task"], error) for row in rows] if error is not None else []
+        marks.finish(ids, job_id)
+        _unclaim(marks, owner, job_id, [t for t, _ in failures + lost], claims, writers, uncertain=uncertain)
+        job.finish_batch(number, done=len(ids) + len(done_here), skipped=skipped, failures=failures + lost)
+        keep_planning(Queues.on(runtime.connection), job, runtime.settings.bulk_plan_ahead)
+        record_batch(runtime.connection, seconds=seconds, predicted=len(ids), failed=len(failures) + len(lost))
+
+    if rows:
+        url, key = runtime.label_studio(spec.label_studio_url, spec.api_key)
+        runtime.writer.submit(Submission((url or "", key, spec.project, spec.model_version), rows, written))
+    else:
+        written([], [], None)
+    return {"predicted": len(rows), "skipped": skipped, "failed": len(failures), "seconds": round(seconds, 3)}
 
 
 def _unclaim(
@@ -264,29 +281,18 @@ def _unclaim(
     marks.release([t for t in task_ids if t not in maybe_held], owner)
 
 
-def _predict_and_write(
-    client: LabelStudioClient,
-    runtime: Runtime,
-    spec: JobSpec,
-    tasks: list[dict[str, Any]],
-    failures: list[tuple[int, str]],
-) -> tuple[list[int], list[int]]:
-    """Predict ``tasks`` and import the successful ones in one call: the ids written, and those whose
-    write may or may not have gone through (Label Studio's answer kept getting lost)."""
+def _predict(
+    runtime: Runtime, spec: JobSpec, tasks: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], list[tuple[int, str]]]:
+    """Predict ``tasks``: the import rows of those that succeeded, and the failures with reasons."""
     if not tasks:
         return [], []
     target = parse_label_config(spec.label_config)
     fetcher = runtime.fetcher(spec.label_studio_url, spec.api_key)
     outcome = runtime.predictor.predict(tasks, target, DetectionParams(**spec.params), spec.model_version, fetcher)
     failed = {f.task_id: f.reason for f in outcome.failures}
-    failures.extend(failed.items())
     rows = [{"task": t["id"], **p} for t, p in zip(tasks, outcome.predictions, strict=True) if t["id"] not in failed]
-    try:
-        client.import_predictions(spec.project, rows)
-    except LabelStudioError as exc:
-        failures.extend((row["task"], f"writing the prediction failed: {exc}") for row in rows)
-        return [], [row["task"] for row in rows] if isinstance(exc, WriteUncertain) else []
-    return [row["task"] for row in rows], []
+    return rows, list(failed.items())
 
 
 def cancel_queued(queues: Queues, job: BulkJob) -> int:

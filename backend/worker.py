@@ -33,10 +33,14 @@ from backend.config import Settings
 from backend.image_source import ImageFetcher
 from backend.predictor import Predictor
 from backend.queues import KEY_PREFIX, Queues
+from backend.writer import Writer
 from model import create_detector
 
 log = logging.getLogger(__name__)
 
+SHUTDOWN_WRITES = 60.0
+"""Seconds a stopping worker gives its writer to write the predictions it holds (a batch whose rows are
+not written is re-queued by another worker)."""
 HEARTBEAT_SECONDS = 2.0
 POLL_SECONDS = 1
 REAP_EVERY = 3  # heartbeats
@@ -50,6 +54,7 @@ class Runtime:
     settings: Settings
     connection: Redis
     name: str
+    writer: Writer
     _fetchers: dict[tuple[str | None, str | None], ImageFetcher] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -211,8 +216,12 @@ def load_predictor(settings: Settings) -> Predictor:
 
 
 def build_runtime(settings: Settings, connection: Redis, name: str) -> Runtime:
-    """Load the model and make it available to the job functions run on this thread."""
-    _local.runtime = Runtime(predictor=load_predictor(settings), settings=settings, connection=connection, name=name)
+    """Load the model, start the writer thread, and make both available to the job functions run on
+    this thread."""
+    predictor = load_predictor(settings)
+    writer = Writer(size=settings.bulk_write_size, wait=settings.bulk_write_wait, retries=settings.label_studio_retries)
+    writer.start()
+    _local.runtime = Runtime(predictor=predictor, settings=settings, connection=connection, name=name, writer=writer)
     return _local.runtime
 
 
@@ -234,6 +243,7 @@ def run_worker(
     state.update(name=name, pid=os.getpid(), state="loading", checkpoint=settings.detector_checkpoint)
     heartbeat = Heartbeat(connection, name, state, settings.batch_timeout)
     heartbeat.start()
+    runtime: Runtime | None = None
     try:
         started = time.perf_counter()
         try:
@@ -260,6 +270,9 @@ def run_worker(
                     stop=stop,
                 )
                 worker.work(burst=burst, logging_level=settings.log_level.upper())
+                runtime.writer.flush()  # batches counted, and the plan steps they ask for queued
+                if burst and any(Queues.on(connection).depths().values()):
+                    continue
             except Exception as exc:  # mostly Redis gone mid-job, raised out of RQ's own failure handling
                 log.error("worker %s: the work loop failed (%s: %s)", runtime.name, type(exc).__name__, exc)
                 if worker is not None and worker.pubsub_thread is not None:  # RQ's teardown failed before it
@@ -270,6 +283,8 @@ def run_worker(
                 break
             recover(connection, runtime, heartbeat, state, stop)
     finally:
+        if runtime is not None:
+            runtime.writer.stop(timeout=SHUTDOWN_WRITES)
         heartbeat.stopped.set()
         heartbeat.join(timeout=5)
 
@@ -293,6 +308,10 @@ def recover(
             log.warning("worker %s: Redis unreachable (%s); trying again in %.1f s", runtime.name, exc, delay)
             (stop.wait if stop else time.sleep)(delay)
             delay = min(delay * 2, 30.0)
+    dropped = runtime.writer.drop_pending()
+    if dropped:
+        log.warning("worker %s: %d predictions not written yet are dropped (their batches are re-queued)",
+                    runtime.name, dropped)  # fmt: skip
     old, new = runtime.name, Workers.new_name()
     runtime.name = heartbeat.worker_name = new
     state["name"] = new

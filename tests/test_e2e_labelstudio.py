@@ -336,7 +336,8 @@ def test_an_import_whose_answer_is_lost_is_not_written_twice(
 
     with DroppingProxy(server.url, drops=2, should_drop=is_import) as proxy:
         env = {**common_env(tiny_checkpoint, tmp_path), "DINOLABEL_REDIS_URL": redis_url,
-               "DINOLABEL_LABEL_STUDIO_URL": proxy.url, "DINOLABEL_LABEL_STUDIO_API_KEY": server.token}  # fmt: skip
+               "DINOLABEL_LABEL_STUDIO_URL": proxy.url, "DINOLABEL_LABEL_STUDIO_API_KEY": server.token,
+               "DINOLABEL_BULK_WRITE_SIZE": "16"}  # fmt: skip
         worker = Service(["worker"], env, tmp_path / "worker.log").start()
         settings = Settings(redis_url=redis_url, label_studio_url=server.url,
                             label_studio_api_key=SecretStr(server.token), detector_checkpoint=str(tiny_checkpoint),

@@ -377,7 +377,11 @@ class _ProjectHandler(_Handler):
     def do_POST(self) -> None:
         state: FakeProjectAPI = self.server.state
         seen = state.record(self)
-        rows = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+        try:
+            rows = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+        except ValueError:  # the client died while sending
+            self.close_connection = True
+            return
         fault = state.next_fault()
         if self.fail_before(state, fault):
             return

@@ -24,6 +24,7 @@ from backend.predictor import PredictOutcome
 from backend.queues import Queues
 from backend.results import prediction
 from backend.worker import PredictionWorker, Runtime, requeue_abandoned
+from backend.writer import Writer
 from tests.backend.conftest import FakeProjectAPI
 
 pytestmark = [pytest.mark.redis]
@@ -58,16 +59,24 @@ def connection(redis_url: str, project: FakeProjectAPI, tmp_path: Path) -> Itera
     connection = redis.Redis.from_url(redis_url)
     settings = Settings(redis_url=redis_url, label_studio_url=project.url, bulk_batch_size=100,
                         bulk_plan_ahead=1000, data_dir=tmp_path)  # fmt: skip
+    writer = Writer(size=1000, wait=0.2, retries=0)
+    writer.start()
     worker_module._local.runtime = Runtime(predictor=StubPredictor(), settings=settings, connection=connection,
-                                           name="planner-under-test")  # type: ignore[arg-type]  # fmt: skip
+                                           name="planner-under-test", writer=writer)  # type: ignore[arg-type]  # fmt: skip
     yield connection
+    writer.stop()
     worker_module._local.runtime = None
 
 
 def work(connection: redis.Redis, max_jobs: int | None = None) -> None:
-    worker = PredictionWorker(Queues.on(connection).in_listen_order(), connection=connection,
-                              serializer=JSONSerializer)  # fmt: skip
-    worker.work(burst=True, max_jobs=max_jobs, logging_level="WARNING")
+    """Run queued jobs (at most ``max_jobs``), and what the writes of their batches queue in turn."""
+    queues = Queues.on(connection)
+    while True:
+        worker = PredictionWorker(queues.in_listen_order(), connection=connection, serializer=JSONSerializer)
+        worker.work(burst=True, max_jobs=max_jobs, logging_level="WARNING")
+        worker_module.current_runtime().writer.flush()
+        if max_jobs is not None or not any(queues.depths().values()):
+            return
 
 
 def new_job(connection: redis.Redis, project: FakeProjectAPI) -> BulkJob:
@@ -106,6 +115,9 @@ def test_planning_streams_pages_and_holds_only_what_is_in_flight(
     cursors = [q["filters"]["items"][0]["value"] for q in listings(project)]
     assert cursors == [0, 1000, 2000], "each page listed once, after the last id planned"
     assert not project.seen("/api/predictions"), "nothing reads all of a project's predictions"
+    calls = worker_module.current_runtime().writer.calls
+    assert sum(calls) == TASKS - len(HELD) and max(calls) > 100, f"rows of many batches per import: {calls}"
+    assert [len(rows) for rows in project.posted] == calls
     assert connection.hlen(job.batches_key) == 0 and connection.hlen(job.rq_jobs_key) == 0, "nothing left behind"
 
 

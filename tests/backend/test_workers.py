@@ -262,6 +262,8 @@ def worker_on(redis_url: str, settings: Settings, project: FakeProjectAPI, log: 
         "DINOLABEL_LOCAL_FILES_DOCUMENT_ROOT": str(settings.local_files_document_root),
         "DINOLABEL_LABEL_STUDIO_URL": project.url,
         "DINOLABEL_BULK_BATCH_SIZE": "4",
+        "DINOLABEL_BULK_WRITE_SIZE": "8",  # two batches per import call
+        "DINOLABEL_BULK_WRITE_WAIT": "0.2",
     }
     worker = Service(["worker"], env, log).start()
     connection = redis.Redis.from_url(redis_url)
@@ -351,3 +353,38 @@ def test_a_redis_outage_mid_job_does_not_end_the_worker(
     finally:
         worker.stop()
         server.stop()
+
+
+def test_a_worker_killed_with_unwritten_predictions_loses_nothing_and_writes_nothing_twice(
+    settings: Settings, tmp_path: Path, fake_project: FakeProjectAPI
+) -> None:
+    """Predictions wait in the worker's writer while Label Studio imports slowly; the worker is killed
+    during an import: the batches it held are re-run by another worker, which writes only what Label
+    Studio lacks."""
+    fake_project.tasks.update({t: {"image": f"/data/local-files/?d=img{t % 4}.png"} for t in range(1, 41)})
+    fake_project.import_seconds = 1.0  # slower than the model: predicted rows queue up in the writer
+    connection = redis.Redis.from_url(settings.redis_url)
+    victim = worker_on(settings.redis_url, settings, fake_project, tmp_path / "victim.log")
+    replacement = None
+    try:
+        job = project_job(connection, fake_project)
+        tasks = [{"id": t, "data": d} for t, d in sorted(fake_project.tasks.items())]
+        job.start([tasks[i : i + 4] for i in range(0, 40, 4)], skipped=0)
+        for number in range(10):
+            enqueue_batch(Queues.on(connection), job, number, timeout=60)
+
+        def importing() -> bool:  # the second import under way: predicted rows wait behind it
+            return len(fake_project.posted) == 1 and len(fake_project.seen("/api/projects")) == 2
+
+        wait_for(importing, 60, f"the second import\n{victim.log_tail()}", interval=0.005)
+        victim.kill()
+        assert 0 < job.summary()["done"] < 40 and len(fake_project.per_task("v1")) < 40
+        replacement = worker_on(settings.redis_url, settings, fake_project, tmp_path / "replacement.log")
+        done = finished(job, replacement)
+        assert (done["status"], done["done"], done["failed"]) == ("done", 40, 0), done
+        assert fake_project.per_task("v1") == dict.fromkeys(range(1, 41), 1), "every task once, none twice"
+        assert "is gone: re-queueing batch" in replacement.log.read_text()
+    finally:
+        victim.stop()
+        if replacement is not None:
+            replacement.stop()
