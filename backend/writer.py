@@ -22,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import redis
+
 from backend.ls_client import LabelStudioClient, LabelStudioError, WriteUncertain
 
 log = logging.getLogger(__name__)
@@ -116,7 +118,7 @@ class Writer(threading.Thread):
                 self._writing = sum(len(s.rows) for s in group)
             try:
                 self._write(group)
-            except Exception:  # a callback that could not reach Redis: the batch is re-queued later
+            except Exception:  # a bug: the batches stay held by this worker
                 log.exception("writing %d rows failed", self._writing)
             finally:
                 with self._cond:
@@ -170,6 +172,20 @@ class Writer(threading.Thread):
         for submission in group:
             ids = [row["task"] for row in submission.rows]
             if error is None:
-                submission.on_written(ids, [], None)
+                self._tell(submission, ids, [], None)
             else:
-                submission.on_written([], ids if uncertain else [], f"writing the prediction failed: {error}")
+                self._tell(submission, [], ids if uncertain else [], f"writing the prediction failed: {error}")
+
+    def _tell(self, submission: Submission, written: list[int], uncertain: list[int], error: str | None) -> None:
+        """Run a batch's callback; while Redis is unreachable, again with back-off: the rows are in Label
+        Studio, only the bookkeeping is left (and it is idempotent)."""
+        delay = 0.5
+        while True:
+            try:
+                submission.on_written(written, uncertain, error)
+                return
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                log.warning("recording %d written rows: Redis unreachable (%s); again in %.1f s",
+                            len(written), exc, delay)  # fmt: skip
+                time.sleep(delay)
+                delay = min(delay * 2, 30.0)
