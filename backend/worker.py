@@ -8,6 +8,10 @@ key, and re-queues the batches of workers whose key has expired (killed, crashed
 A Redis outage of any length, even one that breaks RQ's own handling of the job in progress, does not
 end the process: it waits for Redis and goes on under a new name, so that the job cut short is
 re-queued and checked against Label Studio like one of a dead worker (``recover``).
+
+The model's thread takes interactive requests and bulk batches only: plan steps run on a planner
+thread and Label Studio writes on a writer thread, so an annotator's ``/predict`` waits at most for
+the batch the model is running.
 """
 
 from __future__ import annotations
@@ -244,6 +248,7 @@ def run_worker(
     heartbeat = Heartbeat(connection, name, state, settings.batch_timeout)
     heartbeat.start()
     runtime: Runtime | None = None
+    planner: Planner | None = None
     try:
         started = time.perf_counter()
         try:
@@ -258,11 +263,15 @@ def run_worker(
             load_seconds=round(time.perf_counter() - started, 2),
         )
         log.info("worker %s ready on %s", name, state["device"])
+        queues = Queues.on(connection)
+        if not burst:  # plan steps on a thread of their own: the model's thread only predicts
+            planner = Planner(runtime, settings.log_level.upper())
+            planner.start()
         while not (stop and stop.is_set()):
             worker: PredictionWorker | None = None
             try:
                 worker = PredictionWorker(
-                    Queues.on(connection).in_listen_order(),
+                    queues.in_listen_order() if burst else [queues.interactive, queues.bulk],
                     connection=connection,
                     name=f"{runtime.name}.{int(time.time())}",
                     serializer=JSONSerializer,
@@ -275,18 +284,82 @@ def run_worker(
                     continue
             except Exception as exc:  # mostly Redis gone mid-job, raised out of RQ's own failure handling
                 log.error("worker %s: the work loop failed (%s: %s)", runtime.name, type(exc).__name__, exc)
-                if worker is not None and worker.pubsub_thread is not None:  # RQ's teardown failed before it
-                    worker.pubsub_thread.stop()
-                    worker.pubsub_thread.join(timeout=1)
+                _stop_pubsub(worker)
             # RQ notes a SIGINT/SIGTERM in _shutdown_requested_date (and ends work() quietly when idle).
             if burst or (worker and worker._shutdown_requested_date is not None) or (stop and stop.is_set()):
                 break
             recover(connection, runtime, heartbeat, state, stop)
     finally:
+        if planner is not None:
+            planner.stop.set()
+            planner.join(timeout=POLL_SECONDS + 10)
         if runtime is not None:
             runtime.writer.stop(timeout=SHUTDOWN_WRITES)
         heartbeat.stopped.set()
         heartbeat.join(timeout=5)
+
+
+def _stop_pubsub(worker: PredictionWorker | None) -> None:
+    """End the pubsub thread of an RQ worker whose teardown failed before it could."""
+    if worker is not None and worker.pubsub_thread is not None:
+        worker.pubsub_thread.stop()
+        worker.pubsub_thread.join(timeout=1)
+
+
+def wait_for_redis(connection: Redis, stop: threading.Event | None, who: str) -> None:
+    """Ping Redis with back-off (0.5 s doubling to 30 s) until it answers or ``stop`` is set."""
+    delay = 0.5
+    while not (stop and stop.is_set()):
+        try:
+            connection.ping()
+            return
+        except redis.RedisError as exc:
+            log.warning("%s: Redis unreachable (%s); trying again in %.1f s", who, exc, delay)
+            (stop.wait if stop else time.sleep)(delay)
+            delay = min(delay * 2, 30.0)
+
+
+class Planner(threading.Thread):
+    """Plan steps on a thread of the worker process, off the model's thread: listing and checking a
+    page of a big project takes Label Studio a second or more, which an annotator's ``/predict``
+    must not wait behind. An RQ worker of its own on the plan queue, sharing the process's runtime."""
+
+    def __init__(self, runtime: Runtime, log_level: str) -> None:
+        super().__init__(name="dinolabel-planner", daemon=True)
+        self.runtime = runtime
+        self.log_level = log_level
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        _local.runtime = self.runtime
+        connection = self.runtime.connection
+        while not self.stop.is_set():
+            worker: PredictionWorker | None = None
+            try:
+                worker = PredictionWorker([Queues.on(connection).plan], connection=connection,
+                                          name=f"{self.runtime.name}.plan.{int(time.time())}",
+                                          serializer=JSONSerializer, worker_ttl=30, stop=self.stop)  # fmt: skip
+                worker.work(logging_level=self.log_level)
+            except Exception as exc:  # Redis gone mid-step: the step is queued again once Redis is back
+                log.error("planner of %s: the work loop failed (%s: %s)", self.runtime.name, type(exc).__name__, exc)
+                _stop_pubsub(worker)
+            if self.stop.is_set():
+                return
+            wait_for_redis(connection, self.stop, f"planner of {self.runtime.name}")
+            with contextlib.suppress(redis.RedisError):
+                restart_plan_steps_of(connection, self.runtime.name)
+
+
+def restart_plan_steps_of(connection: Redis, worker: str) -> int:
+    """Queue again the plan steps that ``worker`` was running (its planner lost Redis mid-step)."""
+    from backend.jobs import request_plan_step
+
+    count = 0
+    for job in BulkJob.active(connection):
+        if job.pending_plan_step() == f"running:{worker}":
+            job.end_plan_step(worker)
+            count += int(request_plan_step(Queues.on(connection), job))
+    return count
 
 
 def recover(
@@ -299,15 +372,7 @@ def recover(
     old one held counts as abandoned: the reaper re-queues its batches, and their claims are taken
     over with a check of what Label Studio holds, as for a worker that died. The process carries on.
     """
-    delay = 0.5
-    while not (stop and stop.is_set()):
-        try:
-            connection.ping()
-            break
-        except redis.RedisError as exc:
-            log.warning("worker %s: Redis unreachable (%s); trying again in %.1f s", runtime.name, exc, delay)
-            (stop.wait if stop else time.sleep)(delay)
-            delay = min(delay * 2, 30.0)
+    wait_for_redis(connection, stop, f"worker {runtime.name}")
     dropped = runtime.writer.drop_pending()
     if dropped:
         log.warning("worker %s: %d predictions not written yet are dropped (their batches are re-queued)",

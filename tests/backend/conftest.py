@@ -308,6 +308,12 @@ class FakeProjectAPI(_FakeServer):
     posted: list[list[dict[str, Any]]] = field(default_factory=list)
     stall_seconds: float = 3.0
     import_seconds: float = 0.0  # how long an import takes before it commits
+    listing_gate: threading.Event = field(default_factory=threading.Event)  # cleared: task listings wait
+    import_gate: threading.Event = field(default_factory=threading.Event)  # cleared: imports wait
+
+    def __post_init__(self) -> None:
+        self.listing_gate.set()
+        self.import_gate.set()
 
     def next_fault(self) -> str | None:
         with self.lock:
@@ -353,6 +359,8 @@ class _ProjectHandler(_Handler):
         if seen.path != "/api/tasks" or seen.query.get("project") != [str(state.project)]:
             self.answer(404, b'{"detail": "Not found."}')
             return
+        if seen.query.get("include") == ["id,data"]:
+            state.listing_gate.wait(30)
         query = json.loads(seen.query.get("query", ["{}"])[-1])
         selected = query.get("selectedItems") or {"all": True}
         versions = state.versions_by_task()
@@ -392,6 +400,7 @@ class _ProjectHandler(_Handler):
         if unknown:
             self.answer(400, json.dumps({"detail": f"tasks {unknown} are not in the project"}).encode())
             return
+        state.import_gate.wait(30)
         time.sleep(state.import_seconds)
         with state.lock:
             state.posted.append(rows)

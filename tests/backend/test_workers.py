@@ -388,3 +388,36 @@ def test_a_worker_killed_with_unwritten_predictions_loses_nothing_and_writes_not
         victim.stop()
         if replacement is not None:
             replacement.stop()
+
+
+def test_annotators_do_not_wait_behind_planning_or_label_studio_writes(
+    settings: Settings, tmp_path: Path, fake_project: FakeProjectAPI
+) -> None:
+    """With one worker, a /predict is answered while a plan step waits on Label Studio's task listing,
+    and while the batches' import waits on Label Studio: neither holds the model's thread."""
+    fake_project.tasks.update({t: {"image": f"/data/local-files/?d=img{t % 4}.png"} for t in range(1, 9)})
+    connection = redis.Redis.from_url(settings.redis_url)
+    worker = worker_on(settings.redis_url, settings, fake_project, tmp_path / "worker.log")
+    request = {"tasks": tasks("img1.png"), "project": "1.1", "label_config": CONFIG}
+    try:
+        with TestClient(create_app(settings.model_copy(update={"embedded_worker": False}))) as client:
+            fake_project.listing_gate.clear()
+            job = project_job(connection, fake_project)
+            enqueue_plan(Queues.on(connection), job)
+            wait_for(lambda: fake_project.seen("/api/tasks"), 30, "the plan step to ask for a page")
+            during_planning = client.post("/predict", json=request)
+            assert during_planning.status_code == 200 and during_planning.json()["results"][0]["result"]
+            assert not fake_project.listing_gate.is_set() and job.summary()["status"] == "planning"
+
+            fake_project.import_gate.clear()
+            fake_project.listing_gate.set()
+            wait_for(lambda: fake_project.seen("/api/projects"), 60, f"an import\n{worker.log_tail()}")
+            during_writes = client.post("/predict", json=request)
+            assert during_writes.status_code == 200 and during_writes.json()["results"][0]["result"]
+            assert not fake_project.posted, "the import was still waiting on Label Studio"
+            fake_project.import_gate.set()
+            assert finished(job, worker)["done"] == 8
+    finally:
+        fake_project.listing_gate.set()
+        fake_project.import_gate.set()
+        worker.stop()
