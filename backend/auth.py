@@ -5,13 +5,35 @@ from __future__ import annotations
 import base64
 import binascii
 import secrets
+from collections.abc import Iterable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from backend.config import Settings
 
-# Label Studio cannot send basic auth with webhooks (issue 3 secures them with a shared header).
+# Label Studio cannot send basic auth with webhooks: /webhook checks its shared secret (or these
+# credentials) itself, and acknowledges other events without either.
 OPEN_PATHS = frozenset({"/webhook"})
+
+
+def basic_auth_valid(settings: Settings, headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """True when basic auth is configured and the ``Authorization`` header carries its user and password.
+
+    Compared as bytes (UTF-8 on our side), in constant time: any header, ASCII or not, is a plain no.
+    """
+    if not settings.basic_auth_user:
+        return False
+    password = settings.basic_auth_pass.get_secret_value() if settings.basic_auth_pass else ""
+    expected = f"{settings.basic_auth_user}:{password}".encode()
+    header = dict(headers).get(b"authorization", b"")
+    scheme, _, encoded = header.partition(b" ")
+    if scheme.lower() != b"basic":
+        return False
+    try:
+        sent = base64.b64decode(encoded.strip(), validate=True)
+    except binascii.Error:
+        return False
+    return secrets.compare_digest(sent, expected)
 
 
 class BasicAuthMiddleware:
@@ -19,11 +41,10 @@ class BasicAuthMiddleware:
 
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
-        self.user = settings.basic_auth_user or ""
-        self.password = settings.basic_auth_pass.get_secret_value() if settings.basic_auth_pass else ""
+        self.settings = settings
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or self._authorised(scope):
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or basic_auth_valid(self.settings, scope["headers"]):
             await self.app(scope, receive, send)
             return
         body = b'{"detail":"basic auth required: set the user and password in Label Studio\'s model settings"}'
@@ -39,14 +60,3 @@ class BasicAuthMiddleware:
             }
         )
         await send({"type": "http.response.body", "body": body})
-
-    def _authorised(self, scope: Scope) -> bool:
-        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-        scheme, _, encoded = header.partition(" ")
-        if scheme.lower() != "basic":
-            return False
-        try:
-            user, _, password = base64.b64decode(encoded, validate=True).decode().partition(":")
-        except (binascii.Error, UnicodeDecodeError):
-            return False
-        return secrets.compare_digest(user, self.user) & secrets.compare_digest(password, self.password)

@@ -63,14 +63,16 @@ class NoSuchJob(LookupError):
 
 @dataclass(frozen=True)
 class JobSpec:
-    """What a bulk job needs besides its tasks; JSON-safe, stored with the job."""
+    """What a bulk job needs besides its tasks; JSON-safe, stored with the job.
+
+    No Label Studio URL or key: records in Redis hold no secret, and each worker resolves them for
+    the project (``backend.ls_credentials``).
+    """
 
     project: int
     model_version: str
     label_config: str
     params: dict[str, Any]
-    label_studio_url: str
-    api_key: str | None
     source: str = "api"
 
 

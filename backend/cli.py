@@ -14,22 +14,50 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
+
+if TYPE_CHECKING:
+    from backend.config import Settings
+
+# They log every request's full URL at INFO: image URLs may carry user:password@ or signed queries.
+QUIET_LOGGERS = ("httpx", "httpcore")
 
 
 def _logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _settings() -> Settings:
+    """The settings, or one line on stderr and exit status 2 when the environment is wrong.
+
+    Pydantic's own message quotes the input values, which include keys and passwords: never print it.
+    """
+    from pydantic import ValidationError
+
+    from backend.config import get_settings
+
+    try:
+        return get_settings()
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors(include_url=False, include_input=False):
+            field = "_".join(str(part) for part in error["loc"]).upper()
+            message = error["msg"].removeprefix("Value error, ")
+            problems.append(f"DINOLABEL_{field}: {message}" if field else message)
+        print(f"dinolabel: configuration error: {'; '.join(problems)}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from backend.config import get_settings
     from backend.main import create_app
 
-    settings = get_settings()
+    settings = _settings()
     settings.host = args.host or settings.host
     settings.port = args.port or settings.port
     _logging(settings.log_level)
@@ -38,11 +66,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from backend.config import get_settings
     from backend.queues import connect
     from backend.worker import run_worker
 
-    settings = get_settings()
+    settings = _settings()
     _logging(settings.log_level)
     if not settings.redis_url:
         print("dinolabel worker needs DINOLABEL_REDIS_URL (the Redis that `dinolabel serve` uses)", file=sys.stderr)
@@ -109,31 +136,43 @@ def _preannotate(args: argparse.Namespace) -> int:
 
 
 def _register_webhook(args: argparse.Namespace) -> int:
-    from backend.config import get_settings
-    from backend.ls_client import LabelStudioClient, LabelStudioError
+    from pydantic import SecretStr
 
-    settings = get_settings()
-    url = args.label_studio_url or settings.label_studio_url
-    key = args.api_key or (settings.label_studio_api_key.get_secret_value() if settings.label_studio_api_key else None)
-    secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
-    if not url or not key:
+    from backend.ls_client import LabelStudioClient, LabelStudioError
+    from backend.ls_credentials import label_studio_access
+
+    settings = _settings()
+    if settings.webhook_secret is None:
+        print(
+            "register-webhook needs DINOLABEL_WEBHOOK_SECRET (the same as the backend's): /webhook refuses "
+            "TASKS_CREATED without it",
+            file=sys.stderr,
+        )
+        return 2
+    # The options stand in for the operator's settings (both come from the operator, so they may pair).
+    operator: dict[str, Any] = {}
+    if args.label_studio_url:
+        operator["label_studio_url"] = args.label_studio_url
+    if args.api_key:
+        operator["label_studio_api_key"] = SecretStr(args.api_key)
+    access = label_studio_access(settings.model_copy(update=operator))
+    if not access.url or not access.api_key:
         print("needs --label-studio-url and --api-key (or DINOLABEL_LABEL_STUDIO_URL/_API_KEY)", file=sys.stderr)
         return 2
+    secret = settings.webhook_secret.get_secret_value()
     target = args.backend_url.rstrip("/") + "/webhook"
     try:
-        with LabelStudioClient(url, key) as client:
+        with LabelStudioClient(access.url, access.api_key) as client:
             if any(h.get("url") == target and "TASKS_CREATED" in (h.get("actions") or []) for h in
                    client.webhooks(args.project)):  # fmt: skip
                 print(f"project {args.project} already sends TASKS_CREATED to {target}")
                 return 0
-            headers = {"X-Dinolabel-Secret": secret} if secret else {}
+            headers = {"X-Dinolabel-Secret": secret}
             hook = client.create_webhook(args.project, target, headers=headers, actions=["TASKS_CREATED"])
     except LabelStudioError as exc:
         print(f"register-webhook: {exc}", file=sys.stderr)
         return 1
     print(f"webhook {hook.get('id')}: project {args.project} sends TASKS_CREATED to {target}")
-    if not secret:
-        print("warning: DINOLABEL_WEBHOOK_SECRET is not set; anyone reaching /webhook can queue work", file=sys.stderr)
     return 0
 
 

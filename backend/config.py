@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from backend.fetch_network import AddressPolicy
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -26,6 +28,7 @@ class Settings(BaseSettings):
     host: str = "0.0.0.0"
     port: int = 9090
     log_level: str = "info"
+    max_request_bytes: int = Field(default=100 * 1024 * 1024, gt=0)  # Label Studio's biggest: see README
     basic_auth_user: str | None = Field(
         default=None, validation_alias=AliasChoices("DINOLABEL_BASIC_AUTH_USER", "BASIC_AUTH_USER")
     )
@@ -66,9 +69,12 @@ class Settings(BaseSettings):
 
     # Images
     image_timeout: float = Field(default=15.0, gt=0)
+    image_total_timeout: float = Field(default=30.0, gt=0)
+    fetch_allow: Annotated[tuple[str, ...], NoDecode] = ()
     image_max_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
     image_max_pixels: int = Field(default=100_000_000, gt=0)
     image_download_threads: int = Field(default=8, ge=1)
+    image_preprocess_threads: int | None = Field(default=None, ge=1)  # None: one per usable core
 
     @field_validator(
         "basic_auth_user", "basic_auth_pass", "detector_revision", "redis_url", "webhook_secret", "label_studio_url",
@@ -78,6 +84,30 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, value: object) -> object:
         """``VAR=`` (as compose files and shells often leave it) means unset, not "" or the current folder."""
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("fetch_allow", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        """``DINOLABEL_FETCH_ALLOW=minio, 10.0.0.0/8``: split on commas; refused at start-up if an entry is bad."""
+        if isinstance(value, str):
+            value = [entry.strip() for entry in value.split(",") if entry.strip()]
+        if isinstance(value, list | tuple):
+            AddressPolicy.parse(str(entry) for entry in value)  # raises ValueError naming the entry
+        return value
+
+    @model_validator(mode="after")
+    def _key_needs_its_url(self) -> Settings:
+        """The operator's key goes only to the operator's Label Studio, so it needs that URL.
+
+        Without one it would have to ride along to whatever ``hostname`` a ``/setup`` call names.
+        """
+        if self.label_studio_api_key is not None and not self.label_studio_url:
+            raise ValueError(
+                "DINOLABEL_LABEL_STUDIO_API_KEY is set but DINOLABEL_LABEL_STUDIO_URL is not: the key is only "
+                "sent to the Label Studio it belongs to; set that URL too, or unset the key to use the address "
+                "and token that Label Studio sends in /setup"
+            )
+        return self
 
 
 @lru_cache

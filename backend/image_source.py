@@ -3,9 +3,13 @@
 A task's ``$image`` can be an upload (``/data/upload/<project>/<file>``), a Local Files storage URL
 (``/data/local-files/?d=<path>``, sometimes absolute on the Label Studio host), a cloud URI that only
 Label Studio can presign (``s3://``, ``gs://``, ``azure-blob://``), a plain web URL or a data URI.
-Each needs different credentials, and the Label Studio token must never leak to a foreign host, so
-the rules live in one place. Files that sit on a shared disk are read directly, which is faster and
-spares Label Studio. Decoding is not done here (see ``model.images``).
+Each needs different credentials, and the Label Studio token must never leak, so the rules live in
+one place: the token goes only to Label Studio's file routes (uploads, local files, storage data,
+presign), never to its API or to any other host. Files that sit on a shared disk are read directly,
+which is faster and spares Label Studio, and never from outside the folder they belong to (symlinks
+resolved). Which addresses may be fetched at all, and the total time a fetch may take, are kept by
+``backend.fetch_network``. Decoding is not done here (see ``model.images``), and no failure reason
+ever quotes what a server sent: task data is untrusted, and reasons reach job records.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ import base64
 import binascii
 import os
 import posixpath
+import re
 import stat
+from collections.abc import Iterable
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from pathlib import Path
 from types import TracebackType
@@ -32,6 +38,7 @@ from urllib.parse import (
 
 import httpx
 
+from backend.fetch_network import AddressPolicy, AddressRefused, GuardedTransport, fetch_deadline, time_left
 from backend.ls_auth import LabelStudioAuth, LabelStudioAuthError
 
 __all__ = ["ImageFetchError", "ImageFetcher", "redact_url"]
@@ -41,14 +48,20 @@ CLOUD_PREFIXES = ("s3://", "gs://", "azure-blob://", "azure-spi://", "azure_spi:
 MAX_REDIRECTS = 5
 
 _UPLOAD_PREFIX = "/data/upload/"
+_UPLOAD_DIR = "upload/"  # where uploads sit under Label Studio's MEDIA_ROOT
 _LOCAL_FILES_PATHS = frozenset({"/data/local-files", "/data/local-files/"})
 # Newer Label Studio serves uploads kept in cloud-backed media storage through this proxy.
 _STORAGE_DATA_PATHS = frozenset({"/storage-data/uploaded", "/storage-data/uploaded/"})
+# Label Studio routes that serve files: the only paths that get the token (the API never does).
+_PRESIGN_PATH = re.compile(r"/tasks/\d+/(?:presign|resolve)/?")
 _SECRET_WORDS = ("sig", "token", "key", "secret", "password", "credential", "policy", "auth")
 
 
 class ImageFetchError(Exception):
-    """An image could not be fetched; the message names the (redacted) URL and the reason."""
+    """An image could not be fetched; the message names the (redacted) URL and the reason.
+
+    Reasons say what happened (status, time-out, refusal, size) and never quote fetched bytes.
+    """
 
     def __init__(self, url: str, reason: str, *, status: int | None = None) -> None:
         """``url`` is redacted here, so callers may pass the raw value; ``status`` is the HTTP status."""
@@ -86,7 +99,7 @@ class ImageFetcher:
     """Fetches task images from Label Studio, shared disks, cloud storage (via presign) or the web.
 
     Thread-safe: one instance is shared by the download thread pool (httpx's pool and the token
-    refresh are both safe to use concurrently).
+    refresh are both safe to use concurrently; each fetch's deadline belongs to its thread).
     """
 
     def __init__(
@@ -97,21 +110,33 @@ class ImageFetcher:
         document_root: Path | None = None,
         media_root: Path | None = None,
         timeout: float = 15.0,
+        total_timeout: float = 30.0,
         max_bytes: int = 50 * 1024 * 1024,
+        allow: Iterable[str] = (),
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        """``document_root``/``media_root`` mirror Label Studio's LOCAL_FILES_DOCUMENT_ROOT and MEDIA_ROOT."""
+        """``document_root``/``media_root`` mirror Label Studio's LOCAL_FILES_DOCUMENT_ROOT and MEDIA_ROOT.
+
+        ``timeout`` bounds each connect and each read; ``total_timeout`` the whole fetch (connect, every
+        read, every redirect hop). ``allow`` lists the hosts, IP addresses or CIDR networks (``*``: all)
+        that may be fetched although not public; Label Studio's own origin always may. ``transport``
+        replaces the guarded network (tests of other layers only: it skips the address policy).
+        """
         if max_bytes <= 0:
             raise ValueError(f"max_bytes must be positive, got {max_bytes}")
-        if timeout <= 0:
-            raise ValueError(f"timeout must be positive, got {timeout}")
+        if timeout <= 0 or total_timeout <= 0:
+            raise ValueError(f"timeouts must be positive, got {timeout} and {total_timeout}")
         base = label_studio_url.strip().rstrip("/") if label_studio_url else ""
         # A malformed URL (e.g. a /setup hostname without scheme) fails the fetches that need it,
         # with this reason, instead of failing construction and with it every other image.
         self._ls_problem: str | None = None
+        try:
+            origins = [_host_port(base)] if base else []  # Label Studio's own address is always allowed
+        except (ValueError, httpx.InvalidURL):
+            self._ls_problem, base, origins = f"the Label Studio URL {redact_url(base)!r} is malformed", "", []
         if base and urlsplit(base).scheme.lower() not in ("http", "https"):
             self._ls_problem = f"the Label Studio URL {redact_url(base)!r} does not start with http:// or https://"
-            base = ""
+            base, origins = "", []
         self._ls_base = base or None
         self._ls_path = urlsplit(self._ls_base).path.rstrip("/") if self._ls_base else ""
         key = api_key.strip() if api_key else ""
@@ -121,9 +146,10 @@ class ImageFetcher:
         self._document_root = document_root
         self._media_root = media_root
         self._timeout = timeout
+        self._total_timeout = total_timeout
         self._max_bytes = max_bytes
         self._client = httpx.Client(
-            transport=transport,
+            transport=transport or GuardedTransport(AddressPolicy.parse(allow, origins=origins)),
             timeout=httpx.Timeout(timeout),
             follow_redirects=False,  # redirects are followed by hand, deciding auth per hop
             headers={"User-Agent": USER_AGENT},
@@ -134,11 +160,22 @@ class ImageFetcher:
 
     # -- public API ------------------------------------------------------------------------------
 
+    @property
+    def total_timeout(self) -> float:
+        """Seconds one fetch may take in all; callers waiting on a fetch need not wait longer."""
+        return self._total_timeout
+
     def fetch(self, value: str, *, task_id: int | None = None) -> bytes:
         """The bytes behind a task's image value; ``task_id`` is needed for cloud URIs only."""
         if not isinstance(value, str) or not value.strip():
             raise ImageFetchError(repr(value), "empty image reference in task data")
-        value = value.strip()
+        try:
+            with fetch_deadline(self._total_timeout):
+                return self._fetch(value.strip(), task_id)
+        except (ValueError, httpx.InvalidURL) as exc:  # from URL parsing: one bad task, not a crashed batch
+            raise ImageFetchError(value, f"malformed URL ({exc})") from None
+
+    def _fetch(self, value: str, task_id: int | None) -> bytes:
         lowered = value[:16].lower()
         if lowered.startswith("data:"):
             return self._from_data_uri(value)
@@ -194,12 +231,31 @@ class ImageFetcher:
         path = urlsplit(relative).path
         return path.startswith(_UPLOAD_PREFIX) or path in _LOCAL_FILES_PATHS or path in _STORAGE_DATA_PATHS
 
+    def _sends_token(self, url: str) -> bool:
+        """True when ``url`` is one of Label Studio's file routes: the only requests that carry the token.
+
+        Decided on the path httpx will send (dot segments removed); a path with a percent-encoded
+        ``..`` left in it gets no token.
+        """
+        if self._auth is None or not self._auth.applies_to(url):
+            return False
+        path = httpx.URL(url).path
+        if not path.startswith(self._ls_path + "/") or ".." in path.split("/"):
+            return False
+        route = path[len(self._ls_path) :]
+        return (
+            route.startswith(_UPLOAD_PREFIX)
+            or route in _LOCAL_FILES_PATHS
+            or route in _STORAGE_DATA_PATHS
+            or _PRESIGN_PATH.fullmatch(route) is not None
+        )
+
     def _from_label_studio(self, relative: str, *, display: str) -> bytes:
         """Uploads and Local Files: read from the shared disk when configured, else via Label Studio."""
         parts = urlsplit(relative)
         path = parts.path
         if path.startswith(_UPLOAD_PREFIX):
-            key = unquote(path[len("/data/") :])  # "upload/<project>/<file>", as under MEDIA_ROOT
+            key = _upload_key(unquote(path[len("/data/") :]), display)  # "upload/<project>/<file>"
             local = self._existing_media_file(key, display)
             if local is not None:
                 return self._read_local(local, display)
@@ -214,7 +270,9 @@ class ImageFetcher:
             return self._download(self._label_studio_url(relative, display), display=display)
         if path in _STORAGE_DATA_PATHS:
             key = _last_query_value(parts.query, "filepath")
-            local = self._existing_media_file(key, display) if key else None
+            # Only uploads are read from disk; anything else (avatars) is Label Studio's to decide.
+            is_upload = key is not None and key.startswith(_UPLOAD_DIR)
+            local = self._existing_media_file(_upload_key(key, display), display) if key and is_upload else None
             if local is not None:
                 return self._read_local(local, display)
         return self._download(self._label_studio_url(relative, display), display=display)
@@ -270,21 +328,27 @@ class ImageFetcher:
     # -- local disk ------------------------------------------------------------------------------
 
     def _existing_media_file(self, key: str, display: str) -> Path | None:
-        """``media_root/<key>`` when configured and present; None means "ask Label Studio"."""
+        """``media_root/<key>`` for an upload key, when configured and present; None means "ask Label Studio"."""
         if self._media_root is None:
             return None
-        candidate = _join_under(self._media_root, key, display, "media root")
+        upload = Path(self._media_root) / _UPLOAD_DIR
+        candidate = _join_under(upload, key[len(_UPLOAD_DIR) :], display, "media root's upload folder")
         return candidate if candidate.is_file() else None
 
     def _read_local(self, path: Path, display: str) -> bytes:
-        """Read a file from disk with the same size limit as downloads."""
+        """Read a file from disk with the same size limit as downloads.
+
+        ``path`` is already resolved: a symlink found there now was swapped in since, and is refused
+        (``O_NOFOLLOW``); ``O_NONBLOCK`` keeps a FIFO from blocking the open.
+        """
         try:
-            info = path.stat()
-            if not stat.S_ISREG(info.st_mode):
-                raise ImageFetchError(display, f"{path} is not a regular file")
-            if info.st_size > self._max_bytes:
-                raise ImageFetchError(display, _too_large(f"file is {info.st_size:,} bytes", self._max_bytes))
-            with path.open("rb") as handle:
+            flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+            with os.fdopen(os.open(path, flags), "rb") as handle:
+                info = os.fstat(handle.fileno())
+                if not stat.S_ISREG(info.st_mode):
+                    raise ImageFetchError(display, f"{path} is not a regular file")
+                if info.st_size > self._max_bytes:
+                    raise ImageFetchError(display, _too_large(f"file is {info.st_size:,} bytes", self._max_bytes))
                 data = handle.read(self._max_bytes + 1)
         except FileNotFoundError:
             raise ImageFetchError(display, f"file missing: {path}") from None
@@ -299,33 +363,45 @@ class ImageFetcher:
     # -- HTTP ------------------------------------------------------------------------------------
 
     def _download(self, url: str, *, display: str) -> bytes:
-        """GET ``url``, following redirects by hand: Label Studio auth only on Label Studio's origin."""
+        """GET ``url``, following redirects by hand, deciding the token per hop (file routes only)."""
         current = url
         for _hop in range(MAX_REDIRECTS + 1):
-            auth = self._auth if self._auth is not None and self._auth.applies_to(current) else None
+            with_token = self._sends_token(current)
+            left = time_left()
+            if left is not None and left <= 0:
+                raise ImageFetchError(display, self._total_reason(current, display))
+            timeout = self._timeout if left is None else min(self._timeout, left)
             try:
-                with self._client.stream("GET", current, auth=auth) as response:
+                with self._client.stream(
+                    "GET", current, auth=self._auth if with_token else None, timeout=timeout
+                ) as response:
                     if response.is_redirect:
                         current = str(response.url.join(response.headers["location"]))
                         continue
                     if response.status_code != 200:
                         raise ImageFetchError(
                             display,
-                            self._status_reason(response, current, display),
+                            self._status_reason(response.status_code, current, display, with_token),
                             status=response.status_code,
                         )
                     return self._read_body(response, current, display)
             except httpx.TimeoutException as exc:
                 raise ImageFetchError(display, self._timeout_reason(exc, current, display)) from exc
+            except (httpx.ProtocolError, httpx.DecodingError) as exc:
+                # Their messages can quote what the server sent (a Redis or SSH banner): name the kind only.
+                reason = f"the answer{_where(current, display)} is not valid HTTP ({type(exc).__name__})"
+                raise ImageFetchError(display, reason) from exc
             except httpx.HTTPError as exc:
                 reason = f"request failed{_where(current, display)}: {type(exc).__name__}: {exc}"
                 raise ImageFetchError(display, reason) from exc
+            except AddressRefused as exc:
+                raise ImageFetchError(display, exc.reason + _where(current, display)) from None
             except LabelStudioAuthError as exc:
                 raise ImageFetchError(display, str(exc)) from exc
         raise ImageFetchError(display, f"more than {MAX_REDIRECTS} redirects{_where(current, display)}")
 
     def _read_body(self, response: httpx.Response, current: str, display: str) -> bytes:
-        """Stream the body, refusing early on Content-Length and stopping once past ``max_bytes``."""
+        """Stream the body, refusing early on Content-Length, stopping past ``max_bytes`` or the deadline."""
         declared = response.headers.get("content-length")
         if declared is not None and declared.strip().isdigit() and int(declared) > self._max_bytes:
             raise ImageFetchError(display, _too_large(f"Content-Length is {int(declared):,} bytes", self._max_bytes))
@@ -343,24 +419,29 @@ class ImageFetcher:
                 raise ImageFetchError(
                     display, _too_large("download passed the limit, stopped reading", self._max_bytes)
                 )
+            left = time_left()
+            if left is not None and left <= 0:
+                raise ImageFetchError(display, self._total_reason(current, display))
         return bytes(body)
 
-    def _status_reason(self, response: httpx.Response, current: str, display: str) -> str:
-        status = response.status_code
-        reason = f"HTTP {status} {response.reason_phrase}".rstrip() + _where(current, display)
-        on_label_studio = self._auth is not None and self._auth.applies_to(current)
-        if on_label_studio and status == 401:
+    def _status_reason(self, status: int, current: str, display: str, with_token: bool) -> str:
+        """The status and, for Label Studio, what it likely means; the server's own words are not quoted."""
+        reason = f"HTTP {status} {httpx.codes.get_reason_phrase(status)}".rstrip() + _where(current, display)
+        if with_token and status == 401:
             reason += (
                 " (Label Studio rejected the API key; legacy tokens only work where the organisation "
                 "enables them, personal access tokens always do)"
             )
-        elif on_label_studio and status == 403:
+        elif with_token and status == 403:
             reason += " (the API key's user has no access to this project or file)"
-        elif on_label_studio and status == 404 and "/presign/" in urlsplit(current).path:
+        elif with_token and status == 404 and "/presign/" in urlsplit(current).path:
             reason += " (Label Studio found no storage in the task's project that can resolve this URI)"
         return reason
 
     def _timeout_reason(self, exc: httpx.TimeoutException, current: str, display: str) -> str:
+        left = time_left()
+        if left is not None and left <= 0:
+            return self._total_reason(current, display)
         phase = {
             httpx.ConnectTimeout: "connecting",
             httpx.ReadTimeout: "waiting for data",
@@ -368,6 +449,12 @@ class ImageFetcher:
             httpx.PoolTimeout: "waiting for a free connection",
         }.get(type(exc), "talking to the server")
         return f"timed out after {self._timeout:g} s {phase}{_where(current, display)}"
+
+    def _total_reason(self, current: str, display: str) -> str:
+        return (
+            f"took longer than {self._total_timeout:g} s in total{_where(current, display)} "
+            "(connecting, redirects and download; DINOLABEL_IMAGE_TOTAL_TIMEOUT)"
+        )
 
     # -- data URIs -------------------------------------------------------------------------------
 
@@ -415,20 +502,41 @@ def _last_query_value(query: str, name: str) -> str | None:
     return values[-1] if values else None
 
 
-def _join_under(root: Path, relative: str, display: str, label: str) -> Path:
-    """``root/relative``, refusing anything that climbs out of ``root``.
+def _upload_key(key: str, display: str) -> str:
+    """An upload key (``upload/<project>/<file>``, already percent-decoded) that stays inside ``upload/``.
 
-    Normalised like Label Studio's Local Files view (``normpath`` then ``lstrip('/')`` then a
-    lexical containment check), so a leading ``/`` means "from the root" and ``..`` is refused.
+    ``/data/upload/../export.json`` (or ``%2e%2e``) would otherwise name any file under MEDIA_ROOT, or
+    any route on Label Studio once httpx removes the dot segments.
+    """
+    if "\x00" in key:
+        raise ImageFetchError(display, "path contains a NUL byte")
+    normalised = posixpath.normpath(key)
+    if not normalised.startswith(_UPLOAD_DIR):
+        raise ImageFetchError(display, f"path {key!r} is outside the media root's upload folder")
+    return normalised
+
+
+def _join_under(root: Path, relative: str, display: str, label: str) -> Path:
+    """The real path of ``root/relative``, refusing anything that ends up outside ``root``.
+
+    Normalised like Label Studio's Local Files view (``normpath`` then ``lstrip('/')``), so a leading
+    ``/`` means "from the root" and ``..`` is refused; then symlinks are resolved on both sides, so a
+    link inside the root that points out of it is refused too. The caller reads the resolved path.
     """
     if "\x00" in relative:
         raise ImageFetchError(display, "path contains a NUL byte")
     normalised = posixpath.normpath(relative).lstrip("/")
-    base = Path(os.path.abspath(root))
-    candidate = Path(os.path.normpath(base / normalised))
+    base = Path(os.path.realpath(root))
+    candidate = Path(os.path.realpath(base / normalised))
     if not candidate.is_relative_to(base):
         raise ImageFetchError(display, f"path {relative!r} is outside the {label} {base}")
     return candidate
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    """The host (as sent on the wire) and effective port of ``url``: what a connection is opened to."""
+    parsed = httpx.URL(url)
+    return parsed.raw_host.decode("ascii"), parsed.port or {"http": 80, "https": 443}.get(parsed.scheme, 0)
 
 
 def _where(current: str, display: str) -> str:

@@ -9,7 +9,8 @@
 - ``run_batch``: predicts one batch and hands the predictions to the worker's writer thread, which
   writes those of many batches in one call to Label Studio's API (``backend.writer``).
 
-Arguments are JSON: ids, URLs and task dicts. The model comes from the worker's runtime.
+Arguments are JSON: ids, URLs and task dicts, never a Label Studio key (RQ keeps them in Redis): the
+worker resolves the key for the project. The model comes from the worker's runtime.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def predict_tasks(payload: dict[str, Any]) -> dict[str, Any]:
     """Predict a few tasks for a waiting ``/predict``: ``{predictions, failures}``."""
     runtime = current_runtime()
     target = parse_label_config(payload["label_config"])
-    fetcher = runtime.fetcher(payload.get("label_studio_url"), payload.get("api_key"))
+    fetcher = runtime.fetcher(runtime.label_studio(payload.get("project")))
     outcome = runtime.predictor.predict(
         payload["tasks"],
         target,
@@ -52,6 +53,7 @@ def predict_tasks(payload: dict[str, Any]) -> dict[str, Any]:
         payload["model_version"],
         fetcher,
         payload.get("context"),
+        deadline=payload.get("deadline"),  # when the waiting request gives up: work past it is wasted
     )
     return {
         "predictions": outcome.predictions,
@@ -120,8 +122,8 @@ def cancel_if_queued(rq_job: Job) -> bool:
 
 def _client(spec: JobSpec) -> LabelStudioClient:
     runtime = current_runtime()
-    url, key = runtime.label_studio(spec.label_studio_url, spec.api_key)
-    return LabelStudioClient(url or "", key, retries=runtime.settings.label_studio_retries)
+    access = runtime.label_studio(spec.project)
+    return LabelStudioClient(access.url or "", access.api_key, retries=runtime.settings.label_studio_retries)
 
 
 def plan_job(job_id: str) -> dict[str, Any]:
@@ -255,8 +257,9 @@ def run_batch(job_id: str, number: int) -> dict[str, Any]:
         record_batch(runtime.connection, seconds=seconds, predicted=len(ids), failed=len(failures) + len(lost))
 
     if rows:
-        url, key = runtime.label_studio(spec.label_studio_url, spec.api_key)
-        runtime.writer.submit(Submission((url or "", key, spec.project, spec.model_version), rows, written))
+        access = runtime.label_studio(spec.project)
+        target = (access.url or "", access.api_key, spec.project, spec.model_version)
+        runtime.writer.submit(Submission(target, rows, written))
     else:
         written([], [], None)
     return {"predicted": len(rows), "skipped": skipped, "failed": len(failures), "seconds": round(seconds, 3)}
@@ -288,7 +291,7 @@ def _predict(
     if not tasks:
         return [], []
     target = parse_label_config(spec.label_config)
-    fetcher = runtime.fetcher(spec.label_studio_url, spec.api_key)
+    fetcher = runtime.fetcher(runtime.label_studio(spec.project))
     outcome = runtime.predictor.predict(tasks, target, DetectionParams(**spec.params), spec.model_version, fetcher)
     failed = {f.task_id: f.reason for f in outcome.failures}
     rows = [{"task": t["id"], **p} for t, p in zip(tasks, outcome.predictions, strict=True) if t["id"] not in failed]

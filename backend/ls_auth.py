@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-__all__ = ["LabelStudioAuth", "LabelStudioAuthError", "TokenKind", "token_kind"]
+__all__ = ["LabelStudioAuth", "LabelStudioAuthError", "TokenKind", "same_origin", "token_kind"]
 
 TokenKind = Literal["legacy", "personal", "access"]
 
@@ -79,6 +79,15 @@ def _origin(url: str | httpx.URL) -> tuple[str, str, int | None]:
     except ValueError:
         port = None
     return scheme, (parts.hostname or "").lower(), port
+
+
+def same_origin(a: str | httpx.URL, b: str | httpx.URL) -> bool:
+    """Scheme, host and effective port all equal: the unit a Label Studio credential belongs to.
+
+    URLs without an http(s) scheme or a host have no origin and match nothing (not even each other).
+    """
+    origin = _origin(a)
+    return origin[0] in ("http", "https") and bool(origin[1]) and origin == _origin(b)
 
 
 class LabelStudioAuth(httpx.Auth):

@@ -7,8 +7,9 @@
   (a read time-out, a dropped connection, a 5xx from Label Studio or a proxy) may have been committed,
   and raises ``WriteUncertain``. ``import_predictions`` then asks Label Studio which of its tasks now
   hold a prediction of the model version and writes only the others.
-- Other 4xx answers are not retried (they will not get better) and raise ``LabelStudioError`` with
-  Label Studio's own message.
+- Other 4xx answers are not retried (they will not get better) and raise ``LabelStudioError``. Its
+  message names the status but never quotes the body (it reaches job records, and the URL may not be
+  Label Studio's): the body goes to this process's log.
 
 Tokens of both kinds work (``LabelStudioAuth``).
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import email.utils
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -42,6 +44,9 @@ _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 def _id_after(task_id: int) -> dict[str, Any]:
     """A Data Manager filter: tasks whose id is greater than ``task_id``."""
     return {"filter": "filter:tasks:id", "operator": "greater", "type": "Number", "value": task_id}
+
+
+_MEDIA_TYPE = re.compile(r"[\w.+-]{1,40}/[\w.+-]{1,60}")
 
 
 class LabelStudioError(RuntimeError):
@@ -124,7 +129,7 @@ class LabelStudioClient:
             else:
                 if response.status_code < 400:
                     return response.json() if response.content else None
-                reason, status = f"HTTP {response.status_code}: {response.text[:500]}", response.status_code
+                reason, status = _status_reason(method, path, response), response.status_code
                 if status == 429:
                     wait = retry_after(response)
                 elif status >= 500 and not read:
@@ -275,3 +280,15 @@ class LabelStudioClient:
                 "is_active": True,
             },
         )
+
+
+def _status_reason(method: str, path: str, response: httpx.Response) -> str:
+    """``HTTP 400 Bad Request (application/json body of 57 bytes, logged by this process)``."""
+    status = response.status_code
+    log.warning("%s %s answered HTTP %d: %.500r", method, path, status, response.text)
+    kind = response.headers.get("content-type", "").split(";")[0].strip()
+    kind = kind if _MEDIA_TYPE.fullmatch(kind) else "untyped"
+    return (
+        f"HTTP {status} {httpx.codes.get_reason_phrase(status)} "
+        f"({kind} body of {len(response.content):,} bytes, logged by this process)"
+    )

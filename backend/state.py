@@ -16,6 +16,7 @@ from redis import Redis
 
 from backend.bulk import BulkJob, JobSpec
 from backend.config import Settings
+from backend.ls_credentials import LabelStudioAccess, label_studio_access
 from backend.queues import KEY_PREFIX, EmbeddedRedis, Queues, connect
 from model import DetectionParams, model_version
 
@@ -94,18 +95,18 @@ class ProjectStore:
             )
         return self._versions[params]
 
-    def label_studio(self, project: Project) -> tuple[str | None, str | None]:
-        """Label Studio's URL and token for a project: settings first, then what ``/setup`` sent."""
-        s = self.settings
-        url = s.label_studio_url or project.hostname
-        key = s.label_studio_api_key.get_secret_value() if s.label_studio_api_key else project.access_token
-        return url, key
+    def label_studio(self, project: Any) -> LabelStudioAccess:
+        """The Label Studio URL and key for a project, from these settings and its ``/setup`` record."""
+        record = self.get(project)
+        return label_studio_access(self.settings, record.hostname, record.access_token)
 
     def job_spec(self, project_number: int, *, label_config: str | None, source: str) -> JobSpec:
-        """What a bulk job for the project needs; raises NoLabelStudio when we cannot reach it."""
+        """What a bulk job for the project needs; raises NoLabelStudio when we cannot reach it.
+
+        The spec holds no URL or key (it is stored in Redis): the workers resolve them.
+        """
         project = self.get(project_number)
-        url, key = self.label_studio(project)
-        if not url:
+        if not label_studio_access(self.settings, project.hostname, project.access_token).url:
             raise NoLabelStudio(
                 f"no Label Studio address for project {project_number}: connect the model to the project in "
                 "Label Studio (it then calls /setup) or set DINOLABEL_LABEL_STUDIO_URL and _API_KEY"
@@ -115,8 +116,6 @@ class ProjectStore:
             model_version=self.model_version(project.params),
             label_config=label_config or project.label_config or "",
             params=asdict(project.params),
-            label_studio_url=url,
-            api_key=key,
             source=source,
         )
 

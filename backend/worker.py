@@ -26,7 +26,7 @@ from typing import Any
 
 import redis
 from redis import Redis
-from rq import SimpleWorker
+from rq import Queue, SimpleWorker
 from rq.exceptions import StopRequested
 from rq.job import Job
 from rq.serializers import JSONSerializer
@@ -35,8 +35,10 @@ from rq.timeouts import TimerDeathPenalty
 from backend.bulk import BulkJob, Workers
 from backend.config import Settings
 from backend.image_source import ImageFetcher
+from backend.ls_credentials import LabelStudioAccess
 from backend.predictor import Predictor
 from backend.queues import KEY_PREFIX, Queues
+from backend.state import ProjectStore
 from backend.writer import Writer
 from model import create_detector
 
@@ -59,31 +61,30 @@ class Runtime:
     connection: Redis
     name: str
     writer: Writer
-    _fetchers: dict[tuple[str | None, str | None], ImageFetcher] = field(default_factory=dict)
+    _fetchers: dict[LabelStudioAccess, ImageFetcher] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def label_studio(self, url: str | None, api_key: str | None) -> tuple[str | None, str | None]:
-        """The Label Studio address and token a job names, unless this worker's settings name its own
-        (a worker may reach Label Studio by another address than the API does)."""
-        s = self.settings
-        key = s.label_studio_api_key.get_secret_value() if s.label_studio_api_key else api_key
-        return s.label_studio_url or url, key
+    def label_studio(self, project: int | None) -> LabelStudioAccess:
+        """Label Studio's address and key for a project, from this worker's settings (a worker may
+        reach Label Studio by another address than the API) and the project's ``/setup`` record."""
+        return ProjectStore(self.settings, self.connection).label_studio(project)
 
-    def fetcher(self, label_studio_url: str | None, api_key: str | None) -> ImageFetcher:
-        """One image fetcher (and connection pool) per Label Studio and token, kept for the process."""
+    def fetcher(self, access: LabelStudioAccess) -> ImageFetcher:
+        """One image fetcher (and connection pool) per Label Studio and key, kept for the process."""
         s = self.settings
-        url, key = self.label_studio(label_studio_url, api_key)
         with self._lock:
-            if (url, key) not in self._fetchers:
-                self._fetchers[(url, key)] = ImageFetcher(
-                    label_studio_url=url,
-                    api_key=key,
+            if access not in self._fetchers:
+                self._fetchers[access] = ImageFetcher(
+                    label_studio_url=access.url,
+                    api_key=access.api_key,
                     document_root=s.local_files_document_root,
                     media_root=s.media_root,
                     timeout=s.image_timeout,
+                    total_timeout=s.image_total_timeout,
                     max_bytes=s.image_max_bytes,
+                    allow=s.fetch_allow,
                 )
-            return self._fetchers[(url, key)]
+            return self._fetchers[access]
 
 
 # Jobs run on the thread that runs the worker loop: a thread-local runtime lets an embedded worker
@@ -101,13 +102,21 @@ def current_runtime() -> Runtime:
 
 class PredictionWorker(SimpleWorker):
     """A non-forking worker. With ``stop`` it runs off the main thread (the embedded worker): no
-    signal handlers, and it polls the queues in short waits so that setting ``stop`` ends it."""
+    signal handlers, and it polls the queues in short waits so that setting ``stop`` ends it.
+
+    The job it is running goes into ``published["busy"]`` (the state the heartbeat publishes), so ``/health``
+    can tell a worker stuck in one job past its time-out: RQ's timer raises its exception in the
+    job's thread only when that thread next runs Python code, never inside a blocking wait.
+    """
 
     death_penalty_class = TimerDeathPenalty  # signal-free job time-outs: works in any thread
 
-    def __init__(self, *args: Any, stop: threading.Event | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, stop: threading.Event | None = None, published: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.stop = stop
+        self.published = published if published is not None else {}  # RQ's own ``state`` is its status
         self.lost_redis = False
 
     def handle_exception(self, job: Any, *exc_info: Any) -> None:
@@ -116,8 +125,18 @@ class PredictionWorker(SimpleWorker):
             self.lost_redis = True
         super().handle_exception(job, *exc_info)
 
-    def execute_job(self, job: Any, queue: Any) -> None:
-        super().execute_job(job, queue)
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        timeout = job.timeout or queue.DEFAULT_TIMEOUT
+        self.published["busy"] = {
+            "job": job.id,
+            "function": job.func_name,  # not the description: it holds the arguments (tokens)
+            "since": time.time(),
+            "timeout": timeout if timeout > 0 else None,  # -1: no time-out
+        }
+        try:
+            super().execute_job(job, queue)
+        finally:
+            self.published["busy"] = None
         if self.lost_redis:  # Redis came back before RQ noticed: end the loop all the same, to recover
             raise redis.ConnectionError(f"job {job.id} lost Redis while it ran")
 
@@ -216,6 +235,7 @@ def load_predictor(settings: Settings) -> Predictor:
         batch_size=settings.batch_size or default_batch,
         max_pixels=settings.image_max_pixels,
         download_threads=settings.image_download_threads,
+        preprocess_threads=settings.image_preprocess_threads,
     )
 
 
@@ -244,7 +264,7 @@ def run_worker(
     """
     name = Workers.new_name()
     state = state if state is not None else {}
-    state.update(name=name, pid=os.getpid(), state="loading", checkpoint=settings.detector_checkpoint)
+    state.update(name=name, pid=os.getpid(), state="loading", checkpoint=settings.detector_checkpoint, busy=None)
     heartbeat = Heartbeat(connection, name, state, settings.batch_timeout)
     heartbeat.start()
     runtime: Runtime | None = None
@@ -277,6 +297,7 @@ def run_worker(
                     serializer=JSONSerializer,
                     worker_ttl=30,
                     stop=stop,
+                    published=state,
                 )
                 worker.work(burst=burst, logging_level=settings.log_level.upper())
                 runtime.writer.flush()  # batches counted, and the plan steps they ask for queued

@@ -79,12 +79,26 @@ def stub_worker_main() -> int:
 
     seconds = 1.0 / float(os.environ["BENCH_RATE"])
 
+    import torch
+
     class Stub:
-        device = "stub"
+        """No boxes, after ``1/rate`` seconds per image: ``detect`` for trees before the image pipeline,
+        ``stages`` for those after it."""
+
+        device = torch.device("cpu")
 
         def detect(self, images: Sequence[Any], *args: Any, **kwargs: Any) -> list[list[Any]]:
             time.sleep(seconds * len(images))
             return [[] for _ in images]
+
+        def stages(self, phrases: Sequence[str], params: Any, *, groups: Any = None) -> Any:
+            from model.pipeline import Stages
+
+            def forward(pixels: Any) -> None:
+                time.sleep(seconds * len(pixels))
+
+            return Stages(preprocess=lambda image: (torch.zeros((1, 1)), image.size), forward=forward,
+                          postprocess=lambda outputs, sizes: [[] for _ in sizes])  # fmt: skip
 
     settings = Settings()
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")

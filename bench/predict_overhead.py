@@ -53,6 +53,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import httpx
+import torch
 from PIL import Image
 
 from backend.config import Settings
@@ -63,6 +64,7 @@ from backend.predictor import Predictor
 from backend.queues import Queues, connect
 from bench.common import OtherLoad, busy, machine_info, positive_ints, write_report
 from model import DetectionParams, model_version
+from model.pipeline import Stages
 from tests.images import png
 from tests.processes import RedisServer, Service, health, wait_for
 
@@ -85,23 +87,23 @@ log = logging.getLogger("bench.predict_overhead")
 class StubDetector:
     """Answers every image with no boxes, at once: what remains is everything around the model."""
 
-    device = "stub"  # the worker reports str(detector.device) in /health
+    device = torch.device("cpu")  # the pipeline copies batches to it; /health reports it
 
-    def detect(
-        self,
-        images: Sequence[Image.Image],
-        phrases: Sequence[str],
-        params: DetectionParams,
-        groups: Sequence[int] | None = None,
-        batch_size: int = 4,
-    ) -> list[list[Any]]:
-        return [[] for _ in images]
+    def stages(
+        self, phrases: Sequence[str], params: DetectionParams, *, groups: Sequence[int] | None = None
+    ) -> Stages[Image.Image, tuple[int, int], list[Any]]:
+        """No resize, no model: a one-number tensor per image (all batch together), no boxes."""
+        return Stages(
+            preprocess=lambda image: (torch.zeros((1, 1)), image.size),
+            forward=lambda pixels: None,
+            postprocess=lambda outputs, sizes: [[] for _ in sizes],
+        )
 
 
 def stub_predictor(settings: Settings) -> Predictor:
     """Same signature and wrapping as ``backend.worker.load_predictor``, with the stub inside."""
     return Predictor(
-        StubDetector(),  # type: ignore[arg-type]  # duck-typed: Predictor only calls detect()
+        StubDetector(),  # type: ignore[arg-type]  # duck-typed: Predictor only calls stages() and device
         batch_size=settings.batch_size or 1,  # None: load_predictor's default off a GPU
         max_pixels=settings.image_max_pixels,
         download_threads=settings.image_download_threads,
@@ -269,8 +271,7 @@ def queue_caller(redis_url: str, version: str) -> tuple[Callable[[int], None], C
             "label_config": LABEL_CONFIG,
             "params": params,
             "model_version": version,
-            "label_studio_url": None,
-            "api_key": None,
+            "project": None,
             "context": None,
         }
         job = queue.enqueue(predict_tasks, payload, result_ttl=RESULT_TTL, job_timeout=120)

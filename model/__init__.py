@@ -1,11 +1,12 @@
 """Detector and embedder wrappers. Knows nothing of HTTP or Label Studio.
 
-``create_detector`` is the one entry point for detection models; the detector's public types are
-re-exported here.
+``create_detector`` and ``create_embedder`` are the entry points for detection and embedding models;
+their public types are re-exported here.
 """
 
 from __future__ import annotations
 
+from model.embedder import DEFAULT_EMBEDDER, DinoV2Embedder, create_embedder, embedder_version
 from model.grounding_dino import DEFAULT_CHECKPOINT, Detection, GroundingDinoDetector
 from model.postprocess import DetectionParams
 from model.prompt import PromptError, normalize_phrase
@@ -13,11 +14,15 @@ from model.versioning import model_version
 
 __all__ = [
     "DEFAULT_CHECKPOINT",
+    "DEFAULT_EMBEDDER",
     "Detection",
     "DetectionParams",
+    "DinoV2Embedder",
     "GroundingDinoDetector",
     "PromptError",
     "create_detector",
+    "create_embedder",
+    "embedder_version",
     "model_version",
     "normalize_phrase",
 ]

@@ -4,18 +4,23 @@ Boxes that the detector returns are stored by Label Studio as percentages of the
 so everything here aims at one thing: the width, height and pixels we hand to the model must be those
 of the image after EXIF orientation and after flattening transparency the way a browser does (on
 white). No HTTP and no Label Studio knowledge lives here; ``backend.image_source`` fetches the bytes.
+
+The bytes are untrusted and failure reasons travel far (logs, job records returned by the API), so a
+reason says what was expected and what was found *by kind* ("a JSON document, 312 bytes"), never
+quoting the bytes themselves: otherwise any file or internal URL could be read back through them.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import re
 import struct
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["ImageDecodeError", "decode_image"]
+__all__ = ["ImageDecodeError", "content_kind", "decode_image"]
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +29,14 @@ _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 # Modes that carry an alpha channel (premultiplied ones included): flattened on white.
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 _WHITE = (255, 255, 255, 255)
+# Formats people hand us instead of an image, told apart by their first bytes.
+_OTHER_FORMATS = (
+    (b"%PDF-", "a PDF document"),
+    (b"PK\x03\x04", "a ZIP archive"),
+    (b"\x1f\x8b", "gzip-compressed data"),
+)
+_HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1", b"avif", b"avis")
+_BYTES_REPR = re.compile(r"b'(?:[^'\\]|\\.)*'" + r'|b"(?:[^"\\]|\\.)*"')  # a bytes literal's repr
 
 
 class ImageDecodeError(ValueError):
@@ -46,7 +59,7 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise ImageDecodeError(
-            f"cannot decode image: not a recognised image format ({len(data)} bytes, starting with {data[:12]!r})"
+            f"cannot decode image: not a recognised image format: found {content_kind(data)}, {len(data):,} bytes"
         ) from None
     except Image.DecompressionBombError as exc:
         # Pillow's own global guard fired first (it is stricter than ours here); same outcome.
@@ -78,9 +91,39 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
     return rgb
 
 
+def content_kind(data: bytes) -> str:
+    """What ``data`` is, in words and by kind only ("an HTML or XML document", "unknown binary data")."""
+    head = data[:4096]
+    for magic, kind in _OTHER_FORMATS:
+        if head.startswith(magic):
+            return kind
+    if head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS:
+        return "a HEIF/AVIF image (unsupported)"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 3:  # not just a character cut at the end of the sample
+            return "unknown binary data"
+        text = head[: exc.start].decode("utf-8")
+    if any(ch < " " and ch not in "\t\r\n\f" for ch in text):
+        return "unknown binary data"
+    start = text.lstrip("\ufeff \t\r\n").lower()
+    if start.startswith("<"):
+        if "<svg" in start:
+            return "an SVG image (unsupported)"
+        return "an HTML or XML document"
+    if start.startswith(("{", "[")):
+        return "a JSON document"
+    return "text"
+
+
 def _describe(exc: BaseException) -> str:
-    """A reason a person can act on; Pillow's wording for truncation is terse."""
-    text = str(exc) or type(exc).__name__
+    """A reason a person can act on; Pillow's wording for truncation is terse.
+
+    Some decoder messages quote bytes of the file (``broken PNG file (chunk b'...')``): those are
+    replaced, like everything else that comes from the data.
+    """
+    text = _BYTES_REPR.sub("<bytes>", str(exc)) or type(exc).__name__
     if "truncated" in text or isinstance(exc, EOFError | struct.error):
         return f"image data is truncated or corrupt ({text})"
     return f"{type(exc).__name__}: {text}"

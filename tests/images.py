@@ -15,3 +15,14 @@ def png(width: int, height: int, seed: int) -> bytes:
     out = io.BytesIO()
     img.save(out, "PNG")
     return out.getvalue()
+
+
+def jpeg(width: int, height: int, seed: int, *, orientation: int | None = None) -> bytes:
+    """A JPEG like :func:`png`, stored ``width`` x ``height``, with an EXIF Orientation tag if given."""
+    img = Image.open(io.BytesIO(png(width, height, seed)))
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[0x0112] = orientation
+    out = io.BytesIO()
+    img.save(out, "JPEG", quality=90, exif=exif.tobytes())
+    return out.getvalue()

@@ -317,3 +317,44 @@ def build_real_size_grounding_dino(path: Path, *, seed: int = 0) -> Path:
     model = _build(grounding_dino_tiny_real_size_config(), seed)
     processor = _processor(BERT_BASE_VOCAB_SIZE, 256, shortest_edge=800, longest_edge=1333)
     return _save(model, processor, path)
+
+
+# --- DINOv2 (timm) ----------------------------------------------------------------------------------------
+
+# The tiny DINOv2: the ViT-S/14 DINOv2 architecture (patch 14, CLS token, LayerScale) at 48 dims and two
+# blocks, ~86k parameters plus its position table. Saved at 518 px like the real checkpoints, so loading it
+# at 224 px resamples the position embeddings exactly as the real weights are resampled.
+TINY_DINOV2_ARGS: dict[str, object] = {"depth": 2, "embed_dim": 48, "num_heads": 2}
+
+
+def build_dinov2_checkpoint(
+    path: Path,
+    *,
+    architecture: str = "vit_small_patch14_dinov2",
+    seed: int = 0,
+    layer_scale: float = 1.0,
+    img_size: int = 518,
+    **arch_args: object,
+) -> Path:
+    """A random-weight timm DINOv2 in timm's hub layout (``config.json`` + ``model.safetensors``).
+
+    ``layer_scale`` is the initial LayerScale gamma. timm's default (1e-5) makes every block almost the
+    identity, so a random model maps every image to ~the same vector (MODEL-NOTES.md); at 1.0 the blocks
+    act and embeddings of different images spread out, which tests and the evaluation need.
+    """
+    import timm
+    from timm.models import save_for_hf
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = timm.create_model(
+            architecture, pretrained=False, num_classes=0, img_size=img_size, init_values=layer_scale, **arch_args
+        )
+    path = Path(path)
+    save_for_hf(model.eval(), str(path), safe_serialization=True)
+    return path
+
+
+def build_tiny_dinov2(path: Path, *, seed: int = 0, img_size: int = 518) -> Path:
+    """The tiny DINOv2 (:data:`TINY_DINOV2_ARGS`), LayerScale 1.0; builds in milliseconds."""
+    return build_dinov2_checkpoint(path, seed=seed, img_size=img_size, **TINY_DINOV2_ARGS)

@@ -10,8 +10,10 @@ backend returned no results and stores nothing; the predictions appear as the wo
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import secrets
+import time
 from dataclasses import asdict
 from typing import Any
 
@@ -20,6 +22,7 @@ import redis
 from fastapi import APIRouter, Header, HTTPException, Request
 from fastapi.responses import JSONResponse
 
+from backend.auth import basic_auth_valid
 from backend.bulk import Marks, Workers
 from backend.config import Settings
 from backend.deps import MetricsDep, ServiceDep, SettingsDep
@@ -35,11 +38,19 @@ router = APIRouter(tags=["label-studio"])
 
 MODEL_CLASS = "GroundingDINO"
 SECRET_HEADER = "X-Dinolabel-Secret"
+ANONYMOUS_WEBHOOK_BYTES = 1024 * 1024
+"""Most bytes read from a webhook without the secret or credentials: enough for Label Studio's other
+events (an annotation with its task and project), which are only acknowledged."""
+_ANONYMOUS_LIMIT = f"webhooks without {SECRET_HEADER} or basic-auth credentials"
 
 
 @router.get("/health")
 def health(service: ServiceDep) -> JSONResponse:
-    """At once: ``UP`` with a ready worker, ``DEGRADED`` (200) without one, ``DOWN`` (503) without Redis."""
+    """At once: ``UP`` with a ready worker, ``DEGRADED`` (200) without one, ``DOWN`` (503) without Redis.
+
+    Also ``DEGRADED`` while a worker has been busy on one job longer than that job's time-out: it is
+    stuck (a wait that RQ's timer cannot interrupt), and what it holds waits behind it.
+    """
     try:
         depths = Queues.on(service.health_connection).depths()
         workers = Workers.all(service.health_connection)
@@ -47,8 +58,9 @@ def health(service: ServiceDep) -> JSONResponse:
         body = {"status": "DOWN", "model_class": MODEL_CLASS, "reason": f"Redis is unreachable: {exc}"}
         return JSONResponse(body, status_code=503)
     ready = [w for w in workers.values() if w.get("state") == "ready"]
+    stuck = [reason for w in workers.values() if (reason := _stuck(w, time.time()))]
     body: dict[str, Any] = {
-        "status": "UP" if ready else "DEGRADED",
+        "status": "UP" if ready and not stuck else "DEGRADED",
         "model_class": MODEL_CLASS,
         "redis": "ok",
         "queues": depths,
@@ -62,7 +74,23 @@ def health(service: ServiceDep) -> JSONResponse:
             else f"{loading} worker(s) loading the model" if loading
             else "no live worker: start `dinolabel worker`"
         )  # fmt: skip
+    elif stuck:
+        body["reason"] = "; ".join(stuck)
     return JSONResponse(body)
+
+
+def _stuck(worker: dict[str, Any], now: float) -> str | None:
+    """Why a worker counts as stuck (busy on one job past its time-out), or None."""
+    busy = worker.get("busy")
+    if not isinstance(busy, dict) or not busy.get("timeout"):
+        return None
+    seconds = now - float(busy.get("since") or now)
+    if seconds <= busy["timeout"]:
+        return None
+    return (
+        f"worker {worker.get('name')} has been busy on job {busy.get('job')} for {seconds:.0f} s, "
+        f"past its time-out of {busy['timeout']} s"
+    )
 
 
 @router.post("/setup", response_model=SetupResponse)
@@ -110,18 +138,24 @@ def _predict(body: PredictRequest, service: Service, settings: Settings, metrics
     number = project_id(body.project)
     if len(tasks) > settings.interactive_max_tasks:
         return _hand_off(service, metrics, number, tasks, label_config, version, "too_many_tasks")
-    url, key = service.projects.label_studio(project)
-    payload = {
+    deadline = time.time() + settings.predict_deadline  # the worker stops when this request stops waiting
+    payload = {  # stored in Redis: the project id, never a key (the worker resolves it)
         "tasks": tasks,
         "label_config": label_config,
         "params": asdict(project.params),
         "model_version": version,
-        "label_studio_url": url,
-        "api_key": key,
+        "project": number,
         "context": body.params.context if body.params else None,
+        "deadline": deadline,
     }
     job = service.queues.interactive.enqueue(
-        predict_tasks, payload, result_ttl=RESULT_TTL, job_timeout=int(settings.predict_deadline) + 60
+        predict_tasks,
+        payload,
+        result_ttl=RESULT_TTL,
+        job_timeout=int(settings.predict_deadline) + 60,
+        # RQ's default description is the call with its arguments, logged as the job starts: image
+        # URLs there may carry credentials.
+        description=f"predict {len(tasks)} tasks of project {number}",
     )
     result = job.latest_result(timeout=max(1, int(settings.predict_deadline)))
     if result is None:
@@ -150,11 +184,17 @@ async def webhook(
 ) -> dict[str, Any]:
     """``TASKS_CREATED`` queues pre-annotation of the new tasks; other events are acknowledged only.
 
-    Label Studio cannot send basic auth with webhooks, so ``TASKS_CREATED`` must carry the shared
-    secret in the ``X-Dinolabel-Secret`` header when ``DINOLABEL_WEBHOOK_SECRET`` is set.
+    Label Studio cannot send basic auth with webhooks, and it posts every event of a project to
+    ``<backend>/webhook`` once the model is connected. So the route is open, but ``TASKS_CREATED``
+    (which makes us write into Label Studio with our key) needs ``DINOLABEL_WEBHOOK_SECRET`` in the
+    ``X-Dinolabel-Secret`` header, or this service's basic-auth credentials. Both are checked before
+    the body is read: without them at most ``ANONYMOUS_WEBHOOK_BYTES`` are read, to learn the action.
     """
+    authorised = _webhook_secret_matches(settings, secret) or basic_auth_valid(settings, request.scope["headers"])
+    limit = settings.max_request_bytes if authorised else ANONYMOUS_WEBHOOK_BYTES
+    raw = await _read_body(request, limit, "DINOLABEL_MAX_REQUEST_BYTES" if authorised else _ANONYMOUS_LIMIT)
     try:
-        payload = await request.json()
+        payload = json.loads(raw)
     except ValueError as exc:
         raise HTTPException(status_code=400, detail="webhook body is not JSON") from exc
     if not isinstance(payload, dict):
@@ -162,9 +202,11 @@ async def webhook(
     action = payload.get("action")
     if action != "TASKS_CREATED":
         return {"status": "ignored", "action": action}
-    expected = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
-    if expected is not None and not secrets.compare_digest(secret or "", expected):
-        raise HTTPException(status_code=401, detail=f"TASKS_CREATED needs the shared secret in {SECRET_HEADER}")
+    if not authorised:
+        raise HTTPException(
+            status_code=401,
+            detail=f"TASKS_CREATED needs the shared secret (DINOLABEL_WEBHOOK_SECRET) in {SECRET_HEADER}",
+        )
     project = payload.get("project") or {}
     number = project.get("id") if isinstance(project, dict) else project
     tasks = [{"id": t["id"], "data": t.get("data") or {}} for t in payload.get("tasks") or [] if "id" in t]
@@ -177,6 +219,30 @@ async def webhook(
         raise HTTPException(status_code=409, detail=str(exc)) from exc
     log.info("webhook: %d new tasks of project %s -> job %s", len(tasks), number, job.id)
     return {"status": "queued", "action": action, "job_id": job.id, "tasks": len(tasks)}
+
+
+def _webhook_secret_matches(settings: Settings, sent: str | None) -> bool:
+    """The header against ``DINOLABEL_WEBHOOK_SECRET``, in constant time; never true when unset.
+
+    Starlette decodes header values as latin-1, so encoding them back gives the bytes that were sent.
+    """
+    if settings.webhook_secret is None or sent is None:
+        return False
+    return secrets.compare_digest(sent.encode("latin-1"), settings.webhook_secret.get_secret_value().encode())
+
+
+async def _read_body(request: Request, limit: int, setting: str) -> bytes:
+    """The request body, refused with a 413 naming the limit as soon as it passes ``limit`` bytes."""
+    refusal = HTTPException(status_code=413, detail=f"request body too large: the limit is {limit:,} bytes ({setting})")
+    declared = request.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit() and int(declared) > limit:
+        raise refusal
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise refusal
+    return bytes(body)
 
 
 def _hand_off(

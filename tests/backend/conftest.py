@@ -19,11 +19,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, ClassVar
 from urllib.parse import parse_qs, urlsplit
 
+import httpx
 import pytest
 from PIL import Image
 
 LEGACY_TOKEN = "0123456789abcdef0123456789abcdef01234567"
 HUGE_SIZE = 8 * 1024 * 1024
+TRICKLE_SIZE = 100_000
+"""What ``/trickle`` declares in Content-Length before sending one byte a second."""
 
 
 def _b64url(raw: bytes) -> str:
@@ -63,11 +66,17 @@ class Seen:
         return self.headers.get("authorization")
 
 
+def wait_for_answer(url: str) -> int:
+    """An RQ job function for tests: holds its worker until ``url`` answers (e.g. ``/slow``)."""
+    return httpx.get(url, timeout=30).status_code
+
+
 @dataclass
 class _FakeServer:
     url: str = ""
     requests: list[Seen] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    release: threading.Event = field(default_factory=threading.Event)  # set: slow answers end
 
     def record(self, handler: BaseHTTPRequestHandler) -> Seen:
         parts = urlsplit(handler.path)
@@ -88,15 +97,19 @@ class _FakeServer:
 
 @dataclass
 class FakeBucket(_FakeServer):
-    """A "cloud bucket" on a second port: serves presigned object URLs, never needs auth."""
+    """A "cloud bucket" (or any other web server) on a second port: never needs auth.
+
+    ``/trickle`` declares ``TRICKLE_SIZE`` bytes and sends one a second until ``release`` is set.
+    """
 
     objects: dict[str, bytes] = field(default_factory=dict)
     forbidden: set[str] = field(default_factory=set)
+    redirects: dict[str, str] = field(default_factory=dict)  # path -> Location
 
 
 @dataclass
 class FakeLabelStudio(_FakeServer):
-    """The parts of Label Studio 1.23 that an ML backend downloads images from."""
+    """The parts of Label Studio 1.23 that an ML backend downloads images from and writes predictions to."""
 
     bucket: FakeBucket | None = None
     legacy_token: str = LEGACY_TOKEN
@@ -112,9 +125,9 @@ class FakeLabelStudio(_FakeServer):
     cloud: dict[str, str] = field(default_factory=dict)  # URI -> bucket path to redirect to
     proxied: dict[str, bytes] = field(default_factory=dict)  # URI -> bytes served by presign itself
     presign_calls: list[tuple[int, str]] = field(default_factory=list)
+    predictions: list[dict[str, Any]] = field(default_factory=list)  # rows imported through the API
     issued: list[str] = field(default_factory=list)
     valid_access: set[str] = field(default_factory=set)
-    release: threading.Event = field(default_factory=threading.Event)
 
     @property
     def refresh_count(self) -> int:
@@ -190,14 +203,34 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client stopped reading: that is the behaviour under test
 
+    def trickle(self, release: threading.Event) -> None:
+        """Promise ``TRICKLE_SIZE`` bytes, then send one byte a second (each read sees data in time)."""
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Length", str(TRICKLE_SIZE))
+        self.end_headers()
+        try:
+            while not release.wait(1.0):
+                self.wfile.write(b"\0")
+                self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up: that is the behaviour under test
+
 
 class _BucketHandler(_Handler):
     server: Any
 
+    def do_POST(self) -> None:
+        self.do_GET()  # recorded like a GET: a write that reaches the wrong host must show up
+
     def do_GET(self) -> None:
         state: FakeBucket = self.server.state
         seen = state.record(self)
-        if seen.path in state.forbidden:
+        if seen.path == "/trickle":
+            self.trickle(state.release)
+        elif seen.path in state.redirects:
+            self.redirect(state.redirects[seen.path], 302)
+        elif seen.path in state.forbidden:
             self.answer(403, b"<Error><Code>SignatureDoesNotMatch</Code></Error>", "application/xml")
         elif seen.path in state.objects:
             self.answer(200, state.objects[seen.path], "image/png")
@@ -208,12 +241,22 @@ class _BucketHandler(_Handler):
 class _LabelStudioHandler(_Handler):
     server: Any
     PRESIGN: ClassVar[re.Pattern[str]] = re.compile(r"/tasks/(\d+)/(?:presign|resolve)/")
+    IMPORT_PREDICTIONS: ClassVar[re.Pattern[str]] = re.compile(r"/api/projects/(\d+)/import/predictions")
 
     def do_POST(self) -> None:
         state: FakeLabelStudio = self.server.state
         seen = state.record(self)
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length)
+        if self.IMPORT_PREDICTIONS.fullmatch(seen.path):
+            if not state.authorised(seen.authorization):
+                self.answer(401, b'{"detail": "Authentication credentials were not provided."}')
+                return
+            rows = json.loads(body)
+            with state.lock:
+                state.predictions.extend(rows)
+            self.answer(201, json.dumps({"created": len(rows)}).encode())
+            return
         if seen.path != "/api/token/refresh/":
             self.answer(404)
             return
@@ -258,8 +301,15 @@ class _LabelStudioHandler(_Handler):
             self.serve(state.storage_data.get(seen.query.get("filepath", [""])[-1]))
         elif match := self.PRESIGN.fullmatch(path):
             self.presign(state, int(match.group(1)), seen.query.get("fileuri", [""])[-1])
+        elif path == "/api/predictions":  # what bulk jobs ask before writing (?project= or ?task=)
+            task = seen.query.get("task", [None])[-1]
+            with state.lock:
+                rows = [p for p in state.predictions if task is None or str(p["task"]) == task]
+            self.answer(200, json.dumps(rows).encode())
         elif path == "/api/projects/1/thumbnail.png":
             self.serve(b"thumbnail-bytes")
+        elif path == "/api/current-user/token":  # what a token sent to the API could read
+            self.answer(200, json.dumps({"token": state.legacy_token}).encode())
         else:
             self.answer(404)
 
@@ -453,9 +503,7 @@ def _serve(handler: type[BaseHTTPRequestHandler], state: _FakeServer) -> Iterato
     try:
         yield
     finally:
-        release = getattr(state, "release", None)
-        if release is not None:
-            release.set()
+        state.release.set()
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
@@ -464,6 +512,14 @@ def _serve(handler: type[BaseHTTPRequestHandler], state: _FakeServer) -> Iterato
 @pytest.fixture
 def fake_bucket() -> Iterator[FakeBucket]:
     """A second server, on another port, that plays the cloud bucket behind presigned URLs."""
+    state = FakeBucket()
+    with _serve(_BucketHandler, state):
+        yield state
+
+
+@pytest.fixture
+def stranger() -> Iterator[FakeBucket]:
+    """Another host that records whatever reaches it: the address an untrusted ``/setup`` names."""
     state = FakeBucket()
     with _serve(_BucketHandler, state):
         yield state
@@ -483,3 +539,29 @@ def fake_project() -> Iterator[FakeProjectAPI]:
     state = FakeProjectAPI()
     with _serve(_ProjectHandler, state):
         yield state
+
+
+@contextmanager
+def serving(app: Any) -> Iterator[str]:
+    """An ASGI app served by uvicorn on a loopback port (a thread of the test); yields its base URL.
+
+    For what TestClient cannot show: raw sockets, chunked uploads, what is read before answering.
+    """
+    import uvicorn
+
+    from tests.labelstudio import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

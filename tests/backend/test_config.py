@@ -31,3 +31,13 @@ def test_out_of_range_values_are_refused(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("DINOLABEL_BOX_THRESHOLD", "1.5")
     with pytest.raises(ValidationError, match="box_threshold"):
         Settings()
+
+
+def test_fetch_allow_is_a_comma_separated_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DINOLABEL_FETCH_ALLOW", " minio, 10.0.0.0/8 ,,fd00::/8")
+    assert Settings().fetch_allow == ("minio", "10.0.0.0/8", "fd00::/8")
+    monkeypatch.setenv("DINOLABEL_FETCH_ALLOW", "")
+    assert Settings().fetch_allow == ()
+    monkeypatch.setenv("DINOLABEL_FETCH_ALLOW", "minio:9000")
+    with pytest.raises(ValidationError, match="'minio:9000' is not a host name, an IP address, a CIDR network"):
+        Settings()

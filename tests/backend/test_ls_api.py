@@ -24,10 +24,13 @@ from backend import worker
 from backend.config import Settings
 from backend.labeling import parse_label_config
 from backend.main import create_app
+from backend.queues import Queues
 from backend.results import region
 from model import DetectionParams, GroundingDinoDetector
 from model.images import decode_image
+from tests.backend.conftest import FakeBucket, FakeLabelStudio
 from tests.images import png
+from tests.processes import wait_for
 
 SAMPLES = Path(__file__).resolve().parents[1] / "data" / "label_studio"  # recorded from Label Studio 1.23.2
 CONFIG = (
@@ -284,3 +287,52 @@ def test_basic_auth_when_configured(settings: Settings, tmp_path: Path) -> None:
         good = "Basic " + base64.b64encode(b"ls:s3cret").decode()
         assert client.post("/setup", json={"schema": CONFIG}, headers={"Authorization": good}).status_code == 200
         assert client.post("/webhook", json={"action": "X"}).status_code == 200  # Label Studio sends no auth
+
+
+def test_a_trickling_image_fails_alone_and_the_worker_serves_the_next_request(
+    settings: Settings,
+    tmp_path: Path,
+    fake_bucket: FakeBucket,
+    tiny_detector: GroundingDinoDetector,
+    roots: tuple[Path, Path],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The trickle promises 100,000 bytes and sends one a second: no read ever times out.
+    limited = settings.model_copy(
+        update={"data_dir": tmp_path, "image_total_timeout": 2.0, "fetch_allow": ("127.0.0.1",)}
+    )
+    trickle = {"id": 1, "data": {"image": f"{fake_bucket.url}/trickle"}}
+    with TestClient(create_app(limited)) as client:
+        wait_until_up(client)
+        first = predict(client, [trickle, task(2, "wide.png")])["results"]
+        assert first[0]["result"] == [] and first[0]["score"] == 0.0
+        wide = expected_regions(tiny_detector, (roots[0] / "wide.png").read_bytes())
+        assert [_key(r) for r in first[1]["result"]] == wide
+        assert "took longer than 2 s in total" in caplog.text
+        # The worker is free again: the next request gets the model's boxes.
+        second = predict(client, [task(3, "square.png")])
+        assert "job_id" not in second, "answered by the worker, not handed off"
+        got = [_key(r) for r in second["results"][0]["result"]]
+        assert got and got == expected_regions(tiny_detector, (roots[0] / "square.png").read_bytes())
+        assert client.get("/health").json()["status"] == "UP"
+
+
+def test_health_reports_a_worker_stuck_past_its_job_time_out(
+    settings: Settings, tmp_path: Path, fake_ls: FakeLabelStudio
+) -> None:
+    with TestClient(create_app(settings.model_copy(update={"data_dir": tmp_path}))) as client:
+        name = wait_until_up(client)["workers"]["details"][0]["name"]
+        queues = Queues.on(client.app.state.service.connection)
+        # Blocked in a socket read, which RQ's 1 s timer cannot interrupt.
+        job = queues.interactive.enqueue("tests.backend.conftest.wait_for_answer", f"{fake_ls.url}/slow", job_timeout=1)
+
+        def degraded() -> dict:
+            body = client.get("/health").json()
+            return body if body["status"] == "DEGRADED" else {}
+
+        body = wait_for(degraded, 30, "/health to report the stuck worker")
+        assert body["reason"].startswith(f"worker {name} has been busy on job {job.id} for ")
+        assert body["reason"].endswith(" s, past its time-out of 1 s")
+        assert body["workers"]["details"][0]["busy"]["function"] == "tests.backend.conftest.wait_for_answer"
+        fake_ls.release.set()
+        assert wait_until_up(client)["workers"]["details"][0]["busy"] is None

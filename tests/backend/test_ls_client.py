@@ -72,7 +72,7 @@ def test_reads_give_up_after_the_retries(project: FakeProjectAPI) -> None:
 
 def test_a_client_error_is_not_retried(project: FakeProjectAPI) -> None:
     waits: list[float] = []
-    with client(project.url, waits) as ls, pytest.raises(LabelStudioError, match="not in the project") as caught:
+    with client(project.url, waits) as ls, pytest.raises(LabelStudioError, match="HTTP 400") as caught:
         ls.import_predictions(1, rows(11, 99))
     assert caught.value.status == 400 and not isinstance(caught.value, WriteUncertain)
     assert methods(project) == [f"POST {IMPORT}"] and waits == []

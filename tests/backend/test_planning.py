@@ -80,8 +80,7 @@ def work(connection: redis.Redis, max_jobs: int | None = None) -> None:
 
 
 def new_job(connection: redis.Redis, project: FakeProjectAPI) -> BulkJob:
-    spec = JobSpec(project=1, model_version=VERSION, label_config=CONFIG, params={}, label_studio_url=project.url,
-                   api_key=None)  # fmt: skip
+    spec = JobSpec(project=1, model_version=VERSION, label_config=CONFIG, params={})
     return BulkJob.create(connection, spec)
 
 

@@ -60,6 +60,7 @@ def worker(settings: Settings, tmp_path: Path) -> Iterator[Service]:
         "DINOLABEL_DEVICE": "cpu",
         "DINOLABEL_LOCAL_FILES_DOCUMENT_ROOT": str(settings.local_files_document_root),
         "DINOLABEL_BOX_THRESHOLD": "0.3",
+        "DINOLABEL_LABEL_STUDIO_URL": settings.label_studio_url or "",  # job records name no Label Studio
     }
     service = Service(["worker"], env, tmp_path / "worker.log").start()
     yield service
@@ -146,8 +147,7 @@ def test_webhook_tasks_created_needs_the_secret(settings: Settings) -> None:
 
 def test_jobs_api_cancels_what_has_not_started(settings: Settings) -> None:
     connection = redis.Redis.from_url(settings.redis_url)
-    spec = JobSpec(project=6, model_version="v1", label_config=CONFIG, params={}, label_studio_url="http://x",
-                   api_key=None)  # fmt: skip
+    spec = JobSpec(project=6, model_version="v1", label_config=CONFIG, params={})
     job = BulkJob.create(connection, spec)
     job.start([[{"id": 1, "data": {}}], [{"id": 2, "data": {}}], [{"id": 3, "data": {}}]], skipped=1)
     queues = Queues.on(connection)
@@ -184,8 +184,7 @@ def test_marks_give_each_task_to_one_writer(redis_url: str) -> None:
 
 def test_a_batch_is_counted_once_however_often_it_runs(redis_url: str) -> None:
     connection = redis.Redis.from_url(redis_url)
-    spec = JobSpec(project=8, model_version="v1", label_config=CONFIG, params={}, label_studio_url="http://x",
-                   api_key=None)  # fmt: skip
+    spec = JobSpec(project=8, model_version="v1", label_config=CONFIG, params={})
     job = BulkJob.create(connection, spec)
     job.start([[{"id": 1, "data": {}}, {"id": 2, "data": {}}], [{"id": 3, "data": {}}]], skipped=0)
     assert job.finish_batch(0, done=1, skipped=0, failures=[(2, "broken image")])
@@ -223,8 +222,7 @@ def test_label_studio_unreachable_fails_the_job_with_reasons_not_the_worker(
                           60, "planning to end")  # fmt: skip
         assert failed["status"] == "failed" and "planning failed" in failed["failures"][0]["reason"]
         # A batch whose predictions cannot be written: each task fails with the reason, the job ends.
-        spec = JobSpec(project=9, model_version="v1", label_config=CONFIG, params={"box_threshold": 0.3},
-                       label_studio_url="http://127.0.0.1:9", api_key=None)  # fmt: skip
+        spec = JobSpec(project=9, model_version="v1", label_config=CONFIG, params={"box_threshold": 0.3})
         job = BulkJob.create(connection, spec)
         job.start([tasks("img0.png", "img1.png", "missing.png")], skipped=0)
         enqueue_batch(Queues.on(connection), job, 0, timeout=60)
@@ -272,8 +270,7 @@ def worker_on(redis_url: str, settings: Settings, project: FakeProjectAPI, log: 
 
 
 def project_job(connection: redis.Redis, project: FakeProjectAPI) -> BulkJob:
-    spec = JobSpec(project=1, model_version="v1", label_config=CONFIG, params={"box_threshold": 0.3},
-                   label_studio_url=project.url, api_key=None)  # fmt: skip
+    spec = JobSpec(project=1, model_version="v1", label_config=CONFIG, params={"box_threshold": 0.3})
     return BulkJob.create(connection, spec)
 
 

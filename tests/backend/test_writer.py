@@ -68,7 +68,7 @@ def test_a_refused_batch_does_not_fail_the_others(project: FakeProjectAPI, write
     assert writer.flush(timeout=30)
     assert outcomes[0] == ([1, 2], [], None) and outcomes[2] == ([4], [], None)
     written, uncertain, error = outcomes[1]
-    assert written == [] and uncertain == [] and "not in the project" in error
+    assert written == [] and uncertain == [] and "HTTP 400" in error
     assert project.per_task(VERSION) == {1: 1, 2: 1, 4: 1}
 
 

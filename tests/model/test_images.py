@@ -171,11 +171,37 @@ def test_truncated_image(fmt: str) -> None:
         decode_image(data[: len(data) // 2], max_pixels=BIG)
 
 
-def test_non_image_bytes() -> None:
+@pytest.mark.parametrize(
+    ("data", "kind"),
+    [
+        (b"root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1::/usr/sbin:/usr/sbin/nologin\n", "text"),
+        (b"<html><title>Admin console</title></html>", "an HTML or XML document"),
+        (b'{"AccessKeyId": "ASIAXXXX", "SecretAccessKey": "abc"}', "a JSON document"),
+        (b"\x00\x01secret\x02binary", "unknown binary data"),
+        (b"%PDF-1.7 secret", "a PDF document"),
+        (b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg"/>', "an SVG image (unsupported)"),
+        ("élan ".encode() * 1000, "text"),  # a character cut at the end of the sample is still text
+    ],
+)
+def test_non_image_bytes_are_described_by_kind_never_quoted(data: bytes, kind: str) -> None:
     with pytest.raises(ImageDecodeError) as info:
-        decode_image(b"<html>not an image</html>", max_pixels=BIG)
-    assert "not a recognised image format" in str(info.value)
-    assert "25 bytes" in str(info.value)
+        decode_image(data, max_pixels=BIG)
+    assert str(info.value) == f"cannot decode image: not a recognised image format: found {kind}, {len(data):,} bytes"
+
+
+def test_decoder_messages_lose_the_bytes_they_quote() -> None:
+    # A PNG whose pixel data is cut short and followed by file content where the next chunk should be:
+    # Pillow names that "chunk" by quoting its four bytes.
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    png = encode(noise, "PNG")
+    start = png.index(b"IDAT") - 4
+    idat = png[start + 8 : start + 8 + struct.unpack(">I", png[start : start + 4])[0] // 2]
+    chunk = struct.pack(">I", len(idat)) + b"IDAT" + idat + struct.pack(">I", zlib.crc32(b"IDAT" + idat))
+    data = png[:start] + chunk + struct.pack(">I", 16) + b"x:0:root:/bin/bash\n"
+    with pytest.raises(ImageDecodeError) as info:
+        decode_image(data, max_pixels=BIG)
+    assert str(info.value).endswith("SyntaxError: broken PNG file (chunk <bytes>)")
+    assert "x:0:" not in str(info.value)
 
 
 def test_empty_bytes() -> None:

@@ -1,0 +1,66 @@
+"""The predictor with the tiny model and real downloads: it never waits on a download without end."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from backend.image_source import ImageFetcher
+from backend.labeling import parse_label_config
+from backend.predictor import DEADLINE_PASSED, Predictor
+from model import DetectionParams, GroundingDinoDetector
+from tests.backend.conftest import FakeBucket
+from tests.images import png
+
+CONFIG = (
+    '<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">'
+    '<Label value="cat"/><Label value="dog"/></RectangleLabels></View>'
+)
+PARAMS = DetectionParams(box_threshold=0.3, text_threshold=0.25)
+
+
+def boxes(prediction: dict[str, Any]) -> list[tuple]:
+    """Label, box and score of each region (region ids are random)."""
+    keys = ("rectanglelabels", "x", "y", "width", "height")
+    return [(*(str(r["value"][k]) for k in keys), r["score"]) for r in prediction["result"]]
+
+
+def test_a_call_stops_at_its_deadline_and_cancels_downloads_not_started(
+    tiny_detector: GroundingDinoDetector, fake_bucket: FakeBucket
+) -> None:
+    for i in (1, 2, 3, 4, 6, 7):
+        fake_bucket.objects[f"/img/{i}.png"] = png(64 + 8 * i, 48, i)
+    tasks = [{"id": i, "data": {"image": f"{fake_bucket.url}/img/{i}.png"}} for i in (1, 2, 3, 4, 6, 7)]
+    tasks.insert(4, {"id": 5, "data": {"image": f"{fake_bucket.url}/trickle"}})
+    target = parse_label_config(CONFIG)
+    # One download thread: 1-4 load, then the trickle holds it while 6 and 7 wait in the queue. Batches
+    # of one, chunks of four: 1-4 are the first chunk, 5-7 the second.
+    predictor = Predictor(tiny_detector, batch_size=1, download_threads=1)
+    with ImageFetcher(label_studio_url=None, api_key=None, total_timeout=600, allow=["127.0.0.1"]) as fetcher:
+        first_chunk = predictor.predict(tasks[:4], target, PARAMS, "v1", fetcher)
+        fake_bucket.requests.clear()
+        outcome = predictor.predict(tasks, target, PARAMS, "v1", fetcher, deadline=time.time() + 10)
+
+    assert first_chunk.failures == [] and all(p["result"] for p in first_chunk.predictions)
+    kept = [boxes(p) for p in outcome.predictions[:4]]
+    assert kept == [boxes(p) for p in first_chunk.predictions], "the chunk that ran before the deadline is kept"
+    assert [p["result"] for p in outcome.predictions[4:]] == [[], [], []]
+    assert [(f.task_id, f.reason) for f in outcome.failures] == [(i, DEADLINE_PASSED) for i in (5, 6, 7)]
+    fetched = [r.path for r in fake_bucket.requests]
+    assert fetched == ["/img/1.png", "/img/2.png", "/img/3.png", "/img/4.png", "/trickle"], "6 and 7 never started"
+
+
+def test_a_download_past_the_fetch_deadline_fails_its_task_alone(
+    tiny_detector: GroundingDinoDetector, fake_bucket: FakeBucket
+) -> None:
+    fake_bucket.objects["/img/1.png"] = png(64, 48, 1)
+    tasks = [
+        {"id": 1, "data": {"image": f"{fake_bucket.url}/trickle"}},
+        {"id": 2, "data": {"image": f"{fake_bucket.url}/img/1.png"}},
+    ]
+    predictor = Predictor(tiny_detector, batch_size=1, download_threads=2)
+    with ImageFetcher(label_studio_url=None, api_key=None, total_timeout=2, allow=["127.0.0.1"]) as fetcher:
+        outcome = predictor.predict(tasks, parse_label_config(CONFIG), PARAMS, "v1", fetcher)
+    [failure] = outcome.failures
+    assert failure.task_id == 1 and "took longer than 2 s in total" in failure.reason
+    assert outcome.predictions[0]["result"] == [] and outcome.predictions[1]["result"]

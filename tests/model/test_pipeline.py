@@ -1,0 +1,217 @@
+"""model.pipeline: every item comes back once, batches are same-shape and bounded, failures stay local.
+
+The stages here are plain functions over small tensors (a "model" that sums pixels), except the last
+tests, which run the tiny Grounding DINO through the pipeline and compare it with ``detect``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+
+import pytest
+import torch
+
+from model import GroundingDinoDetector
+from model.images import decode_image
+from model.pipeline import Failed, Pipeline, PipelineStats, Stages
+from tests.images import jpeg
+from tests.model.test_grounding_dino import LOW, PHRASES, same
+
+CPU = torch.device("cpu")
+
+
+class BrokenImage(ValueError):
+    """What a load raises for an item that should fail alone."""
+
+
+class Recorder:
+    """Stages over items ``(value, side)``: a ``side`` x ``side`` tensor filled with ``value``.
+
+    Records every batch the "device" received and how many items were prepared but not yet
+    postprocessed at any time (the pipeline's memory).
+    """
+
+    def __init__(self, gate: threading.Event | None = None) -> None:
+        self.batches: list[list[float]] = []
+        self.gate = gate
+        self.alive = 0
+        self.most_alive = 0
+        self.lock = threading.Lock()
+
+    def preprocess(self, item: tuple[float, int]) -> tuple[torch.Tensor, float]:
+        value, side = item
+        with self.lock:
+            self.alive += 1
+            self.most_alive = max(self.most_alive, self.alive)
+        return torch.full((1, 1, side, side), float(value)), value
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.gate is not None:
+            self.gate.wait(10)
+        self.batches.append(pixels[:, 0, 0, 0].tolist())
+        return pixels.sum(dim=(1, 2, 3))
+
+    def postprocess(self, sums: torch.Tensor, values: Sequence[float]) -> list[tuple[float, float]]:
+        with self.lock:
+            self.alive -= len(values)
+        return list(zip(values, sums.tolist(), strict=True))
+
+    def stages(self) -> Stages:
+        return Stages(self.preprocess, self.forward, self.postprocess)
+
+
+@pytest.fixture
+def pipeline() -> Pipeline:
+    made = Pipeline(CPU, load_threads=4, preprocess_threads=2)
+    yield made
+    made.close()
+
+
+def test_every_item_comes_back_once_in_same_shape_batches(pipeline: Pipeline) -> None:
+    items = [(float(i), 2 if i % 3 else 3) for i in range(23)]
+    recorder = Recorder()
+    stats = PipelineStats()
+    results = dict(pipeline.run(items, lambda item: item, recorder.stages(), batch_size=4, stats=stats))
+    assert sorted(results) == list(range(23))
+    for index, (value, side) in enumerate(items):
+        assert results[index] == (value, value * side * side)  # each item's own result, not a neighbour's
+    by_value = dict(items)
+    for batch in recorder.batches:
+        assert 1 <= len(batch) <= 4
+        assert len({by_value[v] for v in batch}) == 1, f"sizes mixed in one batch: {batch}"
+    assert sorted(v for batch in recorder.batches for v in batch) == [v for v, _ in items]
+    assert stats.items == 23 and stats.batches == len(recorder.batches) and stats.failed == 0
+
+
+def test_the_device_takes_what_is_ready_rather_than_wait_for_a_full_batch(pipeline: Pipeline) -> None:
+    # Item 3 loads only after the device has run items 0-2: a pipeline that waited for a full batch
+    # of 4 would never get there (the run would hang).
+    seen = threading.Event()
+    recorder = Recorder()
+    forward = recorder.forward
+
+    def watching_forward(pixels: torch.Tensor) -> torch.Tensor:
+        out = forward(pixels)
+        if sorted(v for batch in recorder.batches for v in batch) == [0.0, 1.0, 2.0]:
+            seen.set()
+        return out
+
+    def load(item: tuple[float, int]) -> tuple[float, int]:
+        if item[0] == 3.0:
+            assert seen.wait(10), "the device never got items 0-2 while item 3 was loading"
+        return item
+
+    stages = Stages(recorder.preprocess, watching_forward, recorder.postprocess)
+    results = dict(pipeline.run([(float(i), 2) for i in range(4)], load, stages, batch_size=4))
+    assert results == {i: (float(i), 4.0 * i) for i in range(4)}
+    assert seen.is_set()
+
+
+def test_a_failing_item_fails_alone_and_other_errors_stop_the_run(pipeline: Pipeline) -> None:
+    def load(item: tuple[float, int]) -> tuple[float, int]:
+        if item[0] == 2.0:
+            raise BrokenImage("cannot decode image 2: truncated")
+        return item
+
+    items = [(float(i), 2) for i in range(6)]
+    results = dict(pipeline.run(items, load, Recorder().stages(), batch_size=2, item_errors=(BrokenImage,)))
+    assert results[2] == Failed("cannot decode image 2: truncated")
+    assert all(results[i] == (float(i), 4.0 * i) for i in (0, 1, 3, 4, 5))
+
+    with pytest.raises(BrokenImage, match="truncated"):
+        list(pipeline.run(items, load, Recorder().stages(), batch_size=2))
+    assert not [t for t in threading.enumerate() if t.name == "pipeline-batcher"]
+
+
+def test_a_load_past_its_timeout_fails_and_the_rest_are_served(pipeline: Pipeline) -> None:
+    release = threading.Event()
+
+    def load(item: tuple[float, int]) -> tuple[float, int]:
+        if item[0] == 1.0:
+            release.wait(30)  # a download that hangs
+        return item
+
+    try:
+        items = [(float(i), 2) for i in range(5)]
+        results = dict(pipeline.run(items, load, Recorder().stages(), batch_size=2, item_timeout=0.5))
+    finally:
+        release.set()
+    assert results[1] == Failed("not loaded within 0.5 s")
+    assert all(results[i] == (float(i), 4.0 * i) for i in (0, 2, 3, 4))
+
+
+def test_time_queued_behind_other_loads_does_not_count_against_the_timeout() -> None:
+    # One load thread, six loads of 0.5 s: the last starts 2.5 s after it was queued, yet each load
+    # itself takes well under the 2 s limit, so none may time out.
+    pipeline = Pipeline(CPU, load_threads=1, preprocess_threads=1)
+
+    def load(item: tuple[float, int]) -> tuple[float, int]:
+        time.sleep(0.5)
+        return item
+
+    try:
+        items = [(float(i), 2) for i in range(6)]
+        results = dict(pipeline.run(items, load, Recorder().stages(), batch_size=2, item_timeout=2.0))
+    finally:
+        pipeline.close()
+    assert results == {i: (float(i), 4.0 * i) for i in range(6)}
+
+
+def test_past_the_deadline_nothing_more_runs(pipeline: Pipeline) -> None:
+    recorder = Recorder()
+    results = dict(pipeline.run([(1.0, 2), (2.0, 2)], lambda i: i, recorder.stages(), batch_size=2, deadline=0.0))
+    assert results == {
+        0: Failed("deadline passed before the model ran"),
+        1: Failed("deadline passed before the model ran"),
+    }
+    assert recorder.batches == []
+
+
+def test_memory_stays_bounded_however_many_items_stream_in(pipeline: Pipeline) -> None:
+    recorder = Recorder()
+    count = 0
+    for _ in pipeline.run(((float(i), 2 + i % 3) for i in range(400)), lambda i: i, recorder.stages(), batch_size=4):
+        count += 1
+    assert count == 400
+    # max_pending (4 x 4 + 4 load threads) + 2 stacked batches + 2 in postprocessing + 1 on the device
+    assert recorder.most_alive <= 4 * 4 + 4 + 5 * 4
+
+
+def test_closing_the_results_early_stops_the_run(pipeline: Pipeline) -> None:
+    loads = []
+    results = pipeline.run(
+        ((float(i), 2) for i in range(10_000)), lambda i: loads.append(i) or i, Recorder().stages(), batch_size=2
+    )
+    first = next(results)
+    results.close()
+    assert first[0] in (0, 1)
+    assert len(loads) < 100
+    assert not [t for t in threading.enumerate() if t.name == "pipeline-batcher"]
+
+
+# --- the detector through the pipeline ---------------------------------------------------------------------
+
+# Stored size and EXIF orientation: 6 and 8 turn a stored 80x60 into a displayed 60x80.
+VARIED = [(64, 48, None), (128, 96, 3), (48, 64, 6), (90, 60, None), (80, 60, 8), (64, 48, 6), (40, 80, None)]
+
+
+def test_the_pipeline_finds_what_detect_finds(tiny_detector: GroundingDinoDetector) -> None:
+    files = [jpeg(w, h, seed, orientation=o) for seed, (w, h, o) in enumerate(VARIED)]
+    images = [decode_image(data, max_pixels=10**6) for data in files]
+    old = tiny_detector.detect(images, PHRASES, LOW, batch_size=4)
+    pipeline = Pipeline(tiny_detector.device, load_threads=3, preprocess_threads=2)
+    try:
+        stages = tiny_detector.stages(PHRASES, LOW)
+        decode = lambda data: decode_image(data, max_pixels=10**6)  # noqa: E731
+        new = dict(pipeline.run(files, decode, stages, batch_size=4))
+        alone = dict(pipeline.run(files, decode, stages, batch_size=1))
+    finally:
+        pipeline.close()
+    assert sum(len(found) for found in old) >= len(files), "the tiny model finds boxes at a low threshold"
+    assert [img.size for img in images][2] == (64, 48)  # EXIF applied before the model sees the image
+    for index, found in enumerate(old):
+        assert same(found, new[index]), f"image {index} {VARIED[index]}"
+        assert found == alone[index] or same(found, alone[index])
+    assert not same(old[0], old[5]), "different images give different boxes"
