@@ -126,6 +126,7 @@ class FakeLabelStudio(_FakeServer):
     proxied: dict[str, bytes] = field(default_factory=dict)  # URI -> bytes served by presign itself
     presign_calls: list[tuple[int, str]] = field(default_factory=list)
     predictions: list[dict[str, Any]] = field(default_factory=list)  # rows imported through the API
+    tasks: dict[int, dict[str, Any]] = field(default_factory=dict)  # id -> data, for GET /api/tasks
     issued: list[str] = field(default_factory=list)
     valid_access: set[str] = field(default_factory=set)
 
@@ -301,6 +302,10 @@ class _LabelStudioHandler(_Handler):
             self.serve(state.storage_data.get(seen.query.get("filepath", [""])[-1]))
         elif match := self.PRESIGN.fullmatch(path):
             self.presign(state, int(match.group(1)), seen.query.get("fileuri", [""])[-1])
+        elif path == "/api/tasks":  # what bulk jobs list and check
+            with state.lock:
+                tasks, predictions = dict(state.tasks), list(state.predictions)
+            self.answer(*task_listing(seen, tasks, predictions))
         elif path == "/api/predictions":  # what bulk jobs ask before writing (?project= or ?task=)
             task = seen.query.get("task", [None])[-1]
             with state.lock:
@@ -369,24 +374,6 @@ class FakeProjectAPI(_FakeServer):
         with self.lock:
             return self.faults.pop(0) if self.faults else None
 
-    def versions_by_task(self) -> dict[int, list[str]]:
-        with self.lock:
-            out: dict[int, list[str]] = {}
-            for p in self.predictions:
-                out.setdefault(p["task"], []).append(p["model_version"])
-            return out
-
-    def matches(self, task_id: int, item: dict[str, Any], versions: list[str]) -> bool:
-        """The Data Manager filters the bulk jobs use: id greater / id between / versions contain."""
-        value = item["value"]
-        if item["filter"] == "filter:tasks:id" and item["operator"] == "greater":
-            return task_id > value
-        if item["filter"] == "filter:tasks:id" and item["operator"] == "in":
-            return value["min"] <= task_id <= value["max"]
-        if item["filter"] == "filter:tasks:predictions_model_versions" and item["operator"] == "contains":
-            return any(v in version for v in value for version in versions)
-        raise AssertionError(f"the fake does not know the filter {item}")
-
     def per_task(self, model_version: str) -> dict[int, int]:
         """How many predictions of ``model_version`` each task holds."""
         with self.lock:
@@ -395,6 +382,41 @@ class FakeProjectAPI(_FakeServer):
                 if p["model_version"] == model_version:
                     counts[p["task"]] = counts.get(p["task"], 0) + 1
             return counts
+
+
+def task_listing(seen: Seen, tasks: dict[int, dict[str, Any]], predictions: list[dict[str, Any]]) -> tuple[int, bytes]:
+    """``GET /api/tasks`` as Label Studio answers it, for the Data Manager queries the bulk jobs send:
+    ``selectedItems``, filters on id (greater, between) and on model versions (contains), pages."""
+    query = json.loads(seen.query.get("query", ["{}"])[-1])
+    selected = query.get("selectedItems") or {"all": True}
+    versions: dict[int, list[str]] = {}
+    for p in predictions:
+        versions.setdefault(p["task"], []).append(p["model_version"])
+    ids = sorted(tasks if selected.get("all") else [t for t in selected["included"] if t in tasks])
+    for item in (query.get("filters") or {}).get("items", []):
+        ids = [t for t in ids if _matches(t, item, versions.get(t, []))]
+    page, page_size = int(seen.query.get("page", ["1"])[-1]), int(seen.query.get("page_size", ["100"])[-1])
+    chosen = ids[(page - 1) * page_size : page * page_size]
+    if page > 1 and not chosen:
+        return 404, b'{"detail": "Invalid page."}'
+    fields = seen.query.get("include", ["id,data,predictions_model_versions"])[-1].split(",")
+    listed = []
+    for task_id in chosen:
+        task = {"id": task_id, "data": tasks[task_id],
+                "predictions_model_versions": ",".join(sorted(set(versions.get(task_id, []))))}  # fmt: skip
+        listed.append({k: v for k, v in task.items() if k in fields})
+    return 200, json.dumps({"total": len(ids), "tasks": listed}).encode()
+
+
+def _matches(task_id: int, item: dict[str, Any], versions: list[str]) -> bool:
+    value = item["value"]
+    if item["filter"] == "filter:tasks:id" and item["operator"] == "greater":
+        return task_id > value
+    if item["filter"] == "filter:tasks:id" and item["operator"] == "in":
+        return value["min"] <= task_id <= value["max"]
+    if item["filter"] == "filter:tasks:predictions_model_versions" and item["operator"] == "contains":
+        return any(v in version for v in value for version in versions)
+    raise AssertionError(f"the fake does not know the filter {item}")
 
 
 class _ProjectHandler(_Handler):
@@ -411,26 +433,13 @@ class _ProjectHandler(_Handler):
             return
         if seen.query.get("include") == ["id,data"]:
             state.listing_gate.wait(30)
-        query = json.loads(seen.query.get("query", ["{}"])[-1])
-        selected = query.get("selectedItems") or {"all": True}
-        versions = state.versions_by_task()
         with state.lock:
-            listed = state.tasks if selected.get("all") else [t for t in selected["included"] if t in state.tasks]
-            ids = sorted(listed)
-        for item in (query.get("filters") or {}).get("items", []):
-            ids = [t for t in ids if state.matches(t, item, versions.get(t, []))]
-        page, page_size = int(seen.query.get("page", ["1"])[-1]), int(seen.query.get("page_size", ["100"])[-1])
-        chosen = ids[(page - 1) * page_size : page * page_size]
-        if page > 1 and not chosen:
-            self.answer(404, b'{"detail": "Invalid page."}')
+            tasks, predictions = dict(state.tasks), list(state.predictions)
+        status, body = task_listing(seen, tasks, predictions)
+        if status != 200:
+            self.answer(status, body)
             return
-        fields = seen.query.get("include", ["id,data,predictions_model_versions"])[-1].split(",")
-        tasks = []
-        for task_id in chosen:
-            task = {"id": task_id, "data": state.tasks[task_id],
-                    "predictions_model_versions": ",".join(sorted(set(versions.get(task_id, []))))}  # fmt: skip
-            tasks.append({k: v for k, v in task.items() if k in fields})
-        self.finish_with(state, fault, json.dumps({"total": len(ids), "tasks": tasks}).encode())
+        self.finish_with(state, fault, body)
 
     def do_POST(self) -> None:
         state: FakeProjectAPI = self.server.state
