@@ -1,10 +1,12 @@
 """Bulk pre-annotation bookkeeping in Redis: job records, per-task write marks, live workers.
 
-Exactly one prediction per task and model version, even when a job runs twice or a worker dies
-mid-batch, rests on the *marks*: before predicting a task a batch claims it (``pending:<worker>``),
-after Label Studio accepted the prediction it marks it ``done:<job>``. A claim held by a worker that
-is no longer alive can be taken over; the taker then asks Label Studio whether the dead worker's
-write went through before predicting again. A claim held by a live worker is left alone.
+Label Studio is the truth about what a task holds: a job plans the tasks that lack a prediction of the
+model version there (a prediction deleted in Label Studio is predicted again). The *marks* only guard
+work in flight, so that a job run twice, two jobs at once or a worker that dies mid-batch never give a
+task two predictions: before predicting a task a batch claims it (``pending:<worker>``), after Label
+Studio accepted the prediction it marks it ``done:<job>``. A claim held by a live worker is left
+alone. A claim of a worker that is no longer alive is taken over, and a ``done`` mark is claimed too;
+either way the claimer asks Label Studio whether the task now holds a prediction before predicting it.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from backend.queues import KEY_PREFIX
 
 JOB_TTL = 7 * 24 * 3600
 """Seconds a finished job's record (counts, failures) stays readable."""
-MARKS_TTL = 90 * 24 * 3600
-"""Seconds the write marks of a project and model version are kept after their last change."""
+MARKS_TTL = 7 * 24 * 3600
+"""Seconds the write marks of a project and model version are kept after their last change: as long as
+a job planned before a write may still run a batch (a job record's life)."""
 WORKER_TTL = 10
 """Seconds a worker counts as alive after its last heartbeat."""
 MAX_FAILURES_KEPT = 10_000
@@ -73,16 +76,51 @@ class JobSpec:
     source: str = "api"
 
 
-# Counts a finished batch once, however often it is run (KEYS: job hash, batches-done hash).
+# Plans one page atomically (KEYS: job hash, batches hash; ARGV: cursor, listed, skipped, plan_done,
+# JOB_TTL, now, the cursor the page was listed after, then per batch: number, tasks JSON, size).
+# Nothing is written once the job is final, or when the cursor moved (the page was planned already).
+_PLAN_PAGE = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'planning' and status ~= 'running' then return 0 end
+if tonumber(redis.call('HGET', KEYS[1], 'cursor')) ~= tonumber(ARGV[7]) then return 0 end
+local planned = 0
+for i = 8, #ARGV, 3 do
+  redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+  planned = planned + tonumber(ARGV[i + 2])
+end
+redis.call('EXPIRE', KEYS[2], ARGV[5])
+redis.call('HINCRBY', KEYS[1], 'in_flight', planned)
+redis.call('HINCRBY', KEYS[1], 'listed', ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'skipped', ARGV[3])
+redis.call('HINCRBY', KEYS[1], 'batches', (#ARGV - 7) / 3)
+redis.call('HSET', KEYS[1], 'cursor', ARGV[1], 'status', 'running')
+if not redis.call('HGET', KEYS[1], 'started_at') then redis.call('HSET', KEYS[1], 'started_at', ARGV[6]) end
+if ARGV[4] == '1' then
+  local rejected = tonumber(redis.call('HGET', KEYS[1], 'rejected') or '0')
+  local total = tonumber(redis.call('HGET', KEYS[1], 'listed')) + rejected
+  redis.call('HSET', KEYS[1], 'plan_done', '1', 'total', total)
+  if tonumber(redis.call('HGET', KEYS[1], 'in_flight')) <= 0 then
+    redis.call('HSET', KEYS[1], 'status', 'done', 'finished_at', ARGV[6])
+  end
+end
+return 1
+"""
+
+# Counts a finished batch once, however often it is run, and frees its task list (KEYS: job hash,
+# batches hash, holders hash, RQ jobs hash; ARGV: number, done, skipped, failed, now).
 _FINISH_BATCH = """
-if redis.call('HSETNX', KEYS[2], ARGV[1], '1') == 0 then return 0 end
-redis.call('EXPIRE', KEYS[2], ARGV[6])
+local tasks = redis.call('HGET', KEYS[2], ARGV[1])
+if not tasks then return 0 end
+local size = #cjson.decode(tasks)
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[1])
+redis.call('HDEL', KEYS[4], ARGV[1])
 redis.call('HINCRBY', KEYS[1], 'done', ARGV[2])
 redis.call('HINCRBY', KEYS[1], 'skipped', ARGV[3])
 redis.call('HINCRBY', KEYS[1], 'failed', ARGV[4])
-local h = redis.call('HMGET', KEYS[1], 'total', 'done', 'skipped', 'failed', 'status', 'batches')
-if h[5] == 'running' and tonumber(h[2]) + tonumber(h[3]) + tonumber(h[4]) >= tonumber(h[1])
-   and redis.call('HLEN', KEYS[2]) >= tonumber(h[6]) then
+local left = redis.call('HINCRBY', KEYS[1], 'in_flight', -size)
+local h = redis.call('HMGET', KEYS[1], 'status', 'plan_done')
+if h[1] == 'running' and h[2] == '1' and left <= 0 then
   redis.call('HSET', KEYS[1], 'status', 'done', 'finished_at', ARGV[5])
 end
 return 1
@@ -90,7 +128,14 @@ return 1
 
 
 class BulkJob:
-    """One pre-annotation job: counters and status in a hash, failures in a list."""
+    """One pre-annotation job: counters and status in a hash, failures in a list.
+
+    Planning is streamed: each plan step lists one page of the project's tasks after ``cursor`` (the
+    last task id planned), checks which hold a prediction of the version, and records the page's
+    batches and the new cursor in one atomic step; a planner killed mid-way resumes at the cursor and
+    never plans a task twice. Only the batches in flight are kept (a finished batch's task list is
+    deleted), so Redis holds per job what is queued or running, not the project.
+    """
 
     prefix = KEY_PREFIX + "job:"
     active_key = KEY_PREFIX + "jobs:active"
@@ -113,7 +158,7 @@ class BulkJob:
 
     @property
     def batches_key(self) -> str:
-        """batch number -> JSON list of its tasks; written once, when the job is planned."""
+        """batch number -> JSON list of its tasks, while the batch is queued or running."""
         return self.key + ":batches"
 
     @property
@@ -127,12 +172,21 @@ class BulkJob:
         return self.key + ":rq-jobs"
 
     @property
-    def finished_batches_key(self) -> str:
-        return self.key + ":finished"
+    def ids_key(self) -> str:
+        """The task ids a job is restricted to (a sorted set, score = id), until planned."""
+        return self.key + ":ids"
+
+    @property
+    def plan_key(self) -> str:
+        """``queued:<rq job>`` or ``running:<worker>`` while a plan step is pending; absent otherwise."""
+        return self.key + ":plan"
 
     @classmethod
     def create(cls, connection: Redis, spec: JobSpec, *, rejected: Sequence[tuple[int | None, str]] = ()) -> BulkJob:
-        """A new job, planning; ``rejected`` tasks (refused where they entered) count as its first failures."""
+        """A job over the project's tasks (``restrict_to`` narrows it); nothing is planned yet.
+
+        ``rejected`` tasks (refused where they entered) count as its first failures, and in its total.
+        """
         job = cls(secrets.token_hex(8), connection)
         now = time.time()
         with connection.pipeline() as pipe:
@@ -149,6 +203,10 @@ class BulkJob:
                     "failed": len(rejected),
                     "rejected": len(rejected),
                     "batches": 0,
+                    "listed": 0,
+                    "in_flight": 0,
+                    "cursor": 0,
+                    "restricted": 0,
                     "created_at": now,
                     "spec": json.dumps(asdict(spec)),
                 },
@@ -197,43 +255,120 @@ class BulkJob:
     def is_final(self) -> bool:
         return self.status() in FINAL
 
-    def start(self, batches: Sequence[Sequence[dict[str, Any]]], skipped: int) -> None:
-        """Record the planned batches; the job is done at once when nothing is left to predict.
+    # -- planning
 
-        The total counts the tasks refused at entry too (they are failures of the job already).
-        """
-        rejected = int(self.connection.hget(self.key, "rejected") or 0)
+    def plan_state(self) -> dict[str, Any]:
+        """Where planning stands: ``cursor`` (last task id planned), ``listed``, ``plan_done``,
+        ``in_flight`` (tasks in batches not finished), ``restricted`` (only some task ids)."""
+        raw = self.connection.hmget(self.key, "cursor", "listed", "plan_done", "in_flight", "restricted", "batches")
+        cursor, listed, plan_done, in_flight, restricted, batches = (_text(v) if v is not None else "0" for v in raw)
+        return {
+            "cursor": int(cursor),
+            "listed": int(listed),
+            "plan_done": plan_done == "1",
+            "in_flight": int(in_flight),
+            "restricted": restricted == "1",
+            "batches": int(batches),
+        }
+
+    def restrict_to(self, task_ids: Sequence[int]) -> None:
+        """Plan only these tasks (those of them that exist in the project)."""
+        ids = sorted(set(task_ids))
         with self.connection.pipeline() as pipe:
-            pipe.hset(
-                self.key,
-                mapping={
-                    "total": sum(len(b) for b in batches) + skipped + rejected,
-                    "skipped": skipped,
-                    "batches": len(batches),
-                    "started_at": time.time(),
-                    "status": JobStatus.RUNNING if batches else JobStatus.DONE,
-                },
-            )
-            if not batches:
-                pipe.hset(self.key, "finished_at", time.time())
-            for number, tasks in enumerate(batches):
-                pipe.hset(self.batches_key, str(number), json.dumps(list(tasks)))
-            pipe.expire(self.batches_key, JOB_TTL)
+            pipe.hset(self.key, mapping={"restricted": 1, "total": len(ids) + self._rejected()})
+            if ids:
+                pipe.zadd(self.ids_key, {str(t): t for t in ids})
+                pipe.expire(self.ids_key, JOB_TTL)
             pipe.execute()
-        if not batches:
+
+    def claim_plan_step(self, value: str) -> bool:
+        """Mark a plan step as pending unless one is: at most one step per job is queued or running."""
+        return bool(self.connection.set(self.plan_key, value, nx=True, ex=JOB_TTL))
+
+    _SWAP = """
+    if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+    if ARGV[2] == '' then redis.call('DEL', KEYS[1]) else redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3]) end
+    return 1
+    """
+
+    def plan_step_running(self, rq_job: str, worker: str) -> bool:
+        """The queued step ``rq_job`` starts on ``worker``; False if it is not the pending step (a step
+        queued twice, or after the job was cancelled), which then does nothing."""
+        return bool(
+            self.connection.eval(self._SWAP, 1, self.plan_key, f"queued:{rq_job}", f"running:{worker}", JOB_TTL)
+        )
+
+    def end_plan_step(self, worker: str | None = None) -> None:
+        """The step running on ``worker`` ended (any pending step, without a worker)."""
+        if worker is None:
+            self.connection.delete(self.plan_key)
+        else:
+            self.connection.eval(self._SWAP, 1, self.plan_key, f"running:{worker}", "", JOB_TTL)
+
+    def pending_plan_step(self) -> str:
+        """``queued:<rq job>``, ``running:<worker>``, or "" when no plan step is pending."""
+        value = self.connection.get(self.plan_key)
+        return _text(value) if value is not None else ""
+
+    def set_total(self, total: int) -> None:
+        """The number of tasks the job covers, as Label Studio counted them on the first page (plus
+        the tasks refused where they entered, which are failures of the job already)."""
+        self.connection.hset(self.key, "total", total + self._rejected())
+
+    def _rejected(self) -> int:
+        return int(self.connection.hget(self.key, "rejected") or 0)
+
+    def next_ids(self, after: int, count: int) -> list[int]:
+        """The next ``count`` task ids of a restricted job after ``after``."""
+        return [int(_text(t)) for t in self.connection.zrangebyscore(self.ids_key, f"({after}", "+inf", 0, count)]
+
+    def plan_page(
+        self,
+        *,
+        after: int,
+        cursor: int,
+        listed: int,
+        skipped: int,
+        batches: Sequence[Sequence[dict[str, Any]]],
+        last: bool,
+    ) -> list[int] | None:
+        """Record one page listed after task ``after``: its batches, the tasks skipped, the new cursor;
+        ``last`` ends the planning (then ``total`` becomes what was listed). Returns the new batch
+        numbers, or None when nothing was recorded (the job is final, or the page was planned already)."""
+        first = int(self.connection.hincrby(self.key, "batches", 0))
+        numbers = list(range(first, first + len(batches)))
+        args: list[Any] = [cursor, listed, skipped, int(last), JOB_TTL, time.time(), after]
+        for number, tasks in zip(numbers, batches, strict=True):
+            args += [str(number), json.dumps(list(tasks)), len(tasks)]
+        if not self.connection.eval(_PLAN_PAGE, 2, self.key, self.batches_key, *args):
+            return None
+        if last:
+            self.connection.delete(self.ids_key)
+        if self.is_final():
             self.connection.srem(self.active_key, self.id)
+        return numbers
+
+    def unqueued_batches(self) -> list[int]:
+        """Batches recorded by planning but never put on the queue (a planner killed in between)."""
+        pending = {int(_text(n)) for n in self.connection.hkeys(self.batches_key)}
+        return sorted(pending - set(self.rq_jobs()))
+
+    def start(self, batches: Sequence[Sequence[dict[str, Any]]], skipped: int) -> None:
+        """Plan the whole job at once from ``batches`` (tests and small jobs); done at once when empty."""
+        listed = sum(len(b) for b in batches) + skipped
+        self.plan_page(after=0, cursor=0, listed=listed, skipped=skipped, batches=batches, last=True)
+
+    # -- batches
 
     def batch_tasks(self, number: int) -> list[dict[str, Any]]:
         raw = self.connection.hget(self.batches_key, str(number))
         if raw is None:
-            raise NoSuchJob(f"job {self.id} has no batch {number}")
+            raise NoSuchJob(f"job {self.id} has no batch {number} in flight")
         return json.loads(raw)
 
     def batch_finished(self, number: int) -> bool:
-        return bool(self.connection.hexists(self.finished_batches_key, str(number)))
-
-    def finished_batches(self) -> set[int]:
-        return {int(_text(n)) for n in self.connection.hkeys(self.finished_batches_key)}
+        """A batch planned and counted (its task list is gone once it finished)."""
+        return not self.connection.hexists(self.batches_key, str(number))
 
     def holders(self) -> dict[int, str]:
         """Running batches and their workers."""
@@ -268,8 +403,8 @@ class BulkJob:
                 pipe.expire(self.failures_key, JOB_TTL)
                 pipe.execute()
         counted = self.connection.eval(
-            _FINISH_BATCH, 2, self.key, self.finished_batches_key, str(number), done, skipped, len(failures),
-            time.time(), JOB_TTL,
+            _FINISH_BATCH, 4, self.key, self.batches_key, self.holders_key, self.rq_jobs_key, str(number), done,
+            skipped, len(failures), time.time(),
         )  # fmt: skip
         if self.status() in FINAL:
             self.connection.srem(self.active_key, self.id)
@@ -280,18 +415,23 @@ class BulkJob:
         self.connection.rpush(self.failures_key, json.dumps({"task_id": None, "reason": reason, "at": time.time()}))
         self.connection.expire(self.failures_key, JOB_TTL)
         self.connection.hset(self.key, mapping={"status": JobStatus.FAILED, "finished_at": time.time()})
-        self.connection.srem(self.active_key, self.id)
+        self._forget_plan()
 
     def cancel(self) -> bool:
         """Stop what has not started; batches already running finish. False if already final."""
         if self.is_final():
             return False
         self.connection.hset(self.key, mapping={"status": JobStatus.CANCELLED, "finished_at": time.time()})
-        self.connection.srem(self.active_key, self.id)
+        self._forget_plan()
         return True
 
+    def _forget_plan(self) -> None:
+        """A final job plans nothing more: drop what only planning needs (its plan step ends itself)."""
+        self.connection.delete(self.ids_key)
+        self.connection.srem(self.active_key, self.id)
+
     def summary(self, *, failures: int = 100) -> dict[str, Any]:
-        """The job as the API shows it: counts, status, timings, the latest failures with reasons."""
+        """The job as the API shows it: counts, status, rate and ETA, the latest failures with reasons."""
         raw = {_text(k): _text(v) for k, v in self.connection.hgetall(self.key).items()}
         if not raw:
             raise NoSuchJob(f"no job {self.id!r}")
@@ -300,6 +440,9 @@ class BulkJob:
         started = float(raw.get("started_at") or raw["created_at"])
         end = float(raw["finished_at"]) if raw.get("finished_at") else time.time()
         elapsed = max(end - started, 1e-9)
+        remaining = max(counts["total"] - counts["done"] - counts["skipped"] - counts["failed"], 0)
+        rate = counts["done"] / elapsed if raw.get("started_at") else 0.0
+        running = raw["status"] in (JobStatus.PLANNING, JobStatus.RUNNING)
         return {
             "id": self.id,
             "project": int(raw["project"]),
@@ -307,10 +450,11 @@ class BulkJob:
             "source": raw.get("source", "api"),
             "status": raw["status"],
             **counts,
-            "remaining": max(counts["total"] - counts["done"] - counts["skipped"] - counts["failed"], 0),
+            "remaining": remaining,
             "created_at": float(raw["created_at"]),
             "finished_at": float(raw["finished_at"]) if raw.get("finished_at") else None,
-            "tasks_per_second": counts["done"] / elapsed if raw.get("started_at") else 0.0,
+            "tasks_per_second": rate,
+            "eta_seconds": remaining / rate if running and rate > 0 else None,
             "failures": listed,
             "failures_total": int(self.connection.llen(self.failures_key)),
         }
@@ -321,11 +465,14 @@ class Marks:
 
     prefix = KEY_PREFIX + "marks:"
 
-    # Claim a task unless done or held by a live worker (KEYS: marks hash; ARGV: task, owner, alive prefix).
+    # Claim a task unless held by a live worker (KEYS: marks hash; ARGV: task, owner, alive prefix).
     _CLAIM = """
     local current = redis.call('HGET', KEYS[1], ARGV[1])
     if not current then redis.call('HSET', KEYS[1], ARGV[1], 'pending:' .. ARGV[2]) return 'claimed' end
-    if string.sub(current, 1, 5) == 'done:' then return 'done' end
+    if string.sub(current, 1, 5) == 'done:' then
+      redis.call('HSET', KEYS[1], ARGV[1], 'pending:' .. ARGV[2])
+      return 'done'
+    end
     local holder = string.sub(current, 9)
     if holder == ARGV[2] then return 'claimed' end
     if redis.call('EXISTS', ARGV[3] .. holder) == 1 then return 'busy' end
@@ -342,7 +489,9 @@ class Marks:
         self.key = f"{self.prefix}{project}:{model_version}"
 
     def claim(self, task_ids: Iterable[int], owner: str) -> dict[int, str]:
-        """``claimed`` (new), ``taken`` (from a dead worker: check Label Studio), ``done`` or ``busy``."""
+        """Per task: ``claimed`` (new), ``taken`` (from a dead worker) or ``done`` (written before): all
+        three are now held by ``owner``, the last two to be checked against Label Studio first; or
+        ``busy`` (a live worker holds it)."""
         out = {
             t: _text(self.connection.eval(self._CLAIM, 1, self.key, str(t), owner, Workers.prefix)) for t in task_ids
         }

@@ -1,9 +1,13 @@
 """RQ job functions, run inside ``dinolabel worker`` processes, and the calls that enqueue them.
 
 - ``predict_tasks``: the interactive path; an HTTP request is waiting for its return value.
-- ``plan_job``: pages through a project's tasks (or takes the tasks given), skips those that already
-  hold a prediction of the model version, and enqueues batches.
-- ``run_batch``: predicts one batch and writes the predictions through Label Studio's API.
+- ``plan_job``: one plan step: lists one page of the job's tasks, skips those that already hold a
+  prediction of the model version, queues the others in batches, and asks for the next step while
+  fewer than ``bulk_plan_ahead`` tasks are in flight (a finishing batch asks too): Redis holds per job
+  what is in flight, not the project. Planning is streamed:
+  the first batches run seconds after the request, whatever the project's size.
+- ``run_batch``: predicts one batch and hands the predictions to the worker's writer thread, which
+  writes those of many batches in one call to Label Studio's API (``backend.writer``).
 
 Arguments are JSON: ids, URLs and task dicts, never a Label Studio key (RQ keeps them in Redis): the
 worker resolves the key for the project. The model comes from the worker's runtime.
@@ -13,22 +17,28 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
+import redis
+from rq import get_current_job
 from rq.job import Job
 
 from backend.bulk import BulkJob, JobSpec, Marks, record_batch
 from backend.labeling import LabelConfigError, parse_label_config
-from backend.ls_client import LabelStudioClient, LabelStudioError
+from backend.ls_client import MAX_IDS_PER_QUERY, PAGE_SIZE, LabelStudioClient, LabelStudioError
 from backend.queues import Queues
 from backend.worker import Runtime, current_runtime
+from backend.writer import Submission
 from model import DetectionParams, PromptError
 
 log = logging.getLogger(__name__)
 
 RESULT_TTL = 600
 """Seconds an interactive result stays in Redis (the HTTP request reads it at once)."""
+PLAN_STEP_TIMEOUT = 600
+"""Seconds one plan step (one page listed and checked) may run."""
 
 
 def predict_tasks(payload: dict[str, Any]) -> dict[str, Any]:
@@ -64,17 +74,28 @@ def enqueue_plan(
     *,
     tasks: Sequence[dict[str, Any]] | None = None,
     task_ids: Sequence[int] | None = None,
-) -> Job:
-    """Queue the planning of a bulk job: the given ``tasks``, or the project's (only ``task_ids``)."""
-    return queues.plan.enqueue(
+) -> bool:
+    """Start planning a bulk job: over the project's tasks, or only those given (``tasks`` or ``task_ids``;
+    their data is listed from Label Studio again, as it stands when planned)."""
+    if tasks is not None or task_ids is not None:
+        job.restrict_to([t["id"] for t in tasks] if tasks is not None else list(task_ids or []))
+    return request_plan_step(queues, job)
+
+
+def request_plan_step(queues: Queues, job: BulkJob) -> bool:
+    """Queue the job's next plan step unless one is queued or running; True if queued now."""
+    rq_id = uuid.uuid4().hex
+    if not job.claim_plan_step(f"queued:{rq_id}"):
+        return False
+    queues.plan.enqueue(
         plan_job,
         job.id,
-        list(tasks) if tasks is not None else None,
-        list(task_ids) if task_ids is not None else None,
-        job_timeout=3600,
+        job_id=rq_id,
+        job_timeout=PLAN_STEP_TIMEOUT,
         result_ttl=RESULT_TTL,
         description=f"plan job {job.id}",
     )
+    return True
 
 
 def enqueue_batch(queues: Queues, job: BulkJob, number: int, *, timeout: int, at_front: bool = False) -> Job:
@@ -112,106 +133,185 @@ def _client(spec: JobSpec) -> LabelStudioClient:
     return LabelStudioClient(access.url or "", access.api_key, retries=runtime.settings.label_studio_retries)
 
 
-def plan_job(
-    job_id: str, tasks: list[dict[str, Any]] | None = None, task_ids: list[int] | None = None
-) -> dict[str, Any]:
-    """Decide what the job predicts and enqueue it in batches; planning errors fail the job."""
+def plan_job(job_id: str) -> dict[str, Any]:
+    """One plan step (see the module's docstring); a job that cannot be planned fails with the reason."""
     runtime = current_runtime()
     job = BulkJob.fetch(runtime.connection, job_id)
+    queues = Queues.on(runtime.connection)
+    step = get_current_job()
+    if not job.plan_step_running(step.id if step else "", runtime.name):
+        return {"status": "stale step"}
     if job.is_final():
+        job.end_plan_step(runtime.name)
         return {"status": str(job.status())}
+    for number in job.unqueued_batches():  # recorded by a planner that died before it queued them
+        enqueue_batch(queues, job, number, timeout=runtime.settings.batch_timeout)
+    state = job.plan_state()
+    outcome: dict[str, Any] = {}
+    if not state["plan_done"] and state["in_flight"] < runtime.settings.bulk_plan_ahead:
+        try:
+            outcome = _plan_page(job, state, runtime, queues)
+        except redis.RedisError:
+            raise  # the worker recovers; a new step starts where this one stopped
+        except (LabelStudioError, LabelConfigError) as exc:
+            job.fail(f"planning failed: {exc}")
+            outcome = {"status": "failed", "reason": str(exc)}
+        except Exception as exc:  # whatever it is, planning ends, and the job says so
+            log.exception("job %s: planning failed", job_id)
+            job.fail(f"planning failed: {type(exc).__name__}")
+            outcome = {"status": "failed", "reason": type(exc).__name__}
+    job.end_plan_step(runtime.name)
+    keep_planning(queues, job, runtime.settings.bulk_plan_ahead)
+    return outcome
+
+
+def keep_planning(queues: Queues, job: BulkJob, plan_ahead: int) -> bool:
+    """Ask for the next plan step if the job still has tasks to plan and fewer than ``plan_ahead`` in flight."""
+    state = job.plan_state()
+    if state["plan_done"] or state["in_flight"] >= plan_ahead or job.is_final():
+        return False
+    return request_plan_step(queues, job)
+
+
+def _plan_page(job: BulkJob, state: dict[str, Any], runtime: Runtime, queues: Queues) -> dict[str, Any]:
+    """List one page after the cursor, check it against Label Studio, record and queue its batches."""
     spec = job.spec()
-    try:
-        with _client(spec) as client:
-            if not spec.label_config:
-                job.set_label_config(client.project(spec.project)["label_config"])
-                spec = job.spec()
-            parse_label_config(spec.label_config)
-            if tasks is None:
-                wanted = set(task_ids or [])
-                tasks = [t for t in client.iter_tasks(spec.project) if not wanted or t["id"] in wanted]
-            existing = client.predicted_task_ids(spec.project, spec.model_version)
-    except (LabelStudioError, LabelConfigError) as exc:
-        job.fail(f"planning failed: {exc}")
-        return {"status": "failed", "reason": str(exc)}
-    marked = Marks(runtime.connection, spec.project, spec.model_version).done_by(t["id"] for t in tasks)
-    todo = [t for t in tasks if t["id"] not in existing and marked[t["id"]] is None]
+    with _client(spec) as client:
+        if not spec.label_config:
+            job.set_label_config(client.project(spec.project)["label_config"])
+            spec = job.spec()
+        parse_label_config(spec.label_config)
+        if state["restricted"]:
+            ids = job.next_ids(state["cursor"], MAX_IDS_PER_QUERY)
+            tasks = client.task_page(spec.project, ids=ids)[0] if ids else []
+            held = client.tasks_holding(spec.project, [t["id"] for t in tasks], spec.model_version)
+            cursor, last = (ids[-1] if ids else state["cursor"]), len(ids) < MAX_IDS_PER_QUERY
+        else:
+            tasks, total = client.task_page(spec.project, after=state["cursor"], page_size=PAGE_SIZE)
+            if state["listed"] == 0:
+                job.set_total(total)
+            held = (
+                client.tasks_holding_between(spec.project, tasks[0]["id"], tasks[-1]["id"], spec.model_version)
+                if tasks
+                else set()
+            )
+            cursor, last = (tasks[-1]["id"] if tasks else state["cursor"]), len(tasks) < PAGE_SIZE
+    todo = [t for t in tasks if t["id"] not in held]
     size = runtime.settings.bulk_batch_size
     batches = [todo[i : i + size] for i in range(0, len(todo), size)]
-    job.start(batches, skipped=len(tasks) - len(todo))
-    queues = Queues.on(runtime.connection)
-    for number in range(len(batches)):
+    numbers = job.plan_page(
+        after=state["cursor"], cursor=cursor, listed=len(tasks), skipped=len(held), batches=batches, last=last
+    )
+    if numbers is None:  # cancelled meanwhile
+        return {"status": str(job.status())}
+    for number in numbers:
         enqueue_batch(queues, job, number, timeout=runtime.settings.batch_timeout)
-    log.info("job %s: %d tasks, %d to predict in %d batches", job_id, len(tasks), len(todo), len(batches))
-    return {"tasks": len(tasks), "to_predict": len(todo), "batches": len(batches)}
+    if job.is_final():  # cancelled while this page was queued: take it back
+        cancel_queued(queues, job)
+    log.info("job %s: planned %d tasks after %d, %d to predict", job.id, len(tasks), state["cursor"], len(todo))
+    return {"tasks": len(tasks), "to_predict": len(todo), "batches": len(batches), "last": last}
 
 
 def run_batch(job_id: str, number: int) -> dict[str, Any]:
-    """Predict one batch and write it to Label Studio, exactly once per task and model version."""
+    """Predict one batch and hand its rows to the worker's writer; the batch is counted once written.
+
+    Exactly once per task and model version: the batch claims its tasks (write marks), and stays held
+    by this worker until the writer wrote its rows, so a worker that dies meanwhile has its batch re-run
+    by another, which asks Label Studio what it holds first.
+    """
     runtime = current_runtime()
     job = BulkJob.fetch(runtime.connection, job_id)
     if job.is_final() or job.batch_finished(number):
         return {"status": "skipped"}
-    job.hold(number, runtime.name)
+    owner = runtime.name
+    job.hold(number, owner)
     spec = job.spec()
     tasks = {t["id"]: t for t in job.batch_tasks(number)}
     marks = Marks(runtime.connection, spec.project, spec.model_version)
-    claims = marks.claim(tasks, runtime.name)
     writers = marks.done_by(tasks)
-    done_here = [t for t, c in claims.items() if c == "done" and writers[t] == job_id]
-    skipped = sum(1 for t, c in claims.items() if c in ("done", "busy")) - len(done_here)
-    todo = [t for t, c in claims.items() if c in ("claimed", "taken")]
-    failures: list[tuple[int, str]] = []
+    claims = marks.claim(tasks, owner)
+    done_here: list[int] = []
+    skipped = sum(1 for c in claims.values() if c == "busy")
+    todo = [t for t, c in claims.items() if c != "busy"]
     started = time.perf_counter()
     try:
-        with _client(spec) as client:
-            taken = [t for t, c in claims.items() if c == "taken"]
-            for task_id in taken:  # a dead worker held it: its write may have gone through
-                if any(p.get("model_version") == spec.model_version for p in client.task_predictions(task_id)):
-                    marks.finish([task_id], job_id)
-                    done_here.append(task_id)
-                    todo.remove(task_id)
-            written = _predict_and_write(client, runtime, spec, [tasks[t] for t in todo], failures)
+        check = [t for t, c in claims.items() if c in ("taken", "done")]
+        if check:
+            # Written before (by a dead worker, by another job, by this batch run earlier): Label Studio
+            # says whether the prediction is still there; one deleted since is predicted again.
+            with _client(spec) as client:
+                held = client.tasks_holding(spec.project, check, spec.model_version)
+            marks.finish(held, job_id)
+            done_here = [t for t in held if writers[t] == job_id or claims[t] == "taken"]
+            skipped += len(held) - len(done_here)
+            todo = [t for t in todo if t not in held]
+        rows, failures = _predict(runtime, spec, [tasks[t] for t in todo])
     except Exception as exc:  # a time-out, Label Studio gone for good...: the batch ends, the job goes on
         log.exception("job %s batch %d failed", job_id, number)
         reason = f"batch failed: {type(exc).__name__}: {exc}"
-        marks.release(todo, runtime.name)
+        _unclaim(marks, owner, job_id, todo, claims, writers, uncertain=[])
         job.finish_batch(number, done=len(done_here), skipped=skipped, failures=[(t, reason) for t in todo])
+        keep_planning(Queues.on(runtime.connection), job, runtime.settings.bulk_plan_ahead)
         raise
-    marks.finish(written, job_id)
-    marks.release([t for t, _ in failures], runtime.name)
-    job.finish_batch(number, done=len(written) + len(done_here), skipped=skipped, failures=failures)
     seconds = time.perf_counter() - started
-    record_batch(runtime.connection, seconds=seconds, predicted=len(written), failed=len(failures))
-    return {"written": len(written), "skipped": skipped, "failed": len(failures), "seconds": round(seconds, 3)}
+
+    def written(ids: list[int], uncertain: list[int], error: str | None) -> None:
+        lost = [(row["task"], error) for row in rows] if error is not None else []
+        marks.finish(ids, job_id)
+        _unclaim(marks, owner, job_id, [t for t, _ in failures + lost], claims, writers, uncertain=uncertain)
+        job.finish_batch(number, done=len(ids) + len(done_here), skipped=skipped, failures=failures + lost)
+        keep_planning(Queues.on(runtime.connection), job, runtime.settings.bulk_plan_ahead)
+        record_batch(runtime.connection, seconds=seconds, predicted=len(ids), failed=len(failures) + len(lost))
+
+    if rows:
+        access = runtime.label_studio(spec.project)
+        target = (access.url or "", access.api_key, spec.project, spec.model_version)
+        runtime.writer.submit(Submission(target, rows, written))
+    else:
+        written([], [], None)
+    return {"predicted": len(rows), "skipped": skipped, "failed": len(failures), "seconds": round(seconds, 3)}
 
 
-def _predict_and_write(
-    client: LabelStudioClient,
-    runtime: Runtime,
-    spec: JobSpec,
-    tasks: list[dict[str, Any]],
-    failures: list[tuple[int, str]],
-) -> list[int]:
-    """Predict ``tasks`` and import the successful ones in one call; returns the ids written."""
+def _unclaim(
+    marks: Marks,
+    owner: str,
+    job_id: str,
+    task_ids: list[int],
+    claims: dict[int, str],
+    writers: dict[int, str | None],
+    *,
+    uncertain: list[int],
+) -> None:
+    """Give back tasks this batch did not write. A task that was marked done before, or taken from a
+    dead worker, or whose write may have gone through, stays marked done: whoever claims it next asks
+    Label Studio first. The others are released."""
+    maybe_held = set(uncertain) | {t for t in task_ids if claims.get(t) in ("done", "taken")}
+    for writer in {writers.get(t) or job_id for t in maybe_held}:
+        marks.finish([t for t in maybe_held if (writers.get(t) or job_id) == writer], writer)
+    marks.release([t for t in task_ids if t not in maybe_held], owner)
+
+
+def _predict(
+    runtime: Runtime, spec: JobSpec, tasks: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], list[tuple[int, str]]]:
+    """Predict ``tasks``: the import rows of those that succeeded, and the failures with reasons."""
     if not tasks:
-        return []
+        return [], []
     target = parse_label_config(spec.label_config)
     fetcher = runtime.fetcher(runtime.label_studio(spec.project))
     outcome = runtime.predictor.predict(tasks, target, DetectionParams(**spec.params), spec.model_version, fetcher)
     failed = {f.task_id: f.reason for f in outcome.failures}
-    failures.extend(failed.items())
     rows = [{"task": t["id"], **p} for t, p in zip(tasks, outcome.predictions, strict=True) if t["id"] not in failed]
-    try:
-        client.import_predictions(spec.project, rows)
-    except LabelStudioError as exc:
-        failures.extend((row["task"], f"writing the prediction failed: {exc}") for row in rows)
-        return []
-    return [row["task"] for row in rows]
+    return rows, list(failed.items())
 
 
 def cancel_queued(queues: Queues, job: BulkJob) -> int:
-    """Remove a cancelled job's batches that have not started from the bulk queue."""
-    fetch = Job.fetch_many(list(job.rq_jobs().values()), connection=queues.bulk.connection,
-                           serializer=queues.bulk.serializer)  # fmt: skip
-    return sum(cancel_if_queued(rq_job) for rq_job in fetch if rq_job is not None)
+    """Remove a cancelled job's batches that have not started, and its queued plan step, from the queues."""
+    ids = list(job.rq_jobs().values())
+    step = job.pending_plan_step()
+    if step.startswith("queued:"):
+        ids.append(step.removeprefix("queued:"))
+    fetch = Job.fetch_many(ids, connection=queues.bulk.connection, serializer=queues.bulk.serializer)
+    cancelled = sum(cancel_if_queued(rq_job) for rq_job in fetch if rq_job is not None)
+    job.end_plan_step()
+    return cancelled

@@ -1,17 +1,27 @@
-"""The Label Studio API calls the bulk jobs need, with retries and back-off.
+"""The Label Studio API calls the bulk jobs need, with a retry policy per kind of call.
 
-Transient failures (connection errors, time-outs, 429 and 5xx) are retried with exponential back-off;
-4xx answers are not (they will not get better) and raise ``LabelStudioError``. Its message names the
-status but never quotes the body (it reaches job records, and the URL may not be Label Studio's):
-the body goes to this process's log. Tokens of both kinds work (``LabelStudioAuth``).
+- Reads (``GET``) are retried on transient failures (connection errors, time-outs, 429 and 5xx) with
+  exponential back-off, waiting at least what a ``Retry-After`` header asks.
+- Writes are never sent twice blindly. One that surely did not reach Label Studio (the connection
+  could not be opened, or a 429 said it was not processed) is sent again; one whose answer was lost
+  (a read time-out, a dropped connection, a 5xx from Label Studio or a proxy) may have been committed,
+  and raises ``WriteUncertain``. ``import_predictions`` then asks Label Studio which of its tasks now
+  hold a prediction of the model version and writes only the others.
+- Other 4xx answers are not retried (they will not get better) and raise ``LabelStudioError``. Its
+  message names the status but never quotes the body (it reaches job records, and the URL may not be
+  Label Studio's): the body goes to this process's log.
+
+Tokens of both kinds work (``LabelStudioAuth``).
 """
 
 from __future__ import annotations
 
+import email.utils
+import json
 import logging
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import httpx
@@ -19,6 +29,22 @@ import httpx
 from backend.ls_auth import LabelStudioAuth
 
 log = logging.getLogger(__name__)
+
+READS = frozenset({"GET", "HEAD", "OPTIONS"})
+MAX_WAIT = 60.0
+"""Seconds at most between two tries, whatever a ``Retry-After`` header asks."""
+PAGE_SIZE = 1000
+"""Tasks per page when listing a project (~1,500 tasks/s from Label Studio 1.23 on SQLite)."""
+MAX_IDS_PER_QUERY = 200
+"""Task ids named in one ``GET /api/tasks`` query: they travel in the URL, which proxies limit (8 KB)."""
+# Failures where the request never reached Label Studio: safe to send again, writes included.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+
+def _id_after(task_id: int) -> dict[str, Any]:
+    """A Data Manager filter: tasks whose id is greater than ``task_id``."""
+    return {"filter": "filter:tasks:id", "operator": "greater", "type": "Number", "value": task_id}
+
 
 _MEDIA_TYPE = re.compile(r"[\w.+-]{1,40}/[\w.+-]{1,60}")
 
@@ -31,6 +57,24 @@ class LabelStudioError(RuntimeError):
         self.status = status
 
 
+class WriteUncertain(LabelStudioError):
+    """A write whose answer was lost: Label Studio may have committed it. Check before writing again."""
+
+
+def retry_after(response: httpx.Response, *, now: float | None = None) -> float | None:
+    """Seconds a ``Retry-After`` header asks to wait (delta-seconds or an HTTP date), None without one."""
+    value = response.headers.get("Retry-After", "").strip()
+    if not value:
+        return None
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(when.timestamp() - (time.time() if now is None else now), 0.0)
+
+
 class LabelStudioClient:
     """A small synchronous client over one Label Studio and token."""
 
@@ -40,15 +84,21 @@ class LabelStudioClient:
         api_key: str | None,
         *,
         timeout: float = 30.0,
+        write_timeout: float = 300.0,
         retries: int = 5,
         backoff: float = 0.5,
         transport: httpx.BaseTransport | None = None,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
+        """``write_timeout`` bounds a write's wait for its answer: long, since an import into a big
+        project takes seconds, and a write that times out must be verified before anything else."""
         if not url:
             raise LabelStudioError("no Label Studio URL: set DINOLABEL_LABEL_STUDIO_URL or connect the model")
         self.url = url.rstrip("/")
         self.retries = retries
         self.backoff = backoff
+        self.write_timeout = write_timeout
+        self.sleep = sleep
         auth = LabelStudioAuth(self.url, api_key, transport=transport) if api_key else None
         self._http = httpx.Client(base_url=self.url, auth=auth, timeout=timeout, transport=transport)
 
@@ -62,61 +112,153 @@ class LabelStudioClient:
         self.close()
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
-        """One API call, retried on transient failures; returns the decoded JSON (or None)."""
-        delay = self.backoff
+        """One API call under the policy of its method; returns the decoded JSON (or None)."""
+        read = method.upper() in READS
+        if not read:
+            kwargs.setdefault("timeout", httpx.Timeout(self._http.timeout.connect, read=self.write_timeout))
         for attempt in range(self.retries + 1):
+            wait: float | None = None
             try:
                 response = self._http.request(method, path, **kwargs)
+            except _NOT_SENT as exc:
+                reason, status = f"{type(exc).__name__}: {exc}", None
             except httpx.TransportError as exc:
                 reason, status = f"{type(exc).__name__}: {exc}", None
+                if not read:
+                    raise WriteUncertain(f"{method} {path}: no answer ({reason})") from exc
             else:
                 if response.status_code < 400:
                     return response.json() if response.content else None
                 reason, status = _status_reason(method, path, response), response.status_code
-                if status < 500 and status != 429:
+                if status == 429:
+                    wait = retry_after(response)
+                elif status >= 500 and not read:
+                    raise WriteUncertain(f"{method} {path} failed: {reason}", status=status)
+                elif status < 500:
                     raise LabelStudioError(f"{method} {path} failed: {reason}", status=status)
+                else:
+                    wait = retry_after(response)
             if attempt < self.retries:
+                delay = min(max(self.delay(attempt), wait or 0.0), MAX_WAIT)
                 log.warning("%s %s failed (%s); retry %d in %.1f s", method, path, reason, attempt + 1, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 30.0)
+                self.sleep(delay)
         raise LabelStudioError(f"{method} {path} failed after {self.retries + 1} tries: {reason}", status=status)
+
+    def delay(self, attempt: int) -> float:
+        """Exponential back-off: ``backoff`` seconds before the first retry, doubling, at most 30 s."""
+        return min(self.backoff * 2**attempt, 30.0)
 
     def project(self, project_id: int) -> dict[str, Any]:
         return self.request("GET", f"/api/projects/{project_id}")
 
-    def iter_tasks(self, project_id: int, *, page_size: int = 100) -> Iterator[dict[str, Any]]:
-        """Every task of a project as ``{id, data}``, page by page."""
-        page, seen = 1, 0
+    def task_page(
+        self, project_id: int, *, after: int = 0, ids: Sequence[int] | None = None, page_size: int = PAGE_SIZE
+    ) -> tuple[list[dict[str, Any]], int]:
+        """One page of a project's tasks as ``{id, data}``, in id order, and how many match in all.
+
+        The page holds the tasks after task ``after`` (a cursor: pages do not shift when tasks are
+        added or deleted meanwhile, and a page costs the same at the end of a big project as at its
+        start), or those of ``ids`` that exist. Only ``id`` and ``data`` are asked for.
+        """
+        query: dict[str, Any]
+        if ids is not None:
+            query = {"selectedItems": {"all": False, "included": list(ids)}}
+            page_size = max(len(ids), 1)
+        else:
+            query = {"filters": {"conjunction": "and", "items": [_id_after(after)]}}
+        params = {"project": project_id, "page_size": page_size, "include": "id,data", "query": json.dumps(query)}
+        body = self.request("GET", "/api/tasks", params=params)
+        tasks = body.get("tasks", []) if isinstance(body, dict) else body or []
+        total = int(body.get("total", len(tasks))) if isinstance(body, dict) else len(tasks)
+        return [{"id": t["id"], "data": t.get("data") or {}} for t in tasks], total
+
+    def tasks_holding(self, project_id: int, task_ids: Iterable[int], model_version: str) -> set[int]:
+        """Which of ``task_ids`` hold a prediction of ``model_version``: one query per 200 tasks (their
+        ids travel in the URL)."""
+        ids = list(dict.fromkeys(task_ids))
+        held: set[int] = set()
+        for start in range(0, len(ids), MAX_IDS_PER_QUERY):
+            chunk = ids[start : start + MAX_IDS_PER_QUERY]
+            held |= self._holding(project_id, model_version, {"all": False, "included": chunk}, [], len(chunk))
+        return held
+
+    def tasks_holding_between(self, project_id: int, first: int, last: int, model_version: str) -> set[int]:
+        """Tasks with ids from ``first`` to ``last`` that hold a prediction of ``model_version``: the
+        check of a whole page of ``task_page`` in one query."""
+        between = {"filter": "filter:tasks:id", "operator": "in", "type": "Number"}
+        between["value"] = {"min": first, "max": last}
+        return self._holding(project_id, model_version, None, [between], PAGE_SIZE)
+
+    def _holding(
+        self,
+        project_id: int,
+        model_version: str,
+        selected: dict[str, Any] | None,
+        items: list[dict[str, Any]],
+        page_size: int,
+    ) -> set[int]:
+        """The Data Manager's filter on model versions matches a part of a version, so the versions
+        each task holds (which the filter makes Label Studio list) are compared exactly. Label Studio
+        joins them with commas: a version of another model that contains a comma could, in theory,
+        look like ours."""
+        version = {
+            "filter": "filter:tasks:predictions_model_versions",
+            "operator": "contains",
+            "type": "List",
+            "value": [model_version],
+        }
+        query: dict[str, Any] = {"filters": {"conjunction": "and", "items": [*items, version]}}
+        if selected is not None:
+            query["selectedItems"] = selected
+        held: set[int] = set()
+        page = 1
         while True:
+            params = {
+                "project": project_id,
+                "page": page,
+                "page_size": page_size,
+                "include": "id,predictions_model_versions",
+                "query": json.dumps(query),
+            }
             try:
-                body = self.request(
-                    "GET", "/api/tasks", params={"project": project_id, "page": page, "page_size": page_size}
-                )
+                body = self.request("GET", "/api/tasks", params=params)
             except LabelStudioError as exc:
                 if exc.status == 404 and page > 1:  # past the last page
-                    return
+                    return held
                 raise
-            tasks = body.get("tasks", []) if isinstance(body, dict) else body
+            tasks = body.get("tasks", []) if isinstance(body, dict) else []
             for task in tasks:
-                yield {"id": task["id"], "data": task.get("data") or {}}
-            seen += len(tasks)
-            total = body.get("total") if isinstance(body, dict) else None
-            if not tasks or (total is not None and seen >= total):
-                return
+                if model_version in str(task.get("predictions_model_versions") or "").split(","):
+                    held.add(int(task["id"]))
+            if len(tasks) < page_size or page * page_size >= int(body.get("total", 0)):
+                return held
             page += 1
 
-    def predicted_task_ids(self, project_id: int, model_version: str) -> set[int]:
-        """Tasks of the project that already hold a prediction of ``model_version``."""
-        predictions = self.request("GET", "/api/predictions", params={"project": project_id})
-        return {p["task"] for p in predictions or [] if p.get("model_version") == model_version}
-
-    def task_predictions(self, task_id: int) -> list[dict[str, Any]]:
-        return self.request("GET", "/api/predictions", params={"task": task_id}) or []
-
     def import_predictions(self, project_id: int, predictions: Sequence[dict[str, Any]]) -> None:
-        """Create predictions (``{task, result, score, model_version}``) in one call."""
-        if predictions:
-            self.request("POST", f"/api/projects/{project_id}/import/predictions", json=list(predictions))
+        """Create predictions (``{task, result, score, model_version}``, one version), never twice.
+
+        When the answer to an import is lost, Label Studio is asked (after a back-off that lets a
+        commit in progress land) which tasks now hold a prediction of the version, and only the
+        others are written again. Each task has at most one prediction in ``predictions``.
+        """
+        rows = list(predictions)
+        versions = {row["model_version"] for row in rows}
+        if len(versions) > 1:
+            raise ValueError(f"one model version per import, not {sorted(versions)}")
+        for attempt in range(self.retries + 1):
+            if not rows:
+                return
+            try:
+                self.request("POST", f"/api/projects/{project_id}/import/predictions", json=rows)
+                return
+            except WriteUncertain as exc:
+                if attempt == self.retries:
+                    raise
+                log.warning("import of %d predictions may have gone through (%s): checking", len(rows), exc)
+                self.sleep(self.delay(attempt))
+                held = self.tasks_holding(project_id, [row["task"] for row in rows], next(iter(versions)))
+                rows = [row for row in rows if row["task"] not in held]
+                log.warning("%d of them were stored; writing the %d others", len(held), len(rows))
 
     def webhooks(self, project_id: int) -> list[dict[str, Any]]:
         return self.request("GET", "/api/webhooks", params={"project": project_id}) or []

@@ -181,8 +181,9 @@ class Service:
     ) -> BulkJob:
         """Create a bulk pre-annotation job and queue its planning; returns at once.
 
-        ``tasks`` (checked ones, ``backend.tasks.check_tasks``) skip paging through Label Studio;
-        ``task_ids`` restrict the paging; ``rejected`` tasks are recorded as failures of the job.
+        ``tasks`` (checked ones, ``backend.tasks.check_tasks``) or ``task_ids`` restrict the job to those
+        tasks (their data is listed from Label Studio when planned); ``rejected`` tasks are recorded as
+        failures of the job.
         """
         from backend.jobs import enqueue_plan
 

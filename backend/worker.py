@@ -4,6 +4,14 @@ RQ's default ``Worker`` forks a child for every job: the child would load the mo
 cannot be used after a fork once initialised. We use ``SimpleWorker`` (jobs run in the worker's own
 process) and build the model *before* the first job. A heartbeat thread keeps a short-lived "alive"
 key, and re-queues the batches of workers whose key has expired (killed, crashed, machine gone).
+
+A Redis outage of any length, even one that breaks RQ's own handling of the job in progress, does not
+end the process: it waits for Redis and goes on under a new name, so that the job cut short is
+re-queued and checked against Label Studio like one of a dead worker (``recover``).
+
+The model's thread takes interactive requests and bulk batches only: plan steps run on a planner
+thread and Label Studio writes on a writer thread, so an annotator's ``/predict`` waits at most for
+the batch the model is running.
 """
 
 from __future__ import annotations
@@ -31,10 +39,14 @@ from backend.ls_credentials import LabelStudioAccess
 from backend.predictor import Predictor
 from backend.queues import KEY_PREFIX, Queues
 from backend.state import ProjectStore
+from backend.writer import Writer
 from model import create_detector
 
 log = logging.getLogger(__name__)
 
+SHUTDOWN_WRITES = 60.0
+"""Seconds a stopping worker gives its writer to write the predictions it holds (a batch whose rows are
+not written is re-queued by another worker)."""
 HEARTBEAT_SECONDS = 2.0
 POLL_SECONDS = 1
 REAP_EVERY = 3  # heartbeats
@@ -48,6 +60,7 @@ class Runtime:
     settings: Settings
     connection: Redis
     name: str
+    writer: Writer
     _fetchers: dict[LabelStudioAccess, ImageFetcher] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -104,6 +117,13 @@ class PredictionWorker(SimpleWorker):
         super().__init__(*args, **kwargs)
         self.stop = stop
         self.published = published if published is not None else {}  # RQ's own ``state`` is its status
+        self.lost_redis = False
+
+    def handle_exception(self, job: Any, *exc_info: Any) -> None:
+        """Note a job that failed because Redis went away: its bookkeeping may be half done."""
+        if isinstance(exc_info[1], redis.ConnectionError | redis.TimeoutError):
+            self.lost_redis = True
+        super().handle_exception(job, *exc_info)
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         timeout = job.timeout or queue.DEFAULT_TIMEOUT
@@ -117,6 +137,8 @@ class PredictionWorker(SimpleWorker):
             super().execute_job(job, queue)
         finally:
             self.published["busy"] = None
+        if self.lost_redis:  # Redis came back before RQ noticed: end the loop all the same, to recover
+            raise redis.ConnectionError(f"job {job.id} lost Redis while it ran")
 
     def _install_signal_handlers(self) -> None:
         if self.stop is None:
@@ -168,9 +190,9 @@ def requeue_abandoned(connection: Redis, *, batch_timeout: int) -> int:
 
     count = 0
     for job in BulkJob.active(connection):
-        finished = job.finished_batches()
+        count += _restart_plan_step(connection, job)
         for number, holder in job.holders().items():
-            if number in finished or Workers.alive(connection, holder):
+            if job.batch_finished(number) or Workers.alive(connection, holder):
                 continue
             lock = f"{KEY_PREFIX}reap:{job.id}:{number}:{holder}"
             if not connection.set(lock, "1", nx=True, ex=60):
@@ -179,6 +201,23 @@ def requeue_abandoned(connection: Redis, *, batch_timeout: int) -> int:
             enqueue_batch(Queues.on(connection), job, number, timeout=batch_timeout, at_front=True)
             count += 1
     return count
+
+
+def _restart_plan_step(connection: Redis, job: BulkJob) -> int:
+    """Queue a job's plan step again when the worker running it is gone, or its queued RQ job vanished."""
+    from backend.jobs import request_plan_step
+
+    step = job.pending_plan_step()
+    kind, _, who = step.partition(":")
+    if not step or (kind == "running" and Workers.alive(connection, who)):
+        return 0
+    if kind == "queued" and Job.exists(who, connection=connection):
+        return 0
+    if not connection.set(f"{KEY_PREFIX}reap:{job.id}:plan:{who}", "1", nx=True, ex=60):
+        return 0
+    log.warning("job %s: its plan step (%s) is lost: queueing it again", job.id, step)
+    job.end_plan_step()
+    return int(request_plan_step(Queues.on(connection), job))
 
 
 def load_predictor(settings: Settings) -> Predictor:
@@ -201,8 +240,12 @@ def load_predictor(settings: Settings) -> Predictor:
 
 
 def build_runtime(settings: Settings, connection: Redis, name: str) -> Runtime:
-    """Load the model and make it available to the job functions run on this thread."""
-    _local.runtime = Runtime(predictor=load_predictor(settings), settings=settings, connection=connection, name=name)
+    """Load the model, start the writer thread, and make both available to the job functions run on
+    this thread."""
+    predictor = load_predictor(settings)
+    writer = Writer(size=settings.bulk_write_size, wait=settings.bulk_write_wait, retries=settings.label_studio_retries)
+    writer.start()
+    _local.runtime = Runtime(predictor=predictor, settings=settings, connection=connection, name=name, writer=writer)
     return _local.runtime
 
 
@@ -224,6 +267,8 @@ def run_worker(
     state.update(name=name, pid=os.getpid(), state="loading", checkpoint=settings.detector_checkpoint, busy=None)
     heartbeat = Heartbeat(connection, name, state, settings.batch_timeout)
     heartbeat.start()
+    runtime: Runtime | None = None
+    planner: Planner | None = None
     try:
         started = time.perf_counter()
         try:
@@ -238,22 +283,125 @@ def run_worker(
             load_seconds=round(time.perf_counter() - started, 2),
         )
         log.info("worker %s ready on %s", name, state["device"])
+        queues = Queues.on(connection)
+        if not burst:  # plan steps on a thread of their own: the model's thread only predicts
+            planner = Planner(runtime, settings.log_level.upper())
+            planner.start()
         while not (stop and stop.is_set()):
-            worker = PredictionWorker(
-                Queues.on(connection).in_listen_order(),
-                connection=connection,
-                name=f"{name}.{int(time.time())}",
-                serializer=JSONSerializer,
-                worker_ttl=30,
-                stop=stop,
-                published=state,
-            )
-            worker.work(burst=burst, logging_level=settings.log_level.upper())
+            worker: PredictionWorker | None = None
+            try:
+                worker = PredictionWorker(
+                    queues.in_listen_order() if burst else [queues.interactive, queues.bulk],
+                    connection=connection,
+                    name=f"{runtime.name}.{int(time.time())}",
+                    serializer=JSONSerializer,
+                    worker_ttl=30,
+                    stop=stop,
+                    published=state,
+                )
+                worker.work(burst=burst, logging_level=settings.log_level.upper())
+                runtime.writer.flush()  # batches counted, and the plan steps they ask for queued
+                if burst and any(Queues.on(connection).depths().values()):
+                    continue
+            except Exception as exc:  # mostly Redis gone mid-job, raised out of RQ's own failure handling
+                log.error("worker %s: the work loop failed (%s: %s)", runtime.name, type(exc).__name__, exc)
+                _stop_pubsub(worker)
             # RQ notes a SIGINT/SIGTERM in _shutdown_requested_date (and ends work() quietly when idle).
-            if burst or worker._shutdown_requested_date is not None or (stop and stop.is_set()):
+            if burst or (worker and worker._shutdown_requested_date is not None) or (stop and stop.is_set()):
                 break
-            log.warning("worker %s: the work loop ended (Redis unreachable?); starting again in 2 s", name)
-            time.sleep(2.0)
+            recover(connection, runtime, heartbeat, state, stop)
     finally:
+        if planner is not None:
+            planner.stop.set()
+            planner.join(timeout=POLL_SECONDS + 10)
+        if runtime is not None:
+            runtime.writer.stop(timeout=SHUTDOWN_WRITES)
         heartbeat.stopped.set()
         heartbeat.join(timeout=5)
+
+
+def _stop_pubsub(worker: PredictionWorker | None) -> None:
+    """End the pubsub thread of an RQ worker whose teardown failed before it could."""
+    if worker is not None and worker.pubsub_thread is not None:
+        worker.pubsub_thread.stop()
+        worker.pubsub_thread.join(timeout=1)
+
+
+def wait_for_redis(connection: Redis, stop: threading.Event | None, who: str) -> None:
+    """Ping Redis with back-off (0.5 s doubling to 30 s) until it answers or ``stop`` is set."""
+    delay = 0.5
+    while not (stop and stop.is_set()):
+        try:
+            connection.ping()
+            return
+        except redis.RedisError as exc:
+            log.warning("%s: Redis unreachable (%s); trying again in %.1f s", who, exc, delay)
+            (stop.wait if stop else time.sleep)(delay)
+            delay = min(delay * 2, 30.0)
+
+
+class Planner(threading.Thread):
+    """Plan steps on a thread of the worker process, off the model's thread: listing and checking a
+    page of a big project takes Label Studio a second or more, which an annotator's ``/predict``
+    must not wait behind. An RQ worker of its own on the plan queue, sharing the process's runtime."""
+
+    def __init__(self, runtime: Runtime, log_level: str) -> None:
+        super().__init__(name="dinolabel-planner", daemon=True)
+        self.runtime = runtime
+        self.log_level = log_level
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        _local.runtime = self.runtime
+        connection = self.runtime.connection
+        while not self.stop.is_set():
+            worker: PredictionWorker | None = None
+            try:
+                worker = PredictionWorker([Queues.on(connection).plan], connection=connection,
+                                          name=f"{self.runtime.name}.plan.{int(time.time())}",
+                                          serializer=JSONSerializer, worker_ttl=30, stop=self.stop)  # fmt: skip
+                worker.work(logging_level=self.log_level)
+            except Exception as exc:  # Redis gone mid-step: the step is queued again once Redis is back
+                log.error("planner of %s: the work loop failed (%s: %s)", self.runtime.name, type(exc).__name__, exc)
+                _stop_pubsub(worker)
+            if self.stop.is_set():
+                return
+            wait_for_redis(connection, self.stop, f"planner of {self.runtime.name}")
+            with contextlib.suppress(redis.RedisError):
+                restart_plan_steps_of(connection, self.runtime.name)
+
+
+def restart_plan_steps_of(connection: Redis, worker: str) -> int:
+    """Queue again the plan steps that ``worker`` was running (its planner lost Redis mid-step)."""
+    from backend.jobs import request_plan_step
+
+    count = 0
+    for job in BulkJob.active(connection):
+        if job.pending_plan_step() == f"running:{worker}":
+            job.end_plan_step(worker)
+            count += int(request_plan_step(Queues.on(connection), job))
+    return count
+
+
+def recover(
+    connection: Redis, runtime: Runtime, heartbeat: Heartbeat, state: dict[str, Any], stop: threading.Event | None
+) -> None:
+    """After the work loop broke (Redis unreachable, however long): wait for Redis, then go on under a
+    new name.
+
+    A job cut short may have written to Label Studio without recording it. Under a new name, what the
+    old one held counts as abandoned: the reaper re-queues its batches, and their claims are taken
+    over with a check of what Label Studio holds, as for a worker that died. The process carries on.
+    """
+    wait_for_redis(connection, stop, f"worker {runtime.name}")
+    dropped = runtime.writer.drop_pending()
+    if dropped:
+        log.warning("worker %s: %d predictions not written yet are dropped (their batches are re-queued)",
+                    runtime.name, dropped)  # fmt: skip
+    old, new = runtime.name, Workers.new_name()
+    runtime.name = heartbeat.worker_name = new
+    state["name"] = new
+    with contextlib.suppress(redis.RedisError):
+        Workers.gone(connection, old)
+        Workers.beat(connection, new, state)
+    log.warning("worker %s: Redis is back; going on as %s (what %s held is re-queued)", old, new, old)

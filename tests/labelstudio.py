@@ -1,4 +1,5 @@
-"""A real Label Studio server for end-to-end tests, and a small client for its HTTP API.
+"""A real Label Studio server for end-to-end tests, a small client for its HTTP API, and a proxy
+that loses answers on purpose.
 
 Label Studio lives in its own virtualenv (``make .venv-ls/.installed``); tests find its executable
 through ``DINOLABEL_LABEL_STUDIO_BIN`` (default ``<repo>/.venv-ls/bin/label-studio``).
@@ -20,8 +21,10 @@ import secrets
 import signal
 import socket
 import subprocess
+import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
 from typing import Any, NoReturn, Self
@@ -467,3 +470,77 @@ class LabelStudioAPI:
 
     def webhooks(self, project_id: int) -> list[dict[str, Any]]:
         return self.get("/api/webhooks", project=project_id)
+
+
+class DroppingProxy:
+    """An HTTP proxy on loopback in front of a real Label Studio that loses answers on purpose.
+
+    Every request is forwarded. For the first ``drops`` requests that ``should_drop(method, path)``
+    selects, Label Studio's answer is read (the write is committed) and then the client's connection
+    is closed without a byte of it: what a read time-out or a proxy reset does to a write.
+    """
+
+    HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "host"})
+
+    def __init__(self, upstream: str, *, drops: int, should_drop: Callable[[str, str], bool]) -> None:
+        self.upstream = upstream.rstrip("/")
+        self.should_drop = should_drop
+        self.drops_left = drops
+        self.dropped: list[tuple[str, str, int]] = []  # method, path, Label Studio's status
+        self.forwarded: list[tuple[str, str, int]] = []
+        self.lock = threading.Lock()
+        self._client = httpx.Client(timeout=300.0)
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._client.close()
+
+    def _take_drop(self, method: str, path: str) -> bool:
+        with self.lock:
+            if self.drops_left > 0 and self.should_drop(method, path):
+                self.drops_left -= 1
+                return True
+            return False
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in proxy.HOP_BY_HOP}
+                drop = proxy._take_drop(self.command, self.path.split("?", 1)[0])
+                answer = proxy._client.request(
+                    self.command, proxy.upstream + self.path, content=body or None, headers=headers
+                )
+                entry = (self.command, self.path.split("?", 1)[0], answer.status_code)
+                with proxy.lock:
+                    (proxy.dropped if drop else proxy.forwarded).append(entry)
+                if drop:
+                    self.close_connection = True
+                    return
+                self.send_response(answer.status_code)
+                for key, value in answer.headers.items():
+                    if key.lower() not in proxy.HOP_BY_HOP and key.lower() != "content-encoding":
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(answer.content)))
+                self.end_headers()
+                self.wfile.write(answer.content)
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = forward
+
+        return Handler

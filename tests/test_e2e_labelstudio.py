@@ -25,7 +25,7 @@ from backend.results import region
 from model import DetectionParams, GroundingDinoDetector, model_version
 from model.images import decode_image
 from tests.images import png
-from tests.labelstudio import LabelStudioAPI, LabelStudioServer, free_port
+from tests.labelstudio import DroppingProxy, LabelStudioAPI, LabelStudioServer, free_port
 from tests.processes import DINOLABEL, RedisServer, Service, health, wait_for
 
 pytestmark = [pytest.mark.labelstudio, pytest.mark.slow]
@@ -240,8 +240,7 @@ def test_a_worker_killed_mid_batch_loses_nothing_and_duplicates_nothing(
     def victim_mid_batch() -> bool:
         if job.status() != "running" or job.summary()["done"] < 16:
             return False
-        finished = job.finished_batches()
-        return any(w == victim_name and n not in finished for n, w in job.holders().items())
+        return any(w == victim_name and not job.batch_finished(n) for n, w in job.holders().items())
 
     wait_for(victim_mid_batch, 120, "the worker in the middle of a batch, after one finished", interval=0.01)
     victim.kill()
@@ -305,3 +304,55 @@ def test_ctrl_c_in_the_cli_cancels_the_job_after_confirmation(
     time.sleep(2)  # a batch already running finishes; nothing else starts
     after = running[0].summary()
     assert after["remaining"] > 0 and len(predictions_by_task(api, project)) < 400
+
+
+# --- issue 7: writes never repeated blindly -------------------------------------------------------------
+
+
+def test_an_import_whose_answer_is_lost_is_not_written_twice(
+    label_studio: tuple[LabelStudioServer, LabelStudioAPI],
+    redis_server: RedisServer,
+    tiny_checkpoint: Path,
+    tmp_path: Path,
+) -> None:
+    """Label Studio commits an import, the proxy in between drops the answer: the worker checks what
+    Label Studio holds and writes only the rest, so every task ends with exactly one prediction."""
+    from fastapi.testclient import TestClient
+    from pydantic import SecretStr
+
+    from backend.config import Settings
+    from backend.main import create_app
+
+    server, api = label_studio
+    project = api.create_project("e2e lost answers", CONFIG)["id"]
+    ids = api.import_tasks(project, local_images(server, api, project, 40))
+    if redis_server.process is None:
+        redis_server.start()
+    redis_url = redis_server.url.rsplit("/", 1)[0] + "/2"  # a database of its own (the cluster uses 1)
+    redis.Redis.from_url(redis_url).flushdb()
+
+    def is_import(method: str, path: str) -> bool:
+        return method == "POST" and path == f"/api/projects/{project}/import/predictions"
+
+    with DroppingProxy(server.url, drops=2, should_drop=is_import) as proxy:
+        env = {**common_env(tiny_checkpoint, tmp_path), "DINOLABEL_REDIS_URL": redis_url,
+               "DINOLABEL_LABEL_STUDIO_URL": proxy.url, "DINOLABEL_LABEL_STUDIO_API_KEY": server.token,
+               "DINOLABEL_BULK_WRITE_SIZE": "16"}  # fmt: skip
+        worker = Service(["worker"], env, tmp_path / "worker.log").start()
+        settings = Settings(redis_url=redis_url, label_studio_url=server.url,
+                            label_studio_api_key=SecretStr(server.token), detector_checkpoint=str(tiny_checkpoint),
+                            box_threshold=PARAMS.box_threshold, data_dir=tmp_path, embedded_worker=False)  # fmt: skip
+        try:
+            with TestClient(create_app(settings)) as client:
+                wait_for(lambda: client.get("/health").json()["status"] == "UP", 120, worker.log_tail())
+                job = client.post(f"/v1/projects/{project}/preannotate").json()
+                done = wait_for(lambda: (j := client.get(f"/v1/jobs/{job['id']}").json())["status"] != "running"
+                                and j["status"] != "planning" and j, 180, worker.log_tail())  # fmt: skip
+        finally:
+            worker.stop()
+        assert [entry[2] for entry in proxy.dropped] == [201, 201], "Label Studio committed both lost imports"
+        assert (done["status"], done["done"], done["failed"]) == ("done", 40, 0), done
+    stored = predictions_by_task(api, project)
+    counts = Counter(len(ps) for ps in stored.values())
+    assert sorted(stored) == sorted(ids) and counts == {1: 40}, f"predictions per task: {counts}"
+    assert "may have gone through" in worker.log.read_text()

@@ -37,5 +37,6 @@ class JobPublic(BaseModel):
     created_at: float
     finished_at: float | None
     tasks_per_second: float
+    eta_seconds: float | None = Field(default=None, description="remaining / tasks_per_second while running")
     failures: list[Failure]
     failures_total: int

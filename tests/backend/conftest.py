@@ -126,6 +126,7 @@ class FakeLabelStudio(_FakeServer):
     proxied: dict[str, bytes] = field(default_factory=dict)  # URI -> bytes served by presign itself
     presign_calls: list[tuple[int, str]] = field(default_factory=list)
     predictions: list[dict[str, Any]] = field(default_factory=list)  # rows imported through the API
+    tasks: dict[int, dict[str, Any]] = field(default_factory=dict)  # id -> data, for GET /api/tasks
     issued: list[str] = field(default_factory=list)
     valid_access: set[str] = field(default_factory=set)
 
@@ -301,6 +302,10 @@ class _LabelStudioHandler(_Handler):
             self.serve(state.storage_data.get(seen.query.get("filepath", [""])[-1]))
         elif match := self.PRESIGN.fullmatch(path):
             self.presign(state, int(match.group(1)), seen.query.get("fileuri", [""])[-1])
+        elif path == "/api/tasks":  # what bulk jobs list and check
+            with state.lock:
+                tasks, predictions = dict(state.tasks), list(state.predictions)
+            self.answer(*task_listing(seen, tasks, predictions))
         elif path == "/api/predictions":  # what bulk jobs ask before writing (?project= or ?task=)
             task = seen.query.get("task", [None])[-1]
             with state.lock:
@@ -338,6 +343,158 @@ class _LabelStudioHandler(_Handler):
             )
         else:
             self.answer(404)
+
+
+@dataclass
+class FakeProjectAPI(_FakeServer):
+    """Label Studio's task listing and prediction import over tasks kept here, with scripted faults.
+
+    ``faults`` is consumed one per request, in order (``None``: answer normally):
+    ``"500"`` / ``"429"`` / ``"429:<Retry-After>"`` answer that without doing anything; ``"stall"``
+    waits (past the client's time-out) without doing anything; ``"commit-then-500"``,
+    ``"commit-then-drop"`` (the connection closes without an answer) and ``"commit-then-stall"`` do
+    the work first: the answer is what gets lost.
+    """
+
+    project: int = 1
+    tasks: dict[int, dict[str, Any]] = field(default_factory=dict)
+    predictions: list[dict[str, Any]] = field(default_factory=list)
+    faults: list[str | None] = field(default_factory=list)
+    posted: list[list[dict[str, Any]]] = field(default_factory=list)
+    stall_seconds: float = 3.0
+    import_seconds: float = 0.0  # how long an import takes before it commits
+    listing_gate: threading.Event = field(default_factory=threading.Event)  # cleared: task listings wait
+    import_gate: threading.Event = field(default_factory=threading.Event)  # cleared: imports wait
+
+    def __post_init__(self) -> None:
+        self.listing_gate.set()
+        self.import_gate.set()
+
+    def next_fault(self) -> str | None:
+        with self.lock:
+            return self.faults.pop(0) if self.faults else None
+
+    def per_task(self, model_version: str) -> dict[int, int]:
+        """How many predictions of ``model_version`` each task holds."""
+        with self.lock:
+            counts: dict[int, int] = {}
+            for p in self.predictions:
+                if p["model_version"] == model_version:
+                    counts[p["task"]] = counts.get(p["task"], 0) + 1
+            return counts
+
+
+def task_listing(seen: Seen, tasks: dict[int, dict[str, Any]], predictions: list[dict[str, Any]]) -> tuple[int, bytes]:
+    """``GET /api/tasks`` as Label Studio answers it, for the Data Manager queries the bulk jobs send:
+    ``selectedItems``, filters on id (greater, between) and on model versions (contains), pages."""
+    query = json.loads(seen.query.get("query", ["{}"])[-1])
+    selected = query.get("selectedItems") or {"all": True}
+    versions: dict[int, list[str]] = {}
+    for p in predictions:
+        versions.setdefault(p["task"], []).append(p["model_version"])
+    ids = sorted(tasks if selected.get("all") else [t for t in selected["included"] if t in tasks])
+    for item in (query.get("filters") or {}).get("items", []):
+        ids = [t for t in ids if _matches(t, item, versions.get(t, []))]
+    page, page_size = int(seen.query.get("page", ["1"])[-1]), int(seen.query.get("page_size", ["100"])[-1])
+    chosen = ids[(page - 1) * page_size : page * page_size]
+    if page > 1 and not chosen:
+        return 404, b'{"detail": "Invalid page."}'
+    fields = seen.query.get("include", ["id,data,predictions_model_versions"])[-1].split(",")
+    listed = []
+    for task_id in chosen:
+        task = {"id": task_id, "data": tasks[task_id],
+                "predictions_model_versions": ",".join(sorted(set(versions.get(task_id, []))))}  # fmt: skip
+        listed.append({k: v for k, v in task.items() if k in fields})
+    return 200, json.dumps({"total": len(ids), "tasks": listed}).encode()
+
+
+def _matches(task_id: int, item: dict[str, Any], versions: list[str]) -> bool:
+    value = item["value"]
+    if item["filter"] == "filter:tasks:id" and item["operator"] == "greater":
+        return task_id > value
+    if item["filter"] == "filter:tasks:id" and item["operator"] == "in":
+        return value["min"] <= task_id <= value["max"]
+    if item["filter"] == "filter:tasks:predictions_model_versions" and item["operator"] == "contains":
+        return any(v in version for v in value for version in versions)
+    raise AssertionError(f"the fake does not know the filter {item}")
+
+
+class _ProjectHandler(_Handler):
+    server: Any
+
+    def do_GET(self) -> None:
+        state: FakeProjectAPI = self.server.state
+        seen = state.record(self)
+        fault = state.next_fault()
+        if self.fail_before(state, fault):
+            return
+        if seen.path != "/api/tasks" or seen.query.get("project") != [str(state.project)]:
+            self.answer(404, b'{"detail": "Not found."}')
+            return
+        if seen.query.get("include") == ["id,data"]:
+            state.listing_gate.wait(30)
+        with state.lock:
+            tasks, predictions = dict(state.tasks), list(state.predictions)
+        status, body = task_listing(seen, tasks, predictions)
+        if status != 200:
+            self.answer(status, body)
+            return
+        self.finish_with(state, fault, body)
+
+    def do_POST(self) -> None:
+        state: FakeProjectAPI = self.server.state
+        seen = state.record(self)
+        try:
+            rows = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+        except ValueError:  # the client died while sending
+            self.close_connection = True
+            return
+        fault = state.next_fault()
+        if self.fail_before(state, fault):
+            return
+        if seen.path != f"/api/projects/{state.project}/import/predictions":
+            self.answer(404, b'{"detail": "Not found."}')
+            return
+        unknown = [row["task"] for row in rows if row["task"] not in state.tasks]
+        if unknown:
+            self.answer(400, json.dumps({"detail": f"tasks {unknown} are not in the project"}).encode())
+            return
+        state.import_gate.wait(30)
+        time.sleep(state.import_seconds)
+        with state.lock:
+            state.posted.append(rows)
+            state.predictions.extend(rows)
+        self.finish_with(state, fault, json.dumps({"created": len(rows)}).encode())
+
+    def fail_before(self, state: FakeProjectAPI, fault: str | None) -> bool:
+        """Faults that answer before any work is done; True when one did."""
+        if fault == "500":
+            self.answer(500, b'{"detail": "Internal Server Error"}')
+        elif fault is not None and fault.startswith("429"):
+            _, _, after = fault.partition(":")
+            self.send_response(429)
+            if after:
+                self.send_header("Retry-After", after)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif fault == "stall":
+            time.sleep(state.stall_seconds)
+            self.close_connection = True
+        else:
+            return False
+        return True
+
+    def finish_with(self, state: FakeProjectAPI, fault: str | None, body: bytes) -> None:
+        """The work is done: answer, or lose the answer as ``fault`` says."""
+        if fault == "commit-then-500":
+            self.answer(500, b'{"detail": "Internal Server Error"}')
+        elif fault == "commit-then-drop":
+            self.close_connection = True  # no status line: the client sees the connection close
+        elif fault == "commit-then-stall":
+            time.sleep(state.stall_seconds)
+            self.close_connection = True
+        else:
+            self.answer(200, body)
 
 
 class _Server(ThreadingHTTPServer):
@@ -382,6 +539,14 @@ def fake_ls(fake_bucket: FakeBucket) -> Iterator[FakeLabelStudio]:
     """A fake Label Studio: 401 without a valid Token/Bearer, JWT refresh, presign redirects."""
     state = FakeLabelStudio(bucket=fake_bucket)
     with _serve(_LabelStudioHandler, state):
+        yield state
+
+
+@pytest.fixture
+def fake_project() -> Iterator[FakeProjectAPI]:
+    """A fake Label Studio project API (task listing, prediction import) with scripted faults."""
+    state = FakeProjectAPI()
+    with _serve(_ProjectHandler, state):
         yield state
 
 

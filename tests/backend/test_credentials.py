@@ -156,6 +156,7 @@ def test_the_operators_key_never_goes_where_setup_points(
             {"id": 12, "data": {"image": "s3://bucket/c.png"}},
         ],
     }
+    fake_ls.tasks.update({t["id"]: t["data"] for t in event["tasks"]})  # Label Studio holds what it announces
     queued = client.post("/webhook", json=event, headers={"X-Dinolabel-Secret": HOOK_SECRET}).json()
     job = wait_for(
         lambda: (j := client.get(f"/v1/jobs/{queued['job_id']}").json())["status"] not in ("planning", "running") and j,
@@ -167,7 +168,7 @@ def test_the_operators_key_never_goes_where_setup_points(
 
     assert sorted(p["task"] for p in fake_ls.predictions) == [11, 12] and all(p["result"] for p in fake_ls.predictions)
     paths = {r.path for r in fake_ls.requests}
-    assert {"/data/upload/5/a.png", "/tasks/2/presign/", "/tasks/12/presign/", "/api/predictions",
+    assert {"/data/upload/5/a.png", "/tasks/2/presign/", "/tasks/12/presign/", "/api/tasks",
             "/api/projects/5/import/predictions"} <= paths  # fmt: skip
     assert {r.authorization for r in fake_ls.requests} == {f"Token {LEGACY_TOKEN}"}
     assert [r.authorization for r in stranger.requests if r.authorization] == []

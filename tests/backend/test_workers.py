@@ -15,9 +15,10 @@ from fastapi.testclient import TestClient
 
 from backend.bulk import BulkJob, JobSpec, JobStatus, Marks, Workers
 from backend.config import Settings
-from backend.jobs import enqueue_batch
+from backend.jobs import enqueue_batch, enqueue_plan
 from backend.main import create_app
 from backend.queues import Queues
+from tests.backend.conftest import FakeProjectAPI
 from tests.images import png
 from tests.processes import RedisServer, Service, wait_for
 
@@ -170,7 +171,9 @@ def test_marks_give_each_task_to_one_writer(redis_url: str) -> None:
     assert marks.claim([1, 2], "alive-worker") == {1: "claimed", 2: "claimed"}
     assert marks.claim([1, 3], "other") == {1: "busy", 3: "claimed"}  # held by a live worker
     marks.finish([1], "job-a")
-    assert marks.claim([1], "other") == {1: "done"}
+    assert marks.claim([1], "other") == {1: "done"}, "claimed, to be checked against Label Studio"
+    assert marks.claim([1], "alive-worker") == {1: "taken"}, "'other' never beat: it counts as dead"
+    marks.finish([1], "job-a")
     # task 3 is held by "other", which never beat: it counts as dead and can be taken over.
     assert marks.claim([3], "alive-worker") == {3: "taken"}
     marks.release([3], "someone-else")
@@ -246,3 +249,172 @@ def test_waiting_predicts_never_starve_health(settings: Settings) -> None:
         assert client.post("/setup", json={"project": "10.1", "schema": CONFIG}).status_code == 200
         answers = [f.result(timeout=60) for f in waiting]
         assert all(a.status_code == 200 and a.json()["results"] == [] for a in answers), "all handed off"
+
+
+def worker_on(redis_url: str, settings: Settings, project: FakeProjectAPI, log: Path) -> Service:
+    """A ``dinolabel worker`` child process that writes to the fake Label Studio ``project``, once ready."""
+    env = {
+        "DINOLABEL_REDIS_URL": redis_url,
+        "DINOLABEL_DETECTOR_CHECKPOINT": settings.detector_checkpoint,
+        "DINOLABEL_DEVICE": "cpu",
+        "DINOLABEL_LOCAL_FILES_DOCUMENT_ROOT": str(settings.local_files_document_root),
+        "DINOLABEL_LABEL_STUDIO_URL": project.url,
+        "DINOLABEL_BULK_BATCH_SIZE": "4",
+        "DINOLABEL_BULK_WRITE_SIZE": "8",  # two batches per import call
+        "DINOLABEL_BULK_WRITE_WAIT": "0.2",
+    }
+    worker = Service(["worker"], env, log).start()
+    connection = redis.Redis.from_url(redis_url)
+    wait_for(lambda: any(w["state"] == "ready" for w in Workers.all(connection).values()), 90, worker.log_tail())
+    return worker
+
+
+def project_job(connection: redis.Redis, project: FakeProjectAPI) -> BulkJob:
+    spec = JobSpec(project=1, model_version="v1", label_config=CONFIG, params={"box_threshold": 0.3})
+    return BulkJob.create(connection, spec)
+
+
+def finished(job: BulkJob, worker: Service) -> dict:
+    return wait_for(lambda: (s := job.summary())["status"] not in ("planning", "running") and s, 120, worker.log_tail())
+
+
+def test_deleted_predictions_are_predicted_again_and_never_twice(
+    settings: Settings, tmp_path: Path, fake_project: FakeProjectAPI
+) -> None:
+    """Label Studio is the truth: predictions deleted there are predicted again by the next job,
+    although the write marks remember them; a task that still holds one is never written twice."""
+    fake_project.tasks.update({t: {"image": f"/data/local-files/?d=img{t % 4}.png"} for t in range(1, 9)})
+    tasks = [{"id": t, "data": d} for t, d in sorted(fake_project.tasks.items())]
+    connection = redis.Redis.from_url(settings.redis_url)
+    queues = Queues.on(connection)
+    worker = worker_on(settings.redis_url, settings, fake_project, tmp_path / "worker.log")
+    try:
+        first = project_job(connection, fake_project)
+        enqueue_plan(queues, first, tasks=tasks)
+        assert (finished(first, worker)["done"], fake_project.per_task("v1")) == (8, dict.fromkeys(range(1, 9), 1))
+
+        with fake_project.lock:  # "Delete predictions" in the Data Manager, for tasks 1-4
+            fake_project.predictions[:] = [p for p in fake_project.predictions if p["task"] > 4]
+        second = project_job(connection, fake_project)
+        enqueue_plan(queues, second, tasks=tasks)
+        summary = finished(second, worker)
+        assert (summary["done"], summary["skipped"], summary["failed"]) == (4, 4, 0)
+        assert fake_project.per_task("v1") == dict.fromkeys(range(1, 9), 1)
+        assert sorted(r["task"] for r in fake_project.posted[-1]) == [1, 2, 3, 4]
+
+        # A batch planned before a deletion (and before other writes): it checks Label Studio itself.
+        with fake_project.lock:
+            fake_project.predictions[:] = [p for p in fake_project.predictions if p["task"] not in (5, 6)]
+        third = project_job(connection, fake_project)
+        third.start([tasks], skipped=0)
+        enqueue_batch(queues, third, 0, timeout=60)
+        summary = finished(third, worker)
+        assert (summary["done"], summary["skipped"], summary["failed"]) == (2, 6, 0)
+        assert fake_project.per_task("v1") == dict.fromkeys(range(1, 9), 1)
+        assert sorted(r["task"] for r in fake_project.posted[-1]) == [5, 6]
+    finally:
+        worker.stop()
+
+
+def test_a_redis_outage_mid_job_does_not_end_the_worker(
+    settings: Settings, tmp_path: Path, fake_project: FakeProjectAPI
+) -> None:
+    """Redis (AOF) killed while a batch writes to Label Studio, back 6 s later: the same worker
+    process finishes the job, and every task holds exactly one prediction."""
+    server = RedisServer(tmp_path / "redis-aof", aof=True)
+    server.directory.mkdir()
+    server.start()
+    fake_project.tasks.update({t: {"image": f"/data/local-files/?d=img{t % 4}.png"} for t in range(1, 41)})
+    fake_project.import_seconds = 0.4  # the batch spends most of its time in the write, where Redis dies
+    worker = worker_on(server.url, settings, fake_project, tmp_path / "worker.log")
+    try:
+        connection = redis.Redis.from_url(server.url)
+        job = project_job(connection, fake_project)
+        tasks = [{"id": t, "data": d} for t, d in sorted(fake_project.tasks.items())]
+        job.start([tasks[i : i + 4] for i in range(0, 40, 4)], skipped=0)
+        for number in range(10):
+            enqueue_batch(Queues.on(connection), job, number, timeout=60)
+
+        def writing() -> bool:  # a write under way, after some batches were counted
+            return job.summary()["done"] >= 8 and len(fake_project.seen("/api/projects")) > len(fake_project.posted)
+
+        wait_for(writing, 60, f"a write in progress\n{worker.log_tail()}", interval=0.005)
+        server.kill()
+        time.sleep(6)
+        server.start()
+        done = wait_for(lambda: (s := job.summary())["status"] == "done" and s, 120, worker.log_tail())
+        assert (done["done"], done["failed"], done["total"]) == (40, 0, 40), done
+        assert fake_project.per_task("v1") == dict.fromkeys(range(1, 41), 1), "every task once, none twice"
+        assert worker.process.poll() is None, "the same worker process carried on"
+        assert "Redis is back" in worker.log.read_text()
+    finally:
+        worker.stop()
+        server.stop()
+
+
+def test_a_worker_killed_with_unwritten_predictions_loses_nothing_and_writes_nothing_twice(
+    settings: Settings, tmp_path: Path, fake_project: FakeProjectAPI
+) -> None:
+    """Predictions wait in the worker's writer while Label Studio imports slowly; the worker is killed
+    during an import: the batches it held are re-run by another worker, which writes only what Label
+    Studio lacks."""
+    fake_project.tasks.update({t: {"image": f"/data/local-files/?d=img{t % 4}.png"} for t in range(1, 41)})
+    fake_project.import_seconds = 1.0  # slower than the model: predicted rows queue up in the writer
+    connection = redis.Redis.from_url(settings.redis_url)
+    victim = worker_on(settings.redis_url, settings, fake_project, tmp_path / "victim.log")
+    replacement = None
+    try:
+        job = project_job(connection, fake_project)
+        tasks = [{"id": t, "data": d} for t, d in sorted(fake_project.tasks.items())]
+        job.start([tasks[i : i + 4] for i in range(0, 40, 4)], skipped=0)
+        for number in range(10):
+            enqueue_batch(Queues.on(connection), job, number, timeout=60)
+
+        def importing() -> bool:  # the second import under way: predicted rows wait behind it
+            return len(fake_project.posted) == 1 and len(fake_project.seen("/api/projects")) == 2
+
+        wait_for(importing, 60, f"the second import\n{victim.log_tail()}", interval=0.005)
+        victim.kill()
+        assert 0 < job.summary()["done"] < 40 and len(fake_project.per_task("v1")) < 40
+        replacement = worker_on(settings.redis_url, settings, fake_project, tmp_path / "replacement.log")
+        done = finished(job, replacement)
+        assert (done["status"], done["done"], done["failed"]) == ("done", 40, 0), done
+        assert fake_project.per_task("v1") == dict.fromkeys(range(1, 41), 1), "every task once, none twice"
+        assert "is gone: re-queueing batch" in replacement.log.read_text()
+    finally:
+        victim.stop()
+        if replacement is not None:
+            replacement.stop()
+
+
+def test_annotators_do_not_wait_behind_planning_or_label_studio_writes(
+    settings: Settings, tmp_path: Path, fake_project: FakeProjectAPI
+) -> None:
+    """With one worker, a /predict is answered while a plan step waits on Label Studio's task listing,
+    and while the batches' import waits on Label Studio: neither holds the model's thread."""
+    fake_project.tasks.update({t: {"image": f"/data/local-files/?d=img{t % 4}.png"} for t in range(1, 9)})
+    connection = redis.Redis.from_url(settings.redis_url)
+    worker = worker_on(settings.redis_url, settings, fake_project, tmp_path / "worker.log")
+    request = {"tasks": tasks("img1.png"), "project": "1.1", "label_config": CONFIG}
+    try:
+        with TestClient(create_app(settings.model_copy(update={"embedded_worker": False}))) as client:
+            fake_project.listing_gate.clear()
+            job = project_job(connection, fake_project)
+            enqueue_plan(Queues.on(connection), job)
+            wait_for(lambda: fake_project.seen("/api/tasks"), 30, "the plan step to ask for a page")
+            during_planning = client.post("/predict", json=request)
+            assert during_planning.status_code == 200 and during_planning.json()["results"][0]["result"]
+            assert not fake_project.listing_gate.is_set() and job.summary()["status"] == "planning"
+
+            fake_project.import_gate.clear()
+            fake_project.listing_gate.set()
+            wait_for(lambda: fake_project.seen("/api/projects"), 60, f"an import\n{worker.log_tail()}")
+            during_writes = client.post("/predict", json=request)
+            assert during_writes.status_code == 200 and during_writes.json()["results"][0]["result"]
+            assert not fake_project.posted, "the import was still waiting on Label Studio"
+            fake_project.import_gate.set()
+            assert finished(job, worker)["done"] == 8
+    finally:
+        fake_project.listing_gate.set()
+        fake_project.import_gate.set()
+        worker.stop()
