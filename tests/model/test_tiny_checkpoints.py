@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -172,18 +171,3 @@ def test_without_score_spread_scores_saturate(tmp_path: Path) -> None:
     inputs, outputs = _forward(processor, model, _image())
     scores = outputs.logits[0, :, : inputs["input_ids"].shape[1]].sigmoid()
     assert ((scores > 0.99) | (scores < 0.01)).float().mean() > 0.3
-
-
-def test_build_and_forward_are_fast(tmp_path: Path, processor, model) -> None:
-    start = time.perf_counter()
-    build_tiny_grounding_dino(tmp_path / "fast")
-    assert time.perf_counter() - start < 5.0
-    # Best of a few runs, so that another process busy on the same cores does not make this flaky; the
-    # forward pass on a 64x48 image takes ~15 ms on 2 idle cores.
-    image = _image()
-    timings = []
-    for _ in range(5):
-        start = time.perf_counter()
-        _forward(processor, model, image)
-        timings.append(time.perf_counter() - start)
-    assert min(timings) < 0.5
