@@ -160,6 +160,11 @@ class VectorIndex:
     def kind(self) -> str:
         return self.info.kind
 
+    @property
+    def on_gpu(self) -> bool:
+        """Whether searches run on a GPU copy (then range searches still run on the CPU index)."""
+        return self._use_gpu
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` by cosine for each query row: ``(scores float32 (n, c), task_ids int64 (n, c))``.
 
