@@ -17,6 +17,8 @@ Per size (100k and 1M by default):
 * **near-duplicate pass**: ``indexer.duplicates.embedding_pairs`` over every vector (IVF range search,
   cosine >= 0.9, 50 neighbours at most), then the complete-linkage grouping; wall time, peak RSS, and
   pair recall against the exact pairs of 2000 sampled rows (numpy).
+* **perceptual pass**: ``hamming_pairs`` (multi-index hashing, 6 bits) over n random 64-bit pHashes with
+  0.5% planted near copies: time, pairs found, peak RSS.
 * **flat sizes**: one-query p50 of an exact index at 10k-100k vectors (where ``EXACT_BELOW`` comes from).
 * **embedding**: images/s of a random-weight ViT-S/14 DINOv2 (same cost as the real one) at 224 px, one
   image at a time in fp32 against batches of 16 in bf16, with the cosine between the two.
@@ -43,7 +45,7 @@ import faiss
 import numpy as np
 
 from bench.common import OtherLoad, busy, ensure_random_dinov2, machine_info, positive_ints, write_report
-from indexer.duplicates import Items, embedding_pairs, group_pairs
+from indexer.duplicates import DEFAULT_PHASH_DISTANCE, Items, embedding_pairs, group_pairs, hamming_pairs
 from indexer.index import VectorIndex
 from tests.indexer.vectors import clustered, near_copies
 
@@ -158,6 +160,31 @@ def near_duplicate_pass(index: VectorIndex, data: np.ndarray, ids: np.ndarray, s
     }
 
 
+def perceptual_pass(n: int, seed: int) -> dict[str, Any]:
+    """Multi-index hashing over ``n`` random 64-bit pHashes, 1% of them planted 1-6 bits from another."""
+    rng = np.random.default_rng(seed)
+    hashes = rng.integers(0, 2**63, n, dtype=np.int64).astype(np.uint64) << np.uint64(1)
+    planted = rng.choice(n, size=n // 100, replace=False)
+    for row, source in zip(planted[: len(planted) // 2], planted[len(planted) // 2 :], strict=True):
+        flips = rng.choice(64, size=int(rng.integers(1, DEFAULT_PHASH_DISTANCE + 1)), replace=False)
+        hashes[row] = hashes[source] ^ np.uint64(sum(1 << int(bit) for bit in flips))
+    hashes = np.unique(hashes)
+    reset_peak_rss()
+    before = rss_mb("VmRSS")
+    load = OtherLoad()
+    t = time.perf_counter()
+    a, _, _ = hamming_pairs(hashes, DEFAULT_PHASH_DISTANCE)
+    return {
+        "hashes": len(hashes),
+        "max_distance": DEFAULT_PHASH_DISTANCE,
+        "seconds": round(time.perf_counter() - t, 1),
+        "pairs": len(a),
+        "planted": len(planted) // 2,
+        "peak_rss_mb_over_start": round(rss_mb("VmHWM") - before, 0),
+        "other_cores": load.cores(),
+    }
+
+
 def run_size(n: int, queries: int, singles: int, seed: int) -> dict[str, Any]:
     t = time.perf_counter()
     data, fresh = make_data(n, queries, seed)
@@ -165,6 +192,8 @@ def run_size(n: int, queries: int, singles: int, seed: int) -> dict[str, Any]:
     print(f"[{n}] data in {time.perf_counter() - t:.1f} s ({data.nbytes / 2**20:.0f} MiB of vectors)", flush=True)
     truth = np.concatenate([numpy_top10(data, fresh[s : s + 100]) for s in range(0, len(fresh), 100)])
     out: dict[str, Any] = {"n": n, "memory_mib": round(n * DIM * 4 / 2**20, 1)}
+    out["perceptual"] = perceptual_pass(n, seed)
+    print(f"[{n}] perceptual: {out['perceptual']} {busy(out['perceptual']['other_cores'])}", flush=True)
 
     load = OtherLoad()
     out["numpy"] = time_numpy(data, fresh, singles)

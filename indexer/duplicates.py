@@ -4,9 +4,9 @@ Three passes, cheapest first; each later pass sees only the suggested keepers of
 every image is reported as a duplicate at most once, by the strictest pass that finds it:
 
 1. ``bytes`` and ``pixels``: equal sha256 of the file, then equal hash of the decoded pixels.
-2. ``perceptual``: 64-bit DCT pHashes within ``max_distance`` bits, found by multi-index hashing (four
-   16-bit chunks; two hashes within *t* bits agree within *t // 4* bits on at least one chunk), never
-   by comparing all pairs. Identical hashes are merged first, so 10 000 blank images cost one node.
+2. ``perceptual``: 64-bit DCT pHashes within ``max_distance`` bits, found by multi-index hashing (*m*
+   chunks; two hashes within *t* bits agree within *t // m* bits on at least one chunk), never by
+   comparing all pairs. Identical hashes are merged first, so 10 000 blank images cost one node.
 3. ``embedding``: cosine above ``threshold`` by a faiss range search (CPU) or a k-NN search filtered by
    the threshold (GPU indexes have no range search), at most ``max_neighbors`` per image.
 
@@ -20,9 +20,12 @@ and C goes on to another group. The image that started the group is its suggeste
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cache
+from itertools import combinations
 
 import numpy as np
 
@@ -54,7 +57,6 @@ DEFAULT_EMBEDDING_THRESHOLD = 0.9
 DEFAULT_MAX_NEIGHBORS = 50
 """Most neighbours kept per image in the embedding pass (bounds memory on dense clusters)."""
 _PHASH_BITS = 64
-_CHUNK_BITS = 16
 _CANDIDATES_PER_STEP = 4_000_000  # candidate pairs materialised at once in the perceptual pass
 
 
@@ -260,24 +262,28 @@ def _equal_key_groups(items: Items, rank: np.ndarray, alive: np.ndarray, keys: S
 def hamming_pairs(hashes: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every pair ``i < j`` of ``hashes`` (uint64) within ``max_distance`` bits: ``(i, j, distance)``.
 
-    Multi-index hashing: split each hash into four 16-bit chunks; two hashes within *t* bits differ in
-    at most *t // 4* bits in at least one chunk (pigeonhole), so probing each chunk's buckets at that
-    radius finds every such pair, and only those candidates are compared. Pass distinct hashes: equal
-    ones make buckets quadratic.
+    Multi-index hashing: split each hash into *m* chunks; two hashes within *t* bits differ in at most
+    *t // m* bits in at least one chunk (pigeonhole), so probing each chunk's buckets within that radius
+    finds every such pair, and only those candidates are compared. *m* (2 to 6) is chosen to make the
+    probes plus the expected candidates fewest for this many hashes. Pass distinct hashes: equal ones
+    make buckets quadratic.
     """
     if isinstance(max_distance, bool) or not 0 <= max_distance <= MAX_PHASH_DISTANCE:
         raise ValueError(f"max_distance must be an integer from 0 to {MAX_PHASH_DISTANCE}, got {max_distance!r}")
     values = np.ascontiguousarray(hashes, dtype=np.uint64)
     n = len(values)
-    chunks = _PHASH_BITS // _CHUNK_BITS
-    all_keys = np.arange(1 << _CHUNK_BITS, dtype=np.int64)
-    masks = all_keys[np.bitwise_count(all_keys) <= max_distance // chunks]
+    widths = _chunk_widths(n, max_distance)
+    radius = max_distance // len(widths)
     found: list[np.ndarray] = []
-    for chunk in range(chunks):
-        keys = ((values >> np.uint64(chunk * _CHUNK_BITS)) & np.uint64(0xFFFF)).astype(np.int64)
+    offset = 0
+    for width in widths:
+        keys = ((values >> np.uint64(offset)) & np.uint64((1 << width) - 1)).astype(np.int64)
+        offset += width
+        masks = _flip_masks(width, radius)
         order = np.argsort(keys, kind="stable")
-        starts = np.searchsorted(keys[order], np.arange((1 << _CHUNK_BITS) + 1))
-        step = max(1, _CANDIDATES_PER_STEP // (len(masks) * max(1, n >> _CHUNK_BITS)))
+        starts = np.concatenate([[0], np.cumsum(np.bincount(keys, minlength=1 << width))])
+        expected = len(masks) * max(1.0, n / (1 << width))
+        step = max(1, int(_CANDIDATES_PER_STEP / expected))
         for first in range(0, n, step):
             queries = np.arange(first, min(n, first + step))
             probes = (keys[queries][:, None] ^ masks[None, :]).ravel()
@@ -292,6 +298,34 @@ def hamming_pairs(hashes: np.ndarray, max_distance: int) -> tuple[np.ndarray, np
     pairs = np.unique(np.concatenate(found)) if found else np.empty(0, dtype=np.int64)
     first, second = pairs // max(n, 1), pairs % max(n, 1)
     return first, second, np.bitwise_count(values[first] ^ values[second]).astype(np.int64)
+
+
+def _chunk_widths(n: int, max_distance: int) -> list[int]:
+    """The split of 64 bits into 2-6 chunks that makes probes + expected candidates fewest."""
+    best: tuple[float, list[int]] | None = None
+    for chunks in range(2, 7):
+        widths = [_PHASH_BITS // chunks + (1 if i < _PHASH_BITS % chunks else 0) for i in range(chunks)]
+        if max(widths) > 24:
+            continue  # bucket tables of 2^25+ entries cost more memory than they save
+        radius = max_distance // chunks
+        cost = sum(_flip_count(w, radius) * (1.0 + n / (1 << w)) for w in widths)
+        if best is None or cost < best[0]:
+            best = (cost, widths)
+    assert best is not None
+    return best[1]
+
+
+def _flip_count(width: int, radius: int) -> int:
+    return sum(math.comb(width, r) for r in range(radius + 1))
+
+
+@cache
+def _flip_masks(width: int, radius: int) -> np.ndarray:
+    """Every ``width``-bit value with at most ``radius`` bits set (the probes around a key)."""
+    masks = [0]
+    for r in range(1, radius + 1):
+        masks += [sum(1 << bit for bit in bits) for bits in combinations(range(width), r)]
+    return np.array(masks, dtype=np.int64)
 
 
 def _expand(owners: np.ndarray, low: np.ndarray, count: np.ndarray, order: np.ndarray):
