@@ -239,3 +239,22 @@ def test_a_process_killed_mid_save_leaves_the_previous_index_readable(tmp_path: 
     index.save(folder)
     assert sorted(p.name for p in folder.iterdir()) == sorted([SIDECAR, index.info.file])
     assert len(VectorIndex.load(folder, device="cpu")) == 19_999
+
+
+@pytest.mark.gpu
+def test_a_gpu_index_answers_like_the_cpu_one(data: tuple[np.ndarray, np.ndarray]) -> None:
+    from indexer.index import gpu_available
+
+    assert gpu_available(), "faiss has no GPU build here, or sees no GPU (pip install faiss-gpu)"
+    ids, vectors = data
+    queries = vectors[:64]
+    for exact_below in (10_000, 1_000):  # flat, then IVF
+        cpu = VectorIndex.build(ids, vectors, embedder=EMBEDDER, exact_below=exact_below, device="cpu")
+        gpu = VectorIndex.build(ids, vectors, embedder=EMBEDDER, exact_below=exact_below, device="gpu")
+        assert gpu.on_gpu and not cpu.on_gpu
+        cpu_scores, cpu_ids = cpu.search(queries, 10)
+        gpu_scores, gpu_ids = gpu.search(queries, 10)
+        assert np.allclose(cpu_scores, gpu_scores, atol=1e-4)
+        assert (cpu_ids[:, 0] == gpu_ids[:, 0]).all()
+        gpu.add(ids[:1], vectors[500:501])  # a write re-copies the index to the GPU
+        assert gpu.search(vectors[500], 1)[1][0, 0] in (ids[0], ids[500])
