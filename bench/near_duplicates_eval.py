@@ -25,7 +25,7 @@ DIR``) for real numbers.
 Run from the repository root (needs the ``bench`` extra: scikit-image)::
 
     .venv/bin/python bench/near_duplicates_eval.py [--images DIR] [--generated 40] [--model DIR]
-        [--precision bf16] [--out bench/out/near_duplicates_eval.json]
+        [--precision fp32] [--out bench/out/near_duplicates_eval.json]
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ MAX_PIXELS = 100_000_000
 
 def _png(image: Image.Image, **options: Any) -> bytes:
     out = io.BytesIO()
-    image.save(out, "PNG", **options)
+    image.save(out, "PNG", **{"compress_level": 1, **options})  # fast: big 2x copies are slow to deflate
     return out.getvalue()
 
 
@@ -98,7 +98,7 @@ def _resize(image: Image.Image, factor: float) -> Image.Image:
 # Each augmentation: base image, base bytes, rng -> the copy's file bytes.
 AUGMENTATIONS: dict[str, Callable[[Image.Image, bytes, np.random.Generator], bytes]] = {
     "same bytes": lambda im, data, rng: data,
-    "png re-save": lambda im, data, rng: _png(im, compress_level=1),
+    "png re-save": lambda im, data, rng: _png(im, compress_level=0),
     "jpeg q90": lambda im, data, rng: _jpeg(im, 90),
     "jpeg q60": lambda im, data, rng: _jpeg(im, 60),
     "jpeg q30": lambda im, data, rng: _jpeg(im, 30),
@@ -156,7 +156,9 @@ def build_set(bases: list[tuple[str, Image.Image]], seed: int) -> tuple[list[byt
 
 def signatures(files: list[bytes], embed: Callable[[list[Image.Image]], np.ndarray]) -> dict[str, Any]:
     hashes, vectors, batch = [], [], []
-    for data in files:
+    for number, data in enumerate(files, start=1):
+        if number % 100 == 0:
+            print(f"  {number}/{len(files)} images", flush=True)
         image = decode_image(data, max_pixels=MAX_PIXELS)
         hashes.append(image_hashes(data, image))
         batch.append(image)
@@ -200,7 +202,7 @@ def main() -> None:
     parser.add_argument("--images", type=Path, help="a folder of your own base images (default: scikit-image's)")
     parser.add_argument("--generated", type=int, default=40, help="generated scenes added to the bases (40)")
     parser.add_argument("--model", help="embedder: timm DINOv2 name or folder (default: random ViT-S/14)")
-    parser.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "fp16"))
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--seed", type=int, default=0)
