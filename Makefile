@@ -5,7 +5,7 @@ VENV := .venv
 LS_VENV := .venv-ls
 LS_VERSION ?= 1.23.2
 
-.PHONY: serve test lint bench clean
+.PHONY: serve test lint bench clean chromium
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,12 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: $(VENV)/.installed $(LS_VENV)/.installed lint
+# The duplicate report's test opens it in a real headless browser (Debian's Chromium).
+chromium:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+
+test: $(VENV)/.installed $(LS_VENV)/.installed chromium lint
 	HF_HUB_OFFLINE=1 DINOLABEL_LABEL_STUDIO_BIN=$(CURDIR)/$(LS_VENV)/bin/label-studio $(VENV)/bin/pytest -m "not gpu"
 
 clean:

@@ -26,6 +26,9 @@ from typing import Any
 RANDOM_CHECKPOINT_NAME = "grounding-dino-tiny-random-seed0"
 """Folder name of the random real-size checkpoint in the cache; one entry shared by every script."""
 
+RANDOM_DINOV2_NAME = "vit-small-patch14-dinov2-random-layerscale1-seed0"
+"""Folder name of the random ViT-S/14 DINOv2 (LayerScale gammas 1.0) in the cache."""
+
 BUSY_CORES = 0.2
 """Above this many cores used by other processes during a phase, its line says to rerun it."""
 
@@ -56,6 +59,29 @@ def ensure_random_checkpoint(cache: Path) -> Path:
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     print(f"built in {time.perf_counter() - started:.1f} s", flush=True)
+    return target
+
+
+def ensure_random_dinov2(cache: Path) -> Path:
+    """A random-weight ViT-S/14 DINOv2 in timm's hub layout, built once into ``cache`` (~90 MB, ~2 s).
+
+    It costs exactly what the real ``vit_small_patch14_dinov2.lvd142m`` costs per image. Its LayerScale
+    gammas are 1.0 (timm's init, 1e-5, makes a random model map every image to ~the same vector), so its
+    embeddings spread out, but similarity numbers from it say nothing about the real weights.
+    """
+    target = cache / RANDOM_DINOV2_NAME
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    from tests.tiny_checkpoints import build_dinov2_checkpoint
+
+    cache.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{RANDOM_DINOV2_NAME}-", dir=cache))
+    try:
+        build_dinov2_checkpoint(partial, seed=0, layer_scale=1.0)
+        shutil.rmtree(target, ignore_errors=True)
+        partial.rename(target)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     return target
 
 

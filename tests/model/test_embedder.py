@@ -209,3 +209,16 @@ def test_the_embedder_imports_without_faiss_redis_or_transformers() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_on_a_gpu_embeddings_match_the_cpu_in_fp32(
+    checkpoint_224: Path, embedder: DinoV2Embedder, precision: str
+) -> None:
+    images = _images()
+    on_gpu = create_embedder(str(checkpoint_224), device="cuda", precision=precision)
+    assert on_gpu.device.type == "cuda"
+    vectors = on_gpu.embed(images)
+    assert vectors.dtype == np.float32
+    assert _cosines(vectors, embedder.embed(images)).min() >= (0.9999 if precision == "fp32" else 0.99)
