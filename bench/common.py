@@ -201,3 +201,35 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out} (whole run {report['wall_s']:.0f} s)", flush=True)
+
+
+def synthetic_jpeg(width: int, height: int, orientation: int | None, seed: int) -> bytes:
+    """A JPEG with gradients, ellipses and noise: realistic work for the decoder and the resize.
+
+    ``orientation`` is written as the EXIF Orientation tag (6 and 8: stored portrait, shown landscape,
+    as phones do). numpy and Pillow are imported here so this module stays importable anywhere.
+    """
+    import io
+
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    small = (max(1, width // 8), max(1, height // 8))
+    ys, xs = np.mgrid[0 : small[1], 0 : small[0]].astype(np.float32)
+    ramp = (xs / small[0] + ys / small[1]) / 2
+    start, end = rng.integers(0, 256, size=(2, 3))
+    base = Image.fromarray((start * (1 - ramp[..., None]) + end * ramp[..., None]).astype(np.uint8))
+    draw = ImageDraw.Draw(base)
+    for _ in range(12):
+        x0, y0 = int(rng.integers(0, small[0])), int(rng.integers(0, small[1]))
+        x1, y1 = x0 + int(rng.integers(4, small[0] // 2 + 5)), y0 + int(rng.integers(4, small[1] // 2 + 5))
+        draw.ellipse((x0, y0, x1, y1), fill=tuple(int(v) for v in rng.integers(0, 256, size=3)))
+    image = np.asarray(base.resize((width, height), Image.Resampling.BILINEAR), dtype=np.int16)
+    noisy = np.clip(image + rng.integers(-8, 9, size=image.shape, dtype=np.int16), 0, 255).astype(np.uint8)
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[0x0112] = orientation
+    out = io.BytesIO()
+    Image.fromarray(noisy).save(out, "JPEG", quality=90, exif=exif)
+    return out.getvalue()

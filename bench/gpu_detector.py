@@ -38,7 +38,6 @@ under two minutes: it checks the script, it measures nothing worth reporting.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import statistics
 import sys
@@ -59,9 +58,9 @@ import numpy as np
 import torch
 import torchvision
 import transformers
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from bench.common import ensure_random_checkpoint, machine_info, positive_ints, write_report
+from bench.common import ensure_random_checkpoint, machine_info, positive_ints, synthetic_jpeg, write_report
 from model import Detection, DetectionParams, GroundingDinoDetector, create_detector
 from model.devices import resolve_device
 from model.images import decode_image
@@ -78,7 +77,6 @@ BOX_THRESHOLD = 0.8
 PARAMS = DetectionParams(box_threshold=BOX_THRESHOLD, text_threshold=0.25)
 MATCH_IOU = 0.5
 """Two boxes of one phrase in two precisions are the same box when their IoU reaches this."""
-ORIENTATION = 0x0112
 END_TO_END = ("detect", "pipeline", "pipeline_jpeg")
 LOAD_THREADS = 8
 """The service's default ``DINOLABEL_IMAGE_DOWNLOAD_THREADS``; preprocessing takes one thread per core."""
@@ -118,33 +116,6 @@ class Plan:
 
 
 # --- inputs -----------------------------------------------------------------------------------------------
-
-
-def synthetic_jpeg(width: int, height: int, orientation: int | None, seed: int) -> bytes:
-    """A JPEG with gradients, shapes and noise (realistic work for the decoder and the resize).
-
-    ``orientation`` is written as the EXIF Orientation tag; 6 and 8 are stored portrait and shown
-    landscape, as phones do.
-    """
-    rng = np.random.default_rng(seed)
-    small = (max(1, width // 8), max(1, height // 8))
-    ys, xs = np.mgrid[0 : small[1], 0 : small[0]].astype(np.float32)
-    ramp = (xs / small[0] + ys / small[1]) / 2
-    start, end = rng.integers(0, 256, size=(2, 3))
-    base = Image.fromarray((start * (1 - ramp[..., None]) + end * ramp[..., None]).astype(np.uint8))
-    draw = ImageDraw.Draw(base)
-    for _ in range(12):
-        x0, y0 = int(rng.integers(0, small[0])), int(rng.integers(0, small[1]))
-        x1, y1 = x0 + int(rng.integers(4, small[0] // 2 + 5)), y0 + int(rng.integers(4, small[1] // 2 + 5))
-        draw.ellipse((x0, y0, x1, y1), fill=tuple(int(v) for v in rng.integers(0, 256, size=3)))
-    image = np.asarray(base.resize((width, height), Image.Resampling.BILINEAR), dtype=np.int16)
-    noisy = np.clip(image + rng.integers(-8, 9, size=image.shape, dtype=np.int16), 0, 255).astype(np.uint8)
-    exif = Image.Exif()
-    if orientation is not None:
-        exif[ORIENTATION] = orientation
-    out = io.BytesIO()
-    Image.fromarray(noisy).save(out, "JPEG", quality=90, exif=exif)
-    return out.getvalue()
 
 
 def make_inputs(specs: Sequence[tuple[int, int, int | None]]) -> tuple[list[bytes], list[Image.Image]]:

@@ -26,7 +26,6 @@ Run from the repository root (about 3-5 minutes on 2 cores)::
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import subprocess
 import sys
@@ -43,9 +42,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import httpx
-import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from transformers import AutoProcessor
 
 from backend.image_source import ImageFetcher
@@ -58,6 +56,7 @@ from bench.common import (
     machine_info,
     positive_ints,
     process_cpu_seconds,
+    synthetic_jpeg,
     write_report,
 )
 from model import DetectionParams, GroundingDinoDetector
@@ -74,7 +73,6 @@ PARAMS = DetectionParams()  # the service's defaults
 MAX_PIXELS = 100_000_000
 DOWNLOAD_THREADS = 8  # DINOLABEL_IMAGE_DOWNLOAD_THREADS' default
 CHUNK_BATCHES = 4  # today's predictor: batches of images it took at a time
-ORIENTATION = 0x0112
 
 # Image sets: (stored width, stored height, EXIF orientation or None) cycled over the tasks. 6 and 8 are
 # stored portrait and shown landscape (phones); 3 is upside down.
@@ -133,29 +131,6 @@ class FakeGroundingDino(torch.nn.Module):
 
 
 # --- inputs -----------------------------------------------------------------------------------------------
-
-
-def synthetic_jpeg(width: int, height: int, orientation: int | None, seed: int) -> bytes:
-    """Gradients, ellipses and noise: realistic work for the JPEG decoder and the resize."""
-    rng = np.random.default_rng(seed)
-    small = (max(1, width // 8), max(1, height // 8))
-    ys, xs = np.mgrid[0 : small[1], 0 : small[0]].astype(np.float32)
-    ramp = (xs / small[0] + ys / small[1]) / 2
-    start, end = rng.integers(0, 256, size=(2, 3))
-    base = Image.fromarray((start * (1 - ramp[..., None]) + end * ramp[..., None]).astype(np.uint8))
-    draw = ImageDraw.Draw(base)
-    for _ in range(12):
-        x0, y0 = int(rng.integers(0, small[0])), int(rng.integers(0, small[1]))
-        x1, y1 = x0 + int(rng.integers(4, small[0] // 2 + 5)), y0 + int(rng.integers(4, small[1] // 2 + 5))
-        draw.ellipse((x0, y0, x1, y1), fill=tuple(int(v) for v in rng.integers(0, 256, size=3)))
-    image = np.asarray(base.resize((width, height), Image.Resampling.BILINEAR), dtype=np.int16)
-    noisy = np.clip(image + rng.integers(-8, 9, size=image.shape, dtype=np.int16), 0, 255).astype(np.uint8)
-    exif = Image.Exif()
-    if orientation is not None:
-        exif[ORIENTATION] = orientation
-    out = io.BytesIO()
-    Image.fromarray(noisy).save(out, "JPEG", quality=90, exif=exif)
-    return out.getvalue()
 
 
 def write_images(root: Path) -> dict[str, list[str]]:
