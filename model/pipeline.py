@@ -155,9 +155,20 @@ class Pipeline:
         load_threads: int = 8,
         preprocess_threads: int | None = None,
         max_pending: int | None = None,
+        torch_threads: int | None = None,
     ) -> None:
         """``preprocess_threads`` defaults to the cores this process may use; ``max_pending`` (items
-        loaded and waiting for a batch) to ``4 x batch size + load_threads`` per run."""
+        loaded and waiting for a batch) to ``4 x batch size + load_threads`` per run.
+
+        ``torch_threads``: intra-op threads of torch's CPU ops on the pipeline's load threads, where
+        preprocessing runs. When the device is a GPU the default shares the cores among the images
+        preprocessed at once (``cores // min(load_threads, preprocess_threads)``, at least 1): each
+        thread already works on its own image, and torch's default of one thread per core for every
+        op would multiply them (on 16 cores, 8 x 16 threads spinning on the cores that the thread
+        feeding the GPU needs). Unchanged on the CPU, where the model's forward pass uses them.
+        torch keeps this setting per thread once a thread has used it, but also makes it the
+        default of threads that have not used torch yet.
+        """
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         self.preprocess_threads = preprocess_threads or cores
         if load_threads < 1 or self.preprocess_threads < 1:
@@ -169,6 +180,15 @@ class Pipeline:
         self._loads = ThreadPoolExecutor(max_workers=load_threads, thread_name_prefix="pipeline-load")
         self._post = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline-post")
         self._cpu_slots = threading.BoundedSemaphore(self.preprocess_threads)
+        shared = max(1, cores // min(load_threads, self.preprocess_threads))
+        self.torch_threads = torch_threads if torch_threads is not None else (shared if self._pin else None)
+        self._thread_state = threading.local()
+
+    def _set_torch_threads(self) -> None:
+        """Once per load thread: its torch intra-op threads, if this pipeline sets them."""
+        if self.torch_threads is not None and not getattr(self._thread_state, "set", False):
+            torch.set_num_threads(self.torch_threads)
+            self._thread_state.set = True
 
     def close(self) -> None:
         """Stop the threads (pending loads are cancelled)."""
@@ -373,6 +393,7 @@ class _Run(Generic[X, S, M, R]):
         loaded = self.load(item)
         loaded_at = time.perf_counter()
         self.stats.add("load_s", loaded_at - started)
+        self.pipeline._set_torch_threads()
         with self.pipeline._cpu_slots:
             begun = time.perf_counter()
             tensor, meta = self.stages.preprocess(loaded)
