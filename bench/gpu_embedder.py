@@ -4,9 +4,11 @@ Why: the indexer embeds every task image; whether fp16/bf16 may be used depends 
 vectors move from fp32's (cosine), and how many CPU cores a GPU worker needs depends on how fast the
 forward is next to the CPU preprocessing. Measured on the machine it runs on:
 
-1. pure forward (pre-made 224 px tensors already on the device, CUDA-synchronised, warm-up uncounted)
-   and end to end (PIL images -> timm preprocessing on this thread -> forward -> normalised vectors),
-   at batch 1, 32 and 128, in fp32, bf16 and fp16;
+1. pure forward (pre-made 224 px tensors already on the device, CUDA-synchronised, warm-up uncounted),
+   end to end (PIL images -> timm preprocessing on this thread -> forward -> normalised vectors), and
+   end to end through ``DinoV2Embedder.embed`` (``model/pipeline.py``: preprocessing on one thread per
+   core, overlapped with the forward; ``pipeline_*`` columns), at batch 1, 32 and 128, in fp32, bf16
+   and fp16;
 2. cosine between each image's fp16/bf16 vector and its fp32 vector (min, mean), on the same images;
 3. CPU preprocessing alone, per image (what a pipeline must hide behind the GPU).
 
@@ -119,6 +121,8 @@ def main() -> int:
                 tensor = embedder.preprocess(chunk).to(device)
                 forward = timed(lambda e=embedder, t=tensor: e.forward(t), device, args.repeats)
                 end_to_end = timed(lambda e=embedder, c=chunk: e.forward(e.preprocess(c)), device, args.repeats)
+                embedder.batch_size = batch  # the pipeline's largest batch
+                pipelined = timed(lambda e=embedder, c=chunk: e.embed(c), device, args.repeats)
                 peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
                 cell = {
                     "precision": precision,
@@ -126,6 +130,8 @@ def main() -> int:
                     "forward_images_per_s": round(batch / forward, 1),
                     "end_to_end_images_per_s": round(batch / end_to_end, 1),
                     "efficiency": round(forward / end_to_end, 3),
+                    "pipeline_images_per_s": round(batch / pipelined, 1),
+                    "pipeline_efficiency": round(forward / pipelined, 3),
                     "peak_mib": round(peak, 1) if peak is not None else None,
                 }
                 report["cells"].append(cell)

@@ -15,6 +15,8 @@ import torch
 from PIL import Image
 
 from model import DinoV2Embedder, create_embedder, embedder_version
+from model.images import ImageDecodeError, decode_image
+from model.pipeline import Failed
 from tests.images import png
 from tests.tiny_checkpoints import TINY_DINOV2_ARGS, build_tiny_dinov2
 
@@ -114,6 +116,66 @@ def test_batches_match_one_image_at_a_time(checkpoint_224: Path) -> None:
     one_at_a_time = create_embedder(str(checkpoint_224), device="cpu", batch_size=1)
     single = np.concatenate([one_at_a_time.embed([image]) for image in images])
     assert _cosines(batched, single).min() >= 0.99999
+
+
+def _sequential(embedder: DinoV2Embedder, images: list[Image.Image]) -> np.ndarray:
+    """What ``embed`` did before the pipeline: preprocess then forward, batch after batch, on this thread."""
+    size = embedder.batch_size
+    return np.concatenate(
+        [embedder.forward(embedder.preprocess(images[i : i + size])) for i in range(0, len(images), size)]
+    )
+
+
+def test_the_pipeline_gives_the_sequential_vectors_in_input_order(checkpoint_224: Path) -> None:
+    # 24 images of eight sizes and modes, several threads preprocessing, batches of 5 formed as images
+    # finish (so some batches are partial and finish out of order).
+    images = _images() * 3
+    embedder = create_embedder(str(checkpoint_224), device="cpu", batch_size=5, preprocess_threads=3)
+    expected = _sequential(embedder, images)
+
+    vectors = embedder.embed(images)
+
+    assert vectors.shape == (len(images), 48)
+    assert vectors.dtype == np.float32
+    assert np.allclose(vectors, expected, atol=1e-5)
+    assert _cosines(vectors, expected).min() >= 0.9999
+    # Order is the input's: a shuffled input gives the same rows shuffled alike.
+    order = np.random.default_rng(1).permutation(len(images))
+    shuffled = embedder.embed([images[i] for i in order])
+    assert np.allclose(shuffled, expected[order], atol=1e-5)
+    # Not vacuous: neighbouring inputs are different images with clearly different vectors.
+    assert _cosines(vectors[:-1], vectors[1:]).max() < 0.99
+
+
+def test_a_broken_image_fails_alone_on_the_embedders_pipeline(embedder: DinoV2Embedder) -> None:
+    good = [png(320, 240, 0), png(97, 61, 1), png(500, 100, 2), png(224, 224, 3)]
+    truncated = png(400, 300, 4)[:300]
+    items = [good[0], b"not an image", good[1], truncated, good[2], good[3]]
+
+    results = dict(
+        embedder.pipeline.run(
+            items,
+            lambda data: decode_image(data, max_pixels=10_000_000),
+            embedder.stages(),
+            batch_size=2,
+            item_errors=(ImageDecodeError,),
+        )
+    )
+
+    assert sorted(results) == list(range(len(items)))
+    assert isinstance(results[1], Failed) and isinstance(results[3], Failed)
+    expected = embedder.embed([decode_image(data, max_pixels=10_000_000) for data in good])
+    found = np.stack([results[i] for i in (0, 2, 4, 5)])
+    assert np.allclose(found, expected, atol=1e-5)
+
+
+def test_embed_raises_for_a_broken_image_and_keeps_working(embedder: DinoV2Embedder) -> None:
+    # Pillow decodes lazily: a truncated file opens, and fails while it is being resized.
+    broken = Image.open(io.BytesIO(png(400, 300, 4)[:300]))
+    images = _images()
+    with pytest.raises(OSError):
+        embedder.embed([images[0], broken, images[1]])
+    assert np.allclose(embedder.embed(images), _sequential(embedder, images), atol=1e-5)
 
 
 def test_bf16_stays_close_to_fp32(checkpoint_224: Path, embedder: DinoV2Embedder) -> None:
