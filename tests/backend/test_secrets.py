@@ -92,6 +92,7 @@ def test_no_secret_reaches_the_log(
 
         event = {"action": "TASKS_CREATED", "project": {"id": 5, "label_config": CONFIG},
                  "tasks": [{"id": 10 + t["id"], "data": t["data"]} for t in tasks]}  # fmt: skip
+        fake_ls.tasks.update({t["id"]: t["data"] for t in event["tasks"]})  # Label Studio holds what it announces
         queued = httpx.post(url + "/webhook", json=event, headers={"X-Dinolabel-Secret": HOOK_SECRET}, timeout=30)
         assert queued.status_code == 200, queued.text
         job_url = f"{url}/v1/jobs/{queued.json()['job_id']}"
