@@ -39,7 +39,7 @@ from urllib.parse import (
 import httpx
 
 from backend.fetch_network import AddressPolicy, AddressRefused, GuardedTransport, fetch_deadline, time_left
-from backend.ls_auth import LabelStudioAuth, LabelStudioAuthError
+from backend.ls_auth import LabelStudioAuth, LabelStudioAuthError, same_origin
 
 __all__ = ["ImageFetchError", "ImageFetcher", "redact_url"]
 
@@ -218,7 +218,7 @@ class ImageFetcher:
 
     def _relative_to_label_studio(self, url: str) -> str | None:
         """Path+query of ``url`` relative to Label Studio's base URL, or None when it is elsewhere."""
-        if self._ls_base is None or not _same_origin(url, self._ls_base):
+        if self._ls_base is None or not same_origin(url, self._ls_base):
             return None
         parts = urlsplit(url)
         if not parts.path.startswith(self._ls_path + "/"):
@@ -479,21 +479,6 @@ class ImageFetcher:
         if not data:
             raise ImageFetchError(value, "data URI is empty")
         return data
-
-
-def _same_origin(a: str, b: str) -> bool:
-    """Scheme, host and effective port all equal (what browsers call the origin)."""
-
-    def origin(url: str) -> tuple[str, str, int | None]:
-        parts = urlsplit(url)
-        scheme = parts.scheme.lower()
-        try:
-            port = parts.port
-        except ValueError:
-            port = None
-        return scheme, (parts.hostname or "").lower(), port or {"http": 80, "https": 443}.get(scheme)
-
-    return origin(a) == origin(b)
 
 
 def _last_query_value(query: str, name: str) -> str | None:
