@@ -83,6 +83,13 @@ class Settings(BaseSettings):
     image_download_threads: int = Field(default=8, ge=1)
     image_preprocess_threads: int | None = Field(default=None, ge=1)  # None: one per usable core
 
+    # Indexer: the DINOv2 embedder the workers run, and where each project's vectors live
+    worker_models: Annotated[tuple[Literal["detector", "embedder"], ...], NoDecode] = ("detector", "embedder")
+    embedder_model: str = "vit_small_patch14_dinov2.lvd142m"  # timm name, alias (small/base/large) or folder
+    embedder_image_size: int = Field(default=224, ge=14)
+    embedder_precision: Precision = "fp32"
+    embedder_batch_size: int = Field(default=32, ge=1)
+
     @field_validator(
         "basic_auth_user", "basic_auth_pass", "detector_revision", "redis_url", "webhook_secret", "label_studio_url",
         "label_studio_api_key", "local_files_document_root", "media_root", mode="before",
@@ -91,6 +98,14 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, value: object) -> object:
         """``VAR=`` (as compose files and shells often leave it) means unset, not "" or the current folder."""
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("worker_models", mode="before")
+    @classmethod
+    def _model_list(cls, value: object) -> object:
+        """``DINOLABEL_WORKER_MODELS=detector`` or ``detector,embedder``: which models a worker loads and serves."""
+        if isinstance(value, str):
+            value = [entry.strip() for entry in value.split(",") if entry.strip()]
+        return value
 
     @field_validator("fetch_allow", mode="before")
     @classmethod
@@ -115,6 +130,11 @@ class Settings(BaseSettings):
                 "and token that Label Studio sends in /setup"
             )
         return self
+
+    @property
+    def index_dir(self) -> Path:
+        """Where the projects' vector stores and faiss indexes live (``indexer.store.project_dir`` below it)."""
+        return self.data_dir / "index"
 
 
 @lru_cache
