@@ -1,4 +1,8 @@
-"""Bulk pre-annotation bookkeeping in Redis: job records, per-task write marks, live workers.
+"""Bulk job bookkeeping in Redis: job records, per-task write marks, live workers.
+
+One machinery serves every kind of job (``JobKind``): a pre-annotation job writes predictions to Label
+Studio, an index job writes vectors to the project's store; both are planned page by page, run in
+batches, counted once per batch, cancelled and followed the same way.
 
 Label Studio is the truth about what a task holds: a job plans the tasks that lack a prediction of the
 model version there (a prediction deleted in Label Studio is predicted again). The *marks* only guard
@@ -57,6 +61,11 @@ class JobStatus(StrEnum):
 FINAL = frozenset({JobStatus.DONE, JobStatus.CANCELLED, JobStatus.FAILED})
 
 
+class JobKind(StrEnum):
+    PREANNOTATE = "preannotate"
+    INDEX = "index"
+
+
 class NoSuchJob(LookupError):
     """No bulk job with that id (never existed, or expired)."""
 
@@ -64,6 +73,11 @@ class NoSuchJob(LookupError):
 @dataclass(frozen=True)
 class JobSpec:
     """What a bulk job needs besides its tasks; JSON-safe, stored with the job.
+
+    ``model_version`` is the detector's model version of a pre-annotation job, the embedder's version
+    of an index job. ``params`` are a pre-annotation job's detection parameters; an index job has
+    ``{"sync": true}`` when it re-checks every image. Records written before ``kind`` existed read as
+    pre-annotation jobs.
 
     No Label Studio URL or key: records in Redis hold no secret, and each worker resolves them for
     the project (``backend.ls_credentials``).
@@ -74,6 +88,7 @@ class JobSpec:
     label_config: str
     params: dict[str, Any]
     source: str = "api"
+    kind: str = JobKind.PREANNOTATE
 
 
 # Plans one page atomically (KEYS: job hash, batches hash; ARGV: cursor, listed, skipped, plan_done,
@@ -128,10 +143,11 @@ return 1
 
 
 class BulkJob:
-    """One pre-annotation job: counters and status in a hash, failures in a list.
+    """One bulk job (pre-annotation or index): counters and status in a hash, failures in a list.
 
     Planning is streamed: each plan step lists one page of the project's tasks after ``cursor`` (the
-    last task id planned), checks which hold a prediction of the version, and records the page's
+    last task id planned), checks which already hold the job's output (a prediction of the version in
+    Label Studio, a vector of the version in the store), and records the page's
     batches and the new cursor in one atomic step; a planner killed mid-way resumes at the cursor and
     never plans a task twice. Only the batches in flight are kept (a finished batch's task list is
     deleted), so Redis holds per job what is queued or running, not the project.
@@ -196,6 +212,7 @@ class BulkJob:
                     "project": spec.project,
                     "model_version": spec.model_version,
                     "source": spec.source,
+                    "kind": spec.kind,
                     "status": JobStatus.PLANNING,
                     "total": len(rejected),
                     "done": 0,
@@ -448,6 +465,7 @@ class BulkJob:
             "project": int(raw["project"]),
             "model_version": raw["model_version"],
             "source": raw.get("source", "api"),
+            "kind": raw.get("kind", JobKind.PREANNOTATE),
             "status": raw["status"],
             **counts,
             "remaining": remaining,
@@ -461,7 +479,10 @@ class BulkJob:
 
 
 class Marks:
-    """Per project and model version: which tasks have (or are getting) a prediction from us."""
+    """Per project and model version: which tasks have (or are getting) a prediction from us.
+
+    Pre-annotation only: an index job's writes are upserts of one row per task into the store, which
+    a batch run twice leaves as it was."""
 
     prefix = KEY_PREFIX + "marks:"
 

@@ -51,7 +51,7 @@ def predict_tasks(payload: dict[str, Any]) -> dict[str, Any]:
     try:
         target = parse_label_config(payload["label_config"])
         fetcher = runtime.fetcher(runtime.label_studio(payload.get("project")))
-        outcome = runtime.predictor.predict(
+        outcome = runtime.detector().predict(
             payload["tasks"],
             target,
             DetectionParams(**payload["params"]),
@@ -299,7 +299,7 @@ def _predict(
         return [], []
     target = parse_label_config(spec.label_config)
     fetcher = runtime.fetcher(runtime.label_studio(spec.project))
-    outcome = runtime.predictor.predict(tasks, target, DetectionParams(**spec.params), spec.model_version, fetcher)
+    outcome = runtime.detector().predict(tasks, target, DetectionParams(**spec.params), spec.model_version, fetcher)
     failed = {f.task_id: f.reason for f in outcome.failures}
     rows = [{"task": t["id"], **p} for t, p in zip(tasks, outcome.predictions, strict=True) if t["id"] not in failed]
     return rows, list(failed.items())

@@ -1,8 +1,12 @@
 """Redis connections and the RQ queues, named once here.
 
-Workers listen to the queues in ``LISTEN_ORDER``: interactive requests (an annotator waiting on
-``/predict``) always go before planning and bulk batches. Jobs are serialised as JSON: their arguments
-are ids, URLs and task dicts, never arrays or model objects.
+A worker listens only to the queues of the models it serves (``Queues.for_models``), interactive work
+first: the detector's interactive requests (an annotator waiting on ``/predict``), then embedding
+(batches of index jobs, and interactive embeds, which are queued at the front), then detection
+batches. Embedding goes before detection batches because an interactive embed shares its queue, and an
+image costs the embedder a fraction of what it costs the detector. Plan steps of pre-annotation jobs
+run on each worker's planner thread. Jobs are serialised as JSON: their arguments are ids, URLs and
+task dicts, never model objects.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +31,9 @@ KEY_PREFIX = "dinolabel:"
 INTERACTIVE = "dinolabel-interactive"
 PLAN = "dinolabel-plan"
 BULK = "dinolabel-bulk"
-LISTEN_ORDER = (INTERACTIVE, PLAN, BULK)
+EMBED = "dinolabel-embed"
+DETECTOR = "detector"
+EMBEDDER = "embedder"
 
 
 def connect(url: str, *, timeout: float | None = None) -> Redis:
@@ -80,21 +87,29 @@ class EmbeddedRedis:
 
 @dataclass(frozen=True)
 class Queues:
-    """The three queues on one connection."""
+    """The queues on one connection."""
 
     interactive: Queue
     plan: Queue
     bulk: Queue
+    embed: Queue
 
     @classmethod
     def on(cls, connection: Redis) -> Queues:
         def make(name: str) -> Queue:
             return Queue(name, connection=connection, serializer=JSONSerializer)
 
-        return cls(interactive=make(INTERACTIVE), plan=make(PLAN), bulk=make(BULK))
+        return cls(interactive=make(INTERACTIVE), plan=make(PLAN), bulk=make(BULK), embed=make(EMBED))
+
+    def for_models(self, models: Iterable[str]) -> list[Queue]:
+        """The queues a worker serving ``models`` takes jobs from, in order (plan steps not included)."""
+        served = set(models)
+        wanted = ((self.interactive, DETECTOR), (self.embed, EMBEDDER), (self.bulk, DETECTOR))
+        return [queue for queue, model in wanted if model in served]
 
     def in_listen_order(self) -> list[Queue]:
-        return [self.interactive, self.plan, self.bulk]
+        """Every queue, in the order a worker serving every model takes them (plan steps before batches)."""
+        return [self.interactive, self.embed, self.plan, self.bulk]
 
     def depths(self) -> dict[str, int]:
         """Jobs waiting per queue (not the ones running)."""

@@ -1,4 +1,8 @@
-"""``dinolabel worker``: one process per GPU that loads the model once and then takes jobs.
+"""``dinolabel worker``: one process per GPU that loads its models once and then takes jobs.
+
+A worker loads the models named in ``DINOLABEL_WORKER_MODELS`` (the detector, the embedder, or both)
+and listens only to the queues of those models: a worker without the embedder never takes embedding
+work, and the other way round.
 
 RQ's default ``Worker`` forks a child for every job: the child would load the model again, and CUDA
 cannot be used after a fork once initialised. We use ``SimpleWorker`` (jobs run in the worker's own
@@ -9,7 +13,7 @@ A Redis outage of any length, even one that breaks RQ's own handling of the job 
 end the process: it waits for Redis and goes on under a new name, so that the job cut short is
 re-queued and checked against Label Studio like one of a dead worker (``recover``).
 
-The model's thread takes interactive requests and bulk batches only: plan steps run on a planner
+The models' thread takes interactive requests and batches only: plan steps run on a planner
 thread and Label Studio writes on a writer thread, so an annotator's ``/predict`` waits at most for
 the batch the model is running.
 """
@@ -37,10 +41,10 @@ from backend.config import Settings
 from backend.image_source import ImageFetcher
 from backend.ls_credentials import LabelStudioAccess
 from backend.predictor import Predictor
-from backend.queues import KEY_PREFIX, Queues
+from backend.queues import DETECTOR, EMBEDDER, KEY_PREFIX, Queues
 from backend.state import ProjectStore
 from backend.writer import Writer
-from model import create_detector
+from model import DinoV2Embedder, create_detector, create_embedder
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +58,28 @@ REAP_EVERY = 3  # heartbeats
 
 @dataclass
 class Runtime:
-    """What jobs use inside a worker process: the model, the settings, Redis, cached fetchers."""
+    """What jobs use inside a worker process: the models it serves (None when not served), the settings,
+    Redis, cached fetchers."""
 
-    predictor: Predictor
     settings: Settings
     connection: Redis
     name: str
     writer: Writer
+    predictor: Predictor | None = None
+    embedder: DinoV2Embedder | None = None
     _fetchers: dict[LabelStudioAccess, ImageFetcher] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        """The models this runtime serves, by their names in ``DINOLABEL_WORKER_MODELS``."""
+        return tuple(name for name, model in ((DETECTOR, self.predictor), (EMBEDDER, self.embedder)) if model)
+
+    def detector(self) -> Predictor:
+        """The detector; a job that needs it only runs on a worker serving it (it listens to its queues)."""
+        if self.predictor is None:
+            raise RuntimeError(f"worker {self.name} does not serve the detector (DINOLABEL_WORKER_MODELS)")
+        return self.predictor
 
     def label_studio(self, project: int | None) -> LabelStudioAccess:
         """Label Studio's address and key for a project, from this worker's settings (a worker may
@@ -239,14 +256,36 @@ def load_predictor(settings: Settings) -> Predictor:
     )
 
 
+def load_embedder(settings: Settings) -> DinoV2Embedder:
+    """Load the DINOv2 embedder named by the settings (timm name, alias or local folder)."""
+    return create_embedder(
+        settings.embedder_model,
+        image_size=settings.embedder_image_size,
+        device=settings.device,
+        precision=settings.embedder_precision,
+        batch_size=settings.embedder_batch_size,
+        preprocess_threads=settings.image_preprocess_threads,
+    )
+
+
 def build_runtime(settings: Settings, connection: Redis, name: str) -> Runtime:
-    """Load the model, start the writer thread, and make both available to the job functions run on
-    this thread."""
-    predictor = load_predictor(settings)
+    """Load the models of ``settings.worker_models``, start the writer thread, and make them available
+    to the job functions run on this thread."""
+    if not settings.worker_models:
+        raise ValueError("DINOLABEL_WORKER_MODELS names no model: a worker serves detector, embedder or both")
+    predictor = load_predictor(settings) if DETECTOR in settings.worker_models else None
+    embedder = load_embedder(settings) if EMBEDDER in settings.worker_models else None
     writer = Writer(size=settings.bulk_write_size, wait=settings.bulk_write_wait, retries=settings.label_studio_retries)
     writer.start()
-    _local.runtime = Runtime(predictor=predictor, settings=settings, connection=connection, name=name, writer=writer)
+    _local.runtime = Runtime(
+        settings=settings, connection=connection, name=name, writer=writer, predictor=predictor, embedder=embedder
+    )
     return _local.runtime
+
+
+def _device(runtime: Runtime) -> str:
+    model = runtime.predictor.detector if runtime.predictor is not None else runtime.embedder
+    return str(model.device) if model is not None else "none"
 
 
 def run_worker(
@@ -257,14 +296,19 @@ def run_worker(
     stop: threading.Event | None = None,
     state: dict[str, Any] | None = None,
 ) -> None:
-    """Load the model, then take jobs until stopped; survives Redis outages by reconnecting.
+    """Load the models, then take jobs until stopped; survives Redis outages by reconnecting.
 
     ``stop`` (an event) runs the worker off the main thread and ends it when set; without it, SIGINT
     and SIGTERM end it (RQ's warm shutdown). ``state`` reports ``loading``/``ready``/``failed``.
     """
     name = Workers.new_name()
     state = state if state is not None else {}
-    state.update(name=name, pid=os.getpid(), state="loading", checkpoint=settings.detector_checkpoint, busy=None)
+    models = list(settings.worker_models)
+    state.update(name=name, pid=os.getpid(), state="loading", models=models, busy=None)
+    if DETECTOR in models:
+        state["checkpoint"] = settings.detector_checkpoint
+    if EMBEDDER in models:
+        state["embedder"] = settings.embedder_model
     heartbeat = Heartbeat(connection, name, state, settings.batch_timeout)
     heartbeat.start()
     runtime: Runtime | None = None
@@ -275,23 +319,24 @@ def run_worker(
             runtime = build_runtime(settings, connection, name)
         except Exception as exc:
             state.update(state="failed", error=f"{type(exc).__name__}: {exc}")
-            log.exception("worker %s: the model failed to load", name)
+            log.exception("worker %s: a model failed to load", name)
             raise
         state.update(
             state="ready",
-            device=str(runtime.predictor.detector.device),
+            device=_device(runtime),
             load_seconds=round(time.perf_counter() - started, 2),
         )
         log.info("worker %s ready on %s", name, state["device"])
         queues = Queues.on(connection)
-        if not burst:  # plan steps on a thread of their own: the model's thread only predicts
+        listen = queues.for_models(runtime.models)
+        if not burst:  # plan steps on a thread of their own: the models' thread only runs them
             planner = Planner(runtime, settings.log_level.upper())
             planner.start()
         while not (stop and stop.is_set()):
             worker: PredictionWorker | None = None
             try:
                 worker = PredictionWorker(
-                    queues.in_listen_order() if burst else [queues.interactive, queues.bulk],
+                    _with_plan(queues, listen) if burst else listen,
                     connection=connection,
                     name=f"{runtime.name}.{int(time.time())}",
                     serializer=JSONSerializer,
@@ -301,7 +346,7 @@ def run_worker(
                 )
                 worker.work(burst=burst, logging_level=settings.log_level.upper())
                 runtime.writer.flush()  # batches counted, and the plan steps they ask for queued
-                if burst and any(Queues.on(connection).depths().values()):
+                if burst and any(q.count for q in _with_plan(queues, listen)):
                     continue
             except Exception as exc:  # mostly Redis gone mid-job, raised out of RQ's own failure handling
                 log.error("worker %s: the work loop failed (%s: %s)", runtime.name, type(exc).__name__, exc)
@@ -318,6 +363,12 @@ def run_worker(
             runtime.writer.stop(timeout=SHUTDOWN_WRITES)
         heartbeat.stopped.set()
         heartbeat.join(timeout=5)
+
+
+def _with_plan(queues: Queues, listen: list[Queue]) -> list[Queue]:
+    """A burst worker's queues: its models' queues and the plan queue (it has no planner thread)."""
+    names = {q.name for q in listen} | {queues.plan.name}
+    return [q for q in queues.in_listen_order() if q.name in names]
 
 
 def _stop_pubsub(worker: PredictionWorker | None) -> None:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Workers load the detector only, unless a test asks for the embedder (a tiny DINOv2 by path): the default
+# embedder would come from the Hub. Child processes inherit this.
+os.environ.setdefault("DINOLABEL_WORKER_MODELS", "detector")
 
 from collections.abc import Iterator
 from pathlib import Path

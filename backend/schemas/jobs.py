@@ -26,8 +26,9 @@ class JobPublic(BaseModel):
 
     id: str
     project: int
-    model_version: str
+    model_version: str = Field(description="the detector's model version, or for an index job the embedder's")
     source: str
+    kind: str = Field(default="preannotate", description="`preannotate` or `index`")
     status: str
     total: int
     done: int
