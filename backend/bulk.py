@@ -257,6 +257,11 @@ class BulkJob:
     def spec(self) -> JobSpec:
         return JobSpec(**json.loads(_text(self.connection.hget(self.key, "spec"))))
 
+    def kind(self) -> JobKind:
+        """What the job makes (read from its record; one written before kinds existed is a pre-annotation)."""
+        value = self.connection.hget(self.key, "kind")
+        return JobKind(_text(value)) if value is not None else JobKind.PREANNOTATE
+
     def set_label_config(self, label_config: str) -> None:
         """Planning read the config from Label Studio (the job was started without one)."""
         spec = json.loads(_text(self.connection.hget(self.key, "spec")))
@@ -561,10 +566,13 @@ class Workers:
         return bool(connection.exists(cls.prefix + name))
 
     @classmethod
-    def all(cls, connection: Redis) -> dict[str, dict[str, Any]]:
+    def all(cls, connection: Redis, *, role: str = "worker") -> dict[str, dict[str, Any]]:
+        """Live processes of one role: model workers (``worker``), or the ``store-writer``."""
         keys = list(connection.scan_iter(match=cls.prefix + "*", count=500))
         values = connection.mget(keys) if keys else []
-        return {_text(k)[len(cls.prefix) :]: json.loads(v) for k, v in zip(keys, values, strict=True) if v is not None}
+        states = {_text(k)[len(cls.prefix) :]: v for k, v in zip(keys, values, strict=True) if v is not None}
+        parsed = {name: json.loads(value) for name, value in states.items()}
+        return {name: state for name, state in parsed.items() if state.get("role", "worker") == role}
 
 
 def _text(value: Any) -> str:

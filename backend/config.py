@@ -89,6 +89,8 @@ class Settings(BaseSettings):
     embedder_image_size: int = Field(default=224, ge=14)
     embedder_precision: Precision = "fp32"
     embedder_batch_size: int = Field(default=32, ge=1)
+    store_writer: bool = True  # `serve` runs the store writer thread (exactly one per deployment)
+    index_new_tasks: bool = False  # TASKS_CREATED also indexes projects never indexed before
 
     @field_validator(
         "basic_auth_user", "basic_auth_pass", "detector_revision", "redis_url", "webhook_secret", "label_studio_url",

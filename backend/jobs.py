@@ -1,5 +1,10 @@
 """RQ job functions, run inside ``dinolabel worker`` processes, and the calls that enqueue them.
 
+The plan/batch/cancel machinery here serves both kinds of bulk job (``JobKind``); what differs per
+kind is one plan page and one batch function, and their queues: pre-annotation plan steps run on any
+worker's planner and its batches on detector workers; an index job's plan steps run on the store
+writer (it reads the store) and its batches on embedder workers (``backend.index_jobs``).
+
 - ``predict_tasks``: the interactive path; an HTTP request is waiting for its return value.
 - ``plan_job``: one plan step: lists one page of the job's tasks, skips those that already hold a
   prediction of the model version, queues the others in batches, and asks for the next step while
@@ -25,7 +30,7 @@ import redis
 from rq import get_current_job
 from rq.job import Job
 
-from backend.bulk import BulkJob, JobSpec, Marks, record_batch
+from backend.bulk import BulkJob, JobKind, JobSpec, Marks, record_batch
 from backend.labeling import LabelConfigError, parse_label_config
 from backend.ls_client import MAX_IDS_PER_QUERY, PAGE_SIZE, LabelStudioClient, LabelStudioError
 from backend.queues import Queues
@@ -87,7 +92,8 @@ def request_plan_step(queues: Queues, job: BulkJob) -> bool:
     rq_id = uuid.uuid4().hex
     if not job.claim_plan_step(f"queued:{rq_id}"):
         return False
-    queues.plan.enqueue(
+    queue = queues.index_plan if job.kind() == JobKind.INDEX else queues.plan
+    queue.enqueue(
         plan_job,
         job.id,
         job_id=rq_id,
@@ -105,8 +111,14 @@ def enqueue_batch(queues: Queues, job: BulkJob, number: int, *, timeout: int, at
     is never overwritten as "nobody".
     """
     job.queued(number)
-    rq_job = queues.bulk.enqueue(
-        run_batch,
+    if job.kind() == JobKind.INDEX:
+        from backend.index_jobs import run_index_batch
+
+        queue, function = queues.embed, run_index_batch
+    else:
+        queue, function = queues.bulk, run_batch
+    rq_job = queue.enqueue(
+        function,
         job.id,
         number,
         job_timeout=timeout,
@@ -127,7 +139,8 @@ def cancel_if_queued(rq_job: Job) -> bool:
     return True
 
 
-def _client(spec: JobSpec) -> LabelStudioClient:
+def label_studio_client(spec: JobSpec) -> LabelStudioClient:
+    """A client for the job's Label Studio, with the key this process resolves for the project."""
     runtime = current_runtime()
     access = runtime.label_studio(spec.project)
     return LabelStudioClient(access.url or "", access.api_key, retries=runtime.settings.label_studio_retries)
@@ -150,7 +163,12 @@ def plan_job(job_id: str) -> dict[str, Any]:
     outcome: dict[str, Any] = {}
     if not state["plan_done"] and state["in_flight"] < runtime.settings.bulk_plan_ahead:
         try:
-            outcome = _plan_page(job, state, runtime, queues)
+            if job.kind() == JobKind.INDEX:
+                from backend.index_jobs import plan_index_page
+
+                outcome = plan_index_page(job, state, runtime, queues)
+            else:
+                outcome = _plan_page(job, state, runtime, queues)
         except redis.RedisError:
             raise  # the worker recovers; a new step starts where this one stopped
         except (LabelStudioError, LabelConfigError) as exc:
@@ -176,7 +194,7 @@ def keep_planning(queues: Queues, job: BulkJob, plan_ahead: int) -> bool:
 def _plan_page(job: BulkJob, state: dict[str, Any], runtime: Runtime, queues: Queues) -> dict[str, Any]:
     """List one page after the cursor, check it against Label Studio, record and queue its batches."""
     spec = job.spec()
-    with _client(spec) as client:
+    with label_studio_client(spec) as client:
         if not spec.label_config:
             job.set_label_config(client.project(spec.project)["label_config"])
             spec = job.spec()
@@ -239,7 +257,7 @@ def run_batch(job_id: str, number: int) -> dict[str, Any]:
         if check:
             # Written before (by a dead worker, by another job, by this batch run earlier): Label Studio
             # says whether the prediction is still there; one deleted since is predicted again.
-            with _client(spec) as client:
+            with label_studio_client(spec) as client:
                 held = client.tasks_holding(spec.project, check, spec.model_version)
             marks.finish(held, job_id)
             done_here = [t for t in held if writers[t] == job_id or claims[t] == "taken"]

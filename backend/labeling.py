@@ -86,6 +86,23 @@ def parse_label_config(xml: str, limits: LabelLimits | None = None) -> LabelTarg
     raise LabelConfigError("the labeling config needs a <RectangleLabels> control on an <Image>")
 
 
+def image_key(xml: str) -> str:
+    """The task data key of the config's first ``<Image>`` (``$image`` -> ``image``): what an index job embeds.
+
+    Any config with an image will do (no ``<RectangleLabels>`` needed: a project may be indexed without
+    being pre-annotated).
+    """
+    try:
+        interface = LabelInterface(xml)
+    except Exception as exc:  # the SDK raises a variety of XML/validation errors
+        raise LabelConfigError("cannot parse the labeling config (not a Label Studio labeling config)") from exc
+    for obj in interface.objects:
+        value = str(getattr(obj, "value", "") or "")
+        if type(obj).__name__ == "ImageTag" and value.startswith("$") and len(value) > 1:
+            return value[1:]
+    raise LabelConfigError("the labeling config has no <Image> with a $key value: nothing to index")
+
+
 def _describe(
     control: Any, to_name: str, image: Any, interface: LabelInterface, limits: LabelLimits | None
 ) -> LabelTarget:

@@ -19,7 +19,7 @@ from backend.auth import BasicAuthMiddleware
 from backend.body_limit import BodyLimitMiddleware
 from backend.config import Settings, get_settings
 from backend.metrics import Metrics
-from backend.routes import jobs, ls, metrics
+from backend.routes import index, jobs, ls, metrics
 from backend.state import Service
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.predict_limiter = anyio.CapacityLimiter(PREDICT_THREADS)
         if service.embedded is not None and settings.embedded_worker:
             service.start_embedded_worker()
+        if settings.store_writer:
+            service.start_store_writer()
         if settings.webhook_secret is None:
             log.warning(
                 "DINOLABEL_WEBHOOK_SECRET is not set: /webhook refuses TASKS_CREATED (new tasks are not "
@@ -71,5 +73,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(BasicAuthMiddleware, settings=settings)
     app.include_router(ls.router)
     app.include_router(jobs.router)
+    app.include_router(index.router)
     app.include_router(metrics.router)
     return app

@@ -5,8 +5,10 @@ first: the detector's interactive requests (an annotator waiting on ``/predict``
 (batches of index jobs, and interactive embeds, which are queued at the front), then detection
 batches. Embedding goes before detection batches because an interactive embed shares its queue, and an
 image costs the embedder a fraction of what it costs the detector. Plan steps of pre-annotation jobs
-run on each worker's planner thread. Jobs are serialised as JSON: their arguments are ids, URLs and
-task dicts, never model objects.
+run on each worker's planner thread. The store writer (``backend.store_writer``, a thread of
+``dinolabel serve``) alone takes the index jobs' plan steps and the vectors that embedding batches
+send it (``Queues.for_store_writer``): it is the one process that has the projects' stores. Jobs are
+serialised as JSON: their arguments are ids, URLs, task dicts and base64 vectors, never model objects.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ INTERACTIVE = "dinolabel-interactive"
 PLAN = "dinolabel-plan"
 BULK = "dinolabel-bulk"
 EMBED = "dinolabel-embed"
+INDEX_PLAN = "dinolabel-index-plan"
+STORE = "dinolabel-store"
 DETECTOR = "detector"
 EMBEDDER = "embedder"
 
@@ -93,13 +97,22 @@ class Queues:
     plan: Queue
     bulk: Queue
     embed: Queue
+    index_plan: Queue
+    store: Queue
 
     @classmethod
     def on(cls, connection: Redis) -> Queues:
         def make(name: str) -> Queue:
             return Queue(name, connection=connection, serializer=JSONSerializer)
 
-        return cls(interactive=make(INTERACTIVE), plan=make(PLAN), bulk=make(BULK), embed=make(EMBED))
+        return cls(
+            interactive=make(INTERACTIVE),
+            plan=make(PLAN),
+            bulk=make(BULK),
+            embed=make(EMBED),
+            index_plan=make(INDEX_PLAN),
+            store=make(STORE),
+        )
 
     def for_models(self, models: Iterable[str]) -> list[Queue]:
         """The queues a worker serving ``models`` takes jobs from, in order (plan steps not included)."""
@@ -108,9 +121,13 @@ class Queues:
         return [queue for queue, model in wanted if model in served]
 
     def in_listen_order(self) -> list[Queue]:
-        """Every queue, in the order a worker serving every model takes them (plan steps before batches)."""
+        """The workers' queues, in the order a worker serving every model takes them (plan steps before batches)."""
         return [self.interactive, self.embed, self.plan, self.bulk]
+
+    def for_store_writer(self) -> list[Queue]:
+        """What the store writer takes: vectors to store first (they free batches), then index plan steps."""
+        return [self.store, self.index_plan]
 
     def depths(self) -> dict[str, int]:
         """Jobs waiting per queue (not the ones running)."""
-        return {q.name: q.count for q in self.in_listen_order()}
+        return {q.name: q.count for q in [*self.in_listen_order(), *self.for_store_writer()]}

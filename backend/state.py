@@ -15,9 +15,10 @@ from typing import Any
 
 from redis import Redis
 
-from backend.bulk import BulkJob, JobSpec
+from backend.bulk import BulkJob, JobKind, JobSpec
 from backend.config import Settings
 from backend.ls_credentials import LabelStudioAccess, label_studio_access
+from backend.project_vectors import embedder_version_of
 from backend.queues import KEY_PREFIX, EmbeddedRedis, Queues, connect
 from backend.schemas.tasks import MAX_ID
 from backend.tasks import Rejection
@@ -117,12 +118,7 @@ class ProjectStore:
 
         The spec holds no URL or key (it is stored in Redis): the workers resolve them.
         """
-        project = self.get(project_number)
-        if not label_studio_access(self.settings, project.hostname, project.access_token).url:
-            raise NoLabelStudio(
-                f"no Label Studio address for project {project_number}: connect the model to the project in "
-                "Label Studio (it then calls /setup) or set DINOLABEL_LABEL_STUDIO_URL and _API_KEY"
-            )
+        project = self._reachable(project_number)
         return JobSpec(
             project=project_number,
             model_version=self.model_version(project.params),
@@ -130,6 +126,27 @@ class ProjectStore:
             params=asdict(project.params),
             source=source,
         )
+
+    def index_spec(self, project_number: int, *, label_config: str | None, source: str, sync: bool) -> JobSpec:
+        """What an index job for the project needs (the current embedder version); raises NoLabelStudio."""
+        project = self._reachable(project_number)
+        return JobSpec(
+            project=project_number,
+            model_version=embedder_version_of(self.settings),
+            label_config=label_config or project.label_config or "",
+            params={"sync": True} if sync else {},
+            source=source,
+            kind=JobKind.INDEX,
+        )
+
+    def _reachable(self, project_number: int) -> Project:
+        project = self.get(project_number)
+        if not label_studio_access(self.settings, project.hostname, project.access_token).url:
+            raise NoLabelStudio(
+                f"no Label Studio address for project {project_number}: connect the model to the project in "
+                "Label Studio (it then calls /setup) or set DINOLABEL_LABEL_STUDIO_URL and _API_KEY"
+            )
+        return project
 
 
 class Service:
@@ -148,8 +165,10 @@ class Service:
         self.queues = Queues.on(self.connection)
         self.projects = ProjectStore(settings, self.connection)
         self.worker_state: dict[str, Any] = {}
+        self.store_writer_state: dict[str, Any] = {}
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
+        self._store_writer: threading.Thread | None = None
 
     def start_embedded_worker(self) -> None:
         """Run one worker on a thread of this process (the README's one-command start)."""
@@ -168,6 +187,37 @@ class Service:
 
         self._worker = threading.Thread(target=work, name="dinolabel-worker", daemon=True)
         self._worker.start()
+
+    def start_store_writer(self) -> None:
+        """Run the store writer on a thread of this process (``backend.store_writer``)."""
+        from backend.store_writer import run_store_writer
+
+        def work() -> None:
+            try:
+                run_store_writer(self.settings, connect(self.redis_url), stop=self._stop, state=self.store_writer_state)
+            except Exception:  # reported in the log; /health shows no store writer
+                log.exception("store writer stopped")
+
+        self._store_writer = threading.Thread(target=work, name="dinolabel-store-writer", daemon=True)
+        self._store_writer.start()
+
+    def submit_index(
+        self,
+        project_number: int,
+        *,
+        task_ids: list[int] | None = None,
+        sync: bool = False,
+        label_config: str | None = None,
+        source: str = "api",
+        rejected: Sequence[Rejection] = (),
+    ) -> BulkJob:
+        """Create an index job (all the project's tasks, or ``task_ids``) and queue its planning."""
+        from backend.jobs import enqueue_plan
+
+        spec = self.projects.index_spec(project_number, label_config=label_config, source=source, sync=sync)
+        job = BulkJob.create(self.connection, spec, rejected=[(r.task_id, r.reason) for r in rejected])
+        enqueue_plan(self.queues, job, task_ids=task_ids)
+        return job
 
     def submit(
         self,
@@ -202,5 +252,7 @@ class Service:
         self._stop.set()
         if self._worker is not None:
             self._worker.join(timeout=SHUTDOWN_GRACE)
+        if self._store_writer is not None:
+            self._store_writer.join(timeout=SHUTDOWN_GRACE)
         if self.embedded is not None:
             self.embedded.close()

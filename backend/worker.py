@@ -41,9 +41,11 @@ from backend.config import Settings
 from backend.image_source import ImageFetcher
 from backend.ls_credentials import LabelStudioAccess
 from backend.predictor import Predictor
+from backend.project_vectors import open_store
 from backend.queues import DETECTOR, EMBEDDER, KEY_PREFIX, Queues
 from backend.state import ProjectStore
 from backend.writer import Writer
+from indexer.store import STORE_FILE, VectorStore, project_dir
 from model import DinoV2Embedder, create_detector, create_embedder
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,7 @@ class Runtime:
     predictor: Predictor | None = None
     embedder: DinoV2Embedder | None = None
     _fetchers: dict[LabelStudioAccess, ImageFetcher] = field(default_factory=dict)
+    _stores: dict[int, VectorStore] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -80,6 +83,24 @@ class Runtime:
         if self.predictor is None:
             raise RuntimeError(f"worker {self.name} does not serve the detector (DINOLABEL_WORKER_MODELS)")
         return self.predictor
+
+    def store(self, project: int) -> VectorStore:
+        """The project's store, opened for writing once and kept: only the store writer calls this."""
+        with self._lock:
+            if project not in self._stores:
+                self._stores[project] = open_store(self.settings, project, writer=True)
+            return self._stores[project]
+
+    def has_store(self, project: int) -> bool:
+        """Whether the project was ever indexed (a store to change exists)."""
+        return project in self._stores or (project_dir(self.settings.index_dir, project) / STORE_FILE).is_file()
+
+    def close_stores(self) -> None:
+        """Close the stores this runtime wrote (their writer locks go with them)."""
+        with self._lock:
+            for store in self._stores.values():
+                store.close()
+            self._stores.clear()
 
     def label_studio(self, project: int | None) -> LabelStudioAccess:
         """Label Studio's address and key for a project, from this worker's settings (a worker may
@@ -209,7 +230,7 @@ def requeue_abandoned(connection: Redis, *, batch_timeout: int) -> int:
     for job in BulkJob.active(connection):
         count += _restart_plan_step(connection, job)
         for number, holder in job.holders().items():
-            if job.batch_finished(number) or Workers.alive(connection, holder):
+            if job.batch_finished(number) or _holder_alive(connection, holder):
                 continue
             lock = f"{KEY_PREFIX}reap:{job.id}:{number}:{holder}"
             if not connection.set(lock, "1", nx=True, ex=60):
@@ -218,6 +239,20 @@ def requeue_abandoned(connection: Redis, *, batch_timeout: int) -> int:
             enqueue_batch(Queues.on(connection), job, number, timeout=batch_timeout, at_front=True)
             count += 1
     return count
+
+
+STORE_HOLDER = "store:"
+"""A batch whose vectors wait for the store writer is held by ``store:<RQ job>``, not by its worker."""
+
+
+def _holder_alive(connection: Redis, holder: str) -> bool:
+    """A worker that beats; or a store job that is still queued or running (a lost one, e.g. of a store
+    writer killed mid-job, ends up failed in RQ's registry: then its batch is embedded again)."""
+    if holder.startswith(STORE_HOLDER):
+        rq_id = holder.removeprefix(STORE_HOLDER)
+        rq_job = Job.fetch_many([rq_id], connection=connection, serializer=JSONSerializer)[0]
+        return rq_job is not None and rq_job.get_status(refresh=False) in ("queued", "started", "deferred")
+    return Workers.alive(connection, holder)
 
 
 def _restart_plan_step(connection: Redis, job: BulkJob) -> int:

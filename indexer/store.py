@@ -186,10 +186,12 @@ class VectorStore:
         row = self._one(f"SELECT {_COLUMNS} FROM vectors WHERE task_id = ?", (task_id,))
         return None if row is None else _row_to_record(row)
 
-    def task_ids(self) -> np.ndarray:
-        """Every stored task id, ascending."""
+    def task_ids(self, after: int = -1, upto: int = _MAX_TASK_ID) -> np.ndarray:
+        """Every stored task id, ascending; or those with ``after < id <= upto`` (a re-sync's page)."""
         with self._lock:
-            rows = self._db.execute("SELECT task_id FROM vectors ORDER BY task_id").fetchall()
+            rows = self._db.execute(
+                "SELECT task_id FROM vectors WHERE task_id > ? AND task_id <= ? ORDER BY task_id", (after, upto)
+            ).fetchall()
         return np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
 
     def iter_vectors(self, embedder: str, *, batch: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -15,6 +15,19 @@ class PreannotateRequest(BaseModel):
     task_ids: list[Id] | None = Field(default=None, min_length=1)
 
 
+class IndexRequest(BaseModel):
+    """Optional body of ``POST /v1/projects/{id}/index``: some tasks only, or a full re-sync."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"task_ids": [1, 2, 3]}, {"sync": True}]})
+
+    task_ids: list[Id] | None = Field(default=None, min_length=1)
+    sync: bool = Field(
+        default=False,
+        description="re-check every task's image (re-embed the changed ones) and remove the vectors of tasks "
+        "no longer in the project; cannot be combined with task_ids",
+    )
+
+
 class Failure(BaseModel):
     task_id: int | None
     reason: str
