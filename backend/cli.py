@@ -4,6 +4,8 @@
   ``DINOLABEL_REDIS_URL`` it also starts an embedded Redis and one worker in the same process.
 - ``worker``: a GPU worker (one per GPU) taking jobs from ``DINOLABEL_REDIS_URL``.
 - ``preannotate``: pre-annotate a whole project through the API, with a progress bar.
+- ``index``: embed a whole project's images for search through the API, with a progress bar.
+- ``store-writer``: the one writer of the projects' vector stores, alone (``serve`` runs it by default).
 - ``register-webhook``: make Label Studio send ``TASKS_CREATED`` to us, with our shared secret.
 """
 
@@ -62,6 +64,23 @@ def _serve(args: argparse.Namespace) -> int:
     settings.port = args.port or settings.port
     _logging(settings.log_level)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+    return 0
+
+
+def _store_writer(args: argparse.Namespace) -> int:
+    from backend.queues import connect
+    from backend.store_writer import run_store_writer
+
+    settings = _settings()
+    _logging(settings.log_level)
+    if not settings.redis_url:
+        print("dinolabel store-writer needs DINOLABEL_REDIS_URL (the Redis that `dinolabel serve` uses)",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    try:
+        run_store_writer(settings, connect(settings.redis_url), burst=args.burst)
+    except KeyboardInterrupt:
+        return 130
     return 0
 
 
@@ -145,32 +164,40 @@ def _shown(client: httpx.Client) -> str:
 
 
 def _preannotate(args: argparse.Namespace) -> int:
+    body = {"task_ids": args.task_ids} if args.task_ids else None
+    return _run_job(args, "preannotate", body, "predicts")
+
+
+def _index(args: argparse.Namespace) -> int:
+    body: dict[str, Any] | None = {"task_ids": args.task_ids} if args.task_ids else None
+    if args.sync:
+        body = {"sync": True}
+    return _run_job(args, "index", body, "embeds")
+
+
+def _run_job(args: argparse.Namespace, command: str, body: dict[str, Any] | None, verb: str) -> int:
+    """Start a job of ``command`` (its route's last part) and follow it to its end."""
     with _api(args) as client:
         job: dict[str, Any] | None = None
         try:
-            job = _call(
-                client,
-                "POST",
-                f"/v1/projects/{args.project}/preannotate",
-                json={"task_ids": args.task_ids} if args.task_ids else None,
-            )
+            job = _call(client, "POST", f"/v1/projects/{args.project}/{command}", json=body)
             return _follow(client, args, job)
         except ApiGone as exc:
             if job is None:
                 print(
-                    f"dinolabel preannotate: cannot reach the API at {_shown(client)} ({exc}); "
+                    f"dinolabel {command}: cannot reach the API at {_shown(client)} ({exc}); "
                     "is `dinolabel serve` running there?",
                     file=sys.stderr,
                 )
             else:
                 print(
-                    f"dinolabel preannotate: the API at {_shown(client)} stopped answering ({exc}); job {job['id']} "
+                    f"dinolabel {command}: the API at {_shown(client)} stopped answering ({exc}); job {job['id']} "
                     f"goes on in the workers: follow it with `GET /v1/jobs/{job['id']}` when the API is back, or "
-                    f"rerun `dinolabel preannotate --project {args.project}` (it only predicts what is missing)",
+                    f"rerun `dinolabel {command} --project {args.project}` (it only {verb} what is missing)",
                     file=sys.stderr,
                 )
         except ApiError as exc:
-            print(f"dinolabel preannotate: {exc}", file=sys.stderr)
+            print(f"dinolabel {command}: {exc}", file=sys.stderr)
         return EXIT_API
 
 
@@ -202,8 +229,9 @@ def _follow(client: httpx.Client, args: argparse.Namespace, job: dict[str, Any])
     finally:
         bar.close()
     job = _call(client, "GET", f"/v1/jobs/{job['id']}", params={"failures": 20})
+    made, held = ("embedded", "already indexed") if job.get("kind") == "index" else ("predicted", "already predicted")
     print(
-        f"{job['status']}: {job['done']} predicted, {job['skipped']} skipped (already predicted), "
+        f"{job['status']}: {job['done']} {made}, {job['skipped']} skipped ({held}), "
         f"{job['failed']} failed of {job['total']} tasks"
     )
     for failure in job["failures"]:
@@ -252,6 +280,15 @@ def _register_webhook(args: argparse.Namespace) -> int:
     return 0
 
 
+def _api_options(command: argparse.ArgumentParser) -> None:
+    """The options of the commands that start a job through the API and follow it."""
+    command.add_argument("--api", default="http://127.0.0.1:9090", help="the dinolabel API (default %(default)s)")
+    command.add_argument("--user", help="basic auth user of the API")
+    command.add_argument("--password", help="basic auth password of the API")
+    command.add_argument("--interval", type=float, default=1.0, help="seconds between progress polls")
+    command.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dinolabel", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -267,6 +304,14 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--burst", action="store_true", help="quit when the queues are empty")
     worker.set_defaults(run=_worker)
 
+    writer = commands.add_parser(
+        "store-writer",
+        help="run the store writer alone (with DINOLABEL_STORE_WRITER=false on every `serve`)",
+        description="The one process that writes the projects' vector stores under DINOLABEL_DATA_DIR.",
+    )
+    writer.add_argument("--burst", action="store_true", help="quit when its queues are empty")
+    writer.set_defaults(run=_store_writer)
+
     pre = commands.add_parser(
         "preannotate",
         help="pre-annotate a Label Studio project, with a progress bar",
@@ -275,12 +320,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pre.add_argument("--project", type=int, required=True, help="Label Studio project id")
     pre.add_argument("--task-ids", type=int, nargs="+", help="only these tasks")
-    pre.add_argument("--api", default="http://127.0.0.1:9090", help="the dinolabel API (default %(default)s)")
-    pre.add_argument("--user", help="basic auth user of the API")
-    pre.add_argument("--password", help="basic auth password of the API")
-    pre.add_argument("--interval", type=float, default=1.0, help="seconds between progress polls")
-    pre.add_argument("--quiet", action="store_true", help="no progress bar")
+    _api_options(pre)
     pre.set_defaults(run=_preannotate)
+
+    idx = commands.add_parser(
+        "index",
+        help="index a Label Studio project's images for search, with a progress bar",
+        description="Exit status: 0 all embedded, 1 some tasks failed, 3 the API was unreachable, stopped "
+        "answering or refused the request, 130 interrupted.",
+    )
+    idx.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    scope = idx.add_mutually_exclusive_group()
+    scope.add_argument("--task-ids", type=int, nargs="+", help="only these tasks")
+    scope.add_argument("--sync", action="store_true", help="re-check every image; drop vectors of deleted tasks")
+    _api_options(idx)
+    idx.set_defaults(run=_index)
 
     hook = commands.add_parser("register-webhook", help="make Label Studio send TASKS_CREATED to this backend")
     hook.add_argument("--project", type=int, required=True, help="Label Studio project id")

@@ -30,6 +30,10 @@ SHUTDOWN_GRACE = 30.0
 """Seconds ``serve`` waits at shutdown for its embedded worker's job in progress."""
 
 
+INDEXED_KEY = KEY_PREFIX + "indexed-projects"
+"""The projects an index job was started for (``TASKS_CREATED`` indexes their new tasks)."""
+
+
 class NoLabelStudio(LookupError):
     """Neither the settings nor a ``/setup`` call told us where the project's Label Studio is."""
 
@@ -216,8 +220,13 @@ class Service:
 
         spec = self.projects.index_spec(project_number, label_config=label_config, source=source, sync=sync)
         job = BulkJob.create(self.connection, spec, rejected=[(r.task_id, r.reason) for r in rejected])
+        self.connection.sadd(INDEXED_KEY, str(project_number))
         enqueue_plan(self.queues, job, task_ids=task_ids)
         return job
+
+    def indexed(self, project_number: int) -> bool:
+        """Whether an index job was ever started for the project: its new tasks are then indexed too."""
+        return bool(self.connection.sismember(INDEXED_KEY, str(project_number)))
 
     def submit(
         self,

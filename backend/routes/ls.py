@@ -41,11 +41,12 @@ from backend.schemas.ls import (
     SetupRequest,
     SetupResponse,
     TasksCreated,
+    TasksDeleted,
     WebhookEvent,
     WebhookResponse,
 )
 from backend.state import NoLabelStudio, Service, project_id
-from backend.tasks import check_tasks
+from backend.tasks import check_tasks, usable_id
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["label-studio"], route_class=StrictJSONRoute)
@@ -209,7 +210,13 @@ def _predict(body: PredictRequest, service: Service, settings: Settings, metrics
             "required": True,
             "content": {
                 "application/json": {
-                    "schema": {"anyOf": [TasksCreated.model_json_schema(), WebhookEvent.model_json_schema()]}
+                    "schema": {
+                        "anyOf": [
+                            TasksCreated.model_json_schema(),
+                            TasksDeleted.model_json_schema(),
+                            WebhookEvent.model_json_schema(),
+                        ]
+                    }
                 }
             },
         }
@@ -221,12 +228,14 @@ async def webhook(
     settings: SettingsDep,
     secret: str | None = Header(default=None, alias=SECRET_HEADER),
 ) -> WebhookResponse:
-    """``TASKS_CREATED`` queues pre-annotation of the new tasks; other events are acknowledged only.
+    """``TASKS_CREATED`` queues pre-annotation of the new tasks (and their indexing, when the project is
+    indexed); ``TASKS_DELETED`` removes the tasks' vectors; other events are acknowledged only.
 
     Label Studio cannot send basic auth with webhooks, and it posts every event of a project to
     ``<backend>/webhook`` once the model is connected. So the route is open, but ``TASKS_CREATED``
-    (which makes us write into Label Studio with our key) needs ``DINOLABEL_WEBHOOK_SECRET`` in the
-    ``X-Dinolabel-Secret`` header, or this service's basic-auth credentials. Both are checked before
+    (which makes us write into Label Studio with our key) and ``TASKS_DELETED`` (which removes vectors)
+    need ``DINOLABEL_WEBHOOK_SECRET`` in the ``X-Dinolabel-Secret`` header, or this service's basic-auth
+    credentials. Both are checked before
     the body is read: without them at most ``ANONYMOUS_WEBHOOK_BYTES`` are read, to learn the action.
     Each task is checked on its own: a malformed one is recorded as a failure of the job, with its
     reason, and the others are queued.
@@ -239,13 +248,15 @@ async def webhook(
     except json.JSONDecodeError as exc:  # strict JSON: see backend/json_body.py
         raise HTTPException(status_code=400, detail=f"the webhook body is not JSON: {exc.msg}") from exc
     action = _validated(WebhookEvent, payload).action
-    if action != "TASKS_CREATED":
+    if action not in ("TASKS_CREATED", "TASKS_DELETED"):
         return WebhookResponse(status="ignored", action=action)
     if not authorised:
         raise HTTPException(
             status_code=401,
-            detail=f"TASKS_CREATED needs the shared secret (DINOLABEL_WEBHOOK_SECRET) in {SECRET_HEADER}",
+            detail=f"{action} needs the shared secret (DINOLABEL_WEBHOOK_SECRET) in {SECRET_HEADER}",
         )
+    if action == "TASKS_DELETED":
+        return _tasks_deleted(_validated(TasksDeleted, payload), service, settings)
     event = _validated(TasksCreated, payload)
     _check_task_count(len(event.tasks), settings)
     checked = check_tasks(event.tasks)
@@ -262,13 +273,39 @@ async def webhook(
         )
     except NoLabelStudio as exc:
         raise HTTPException(status_code=409, detail=str(exc)) from exc
+    index_job = None
+    if settings.index_new_tasks or service.indexed(event.project_number):
+        index_job = service.submit_index(
+            event.project_number,
+            task_ids=[t["id"] for t in checked.tasks],
+            label_config=event.label_config,
+            source="webhook",
+        )
     log.info(
-        "webhook: %d new tasks of project %s -> job %s (%d refused)",
-        len(checked.tasks), event.project_number, job.id, len(checked.rejected),
+        "webhook: %d new tasks of project %s -> job %s, index job %s (%d refused)",
+        len(checked.tasks), event.project_number, job.id, index_job.id if index_job else None, len(checked.rejected),
     )  # fmt: skip
     return WebhookResponse(
-        status="queued", action=action, job_id=job.id, tasks=len(checked.tasks), rejected=len(checked.rejected)
+        status="queued",
+        action=action,
+        job_id=job.id,
+        index_job_id=index_job.id if index_job else None,
+        tasks=len(checked.tasks),
+        rejected=len(checked.rejected),
     )
+
+
+def _tasks_deleted(event: TasksDeleted, service: Service, settings: Settings) -> WebhookResponse:
+    """Queue the removal of the deleted tasks' vectors on the store writer (the one writer of the stores)."""
+    from backend.index_jobs import enqueue_delete
+
+    _check_task_count(len(event.tasks), settings)
+    ids = sorted({i for i in (usable_id(t) for t in event.tasks) if i is not None})
+    if not ids:
+        raise HTTPException(status_code=422, detail="TASKS_DELETED without a usable task id")
+    enqueue_delete(service.queues, event.project_number, ids)
+    log.info("webhook: %d tasks of project %s deleted: their vectors are removed", len(ids), event.project_number)
+    return WebhookResponse(status="queued", action=event.action, tasks=len(ids))
 
 
 def _validated(model: type[WebhookEventT], payload: Any) -> WebhookEventT:

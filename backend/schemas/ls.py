@@ -135,7 +135,8 @@ class PredictResponse(BaseModel):
 
 
 class WebhookEvent(BaseModel):
-    """What Label Studio posts to ``/webhook``; only ``TASKS_CREATED`` is read beyond its ``action``."""
+    """What Label Studio posts to ``/webhook``; only ``TASKS_CREATED`` and ``TASKS_DELETED`` are read beyond
+    their ``action``."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -192,10 +193,27 @@ class TasksCreated(WebhookEvent):
         return self.project.get("label_config") if isinstance(self.project, dict) else None
 
 
+class TasksDeleted(WebhookEvent):
+    """``TASKS_DELETED``: the deleted tasks (``{"id": ...}`` each) and their project."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"action": "TASKS_DELETED", "project": {"id": 1}, "tasks": [{"id": 7}]}]}
+    )
+
+    action: Literal["TASKS_DELETED"]
+    project: Annotated[dict[str, Any] | int, PlainValidator(_webhook_project), WithJsonSchema(_WEBHOOK_PROJECT)]
+    tasks: list[Any] = Field(min_length=1)
+
+    @property
+    def project_number(self) -> int:
+        return self.project["id"] if isinstance(self.project, dict) else self.project
+
+
 class WebhookResponse(BaseModel):
     status: Literal["queued", "ignored"]
     action: str | None = None
     job_id: str | None = None
+    index_job_id: str | None = None  # TASKS_CREATED of a project that is indexed: the job indexing the new tasks
     tasks: int | None = None  # tasks queued
     rejected: int | None = None  # tasks refused (recorded as failures of the job, with their reasons)
 

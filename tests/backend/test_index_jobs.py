@@ -4,25 +4,28 @@ Local Files on disk."""
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
 from rq import Worker
 
 from backend.config import Settings
 from backend.main import create_app
 from backend.project_vectors import embedder_version_of
-from backend.queues import EMBED, Queues
+from backend.queues import BULK, EMBED, INTERACTIVE, PLAN, Queues
 from indexer.store import VectorStore
 from model import create_embedder
 from model.images import decode_image
-from tests.backend.conftest import FakeProjectAPI
+from tests.backend.conftest import FakeProjectAPI, serving
 from tests.images import png
-from tests.processes import Service, wait_for
+from tests.processes import DINOLABEL, Service, wait_for
 from tests.tiny_checkpoints import build_tiny_dinov2
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
@@ -31,6 +34,7 @@ CONFIG = (
     '<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">'
     '<Label value="cat"/></RectangleLabels></View>'
 )
+SECRET = "hook-secret"
 IMAGES = 7  # tasks 1..7 have good images; task 8's file is not an image
 BROKEN = 8
 
@@ -40,9 +44,10 @@ def dinov2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_dinov2(tmp_path_factory.mktemp("dinov2") / "tiny", img_size=224)
 
 
-@pytest.fixture(scope="module")
-def docs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("docs")
+@pytest.fixture
+def docs(tmp_path: Path) -> Path:
+    root = tmp_path / "docs"
+    root.mkdir()
     for i in range(1, IMAGES + 1):
         (root / f"img{i}.png").write_bytes(png(40 + 9 * i, 30 + 5 * i, i))
     (root / f"img{BROKEN}.png").write_bytes(b"this is not an image")
@@ -66,6 +71,7 @@ def settings(redis_url: str, dinov2: Path, docs: Path, tmp_path: Path, project: 
         data_dir=tmp_path,
         label_studio_url=project.url,
         bulk_batch_size=3,
+        webhook_secret=SecretStr(SECRET),
     )
 
 
@@ -87,7 +93,7 @@ def embed_worker(settings: Settings, tmp_path: Path) -> Iterator[Service]:
     service.stop()
 
 
-def finished(client: TestClient, job_id: str, worker: Service | None = None) -> dict:
+def finished(client: httpx.Client | TestClient, job_id: str, worker: Service | None = None) -> dict:
     def ended() -> dict | bool:
         job = client.get(f"/v1/jobs/{job_id}").json()
         return job["status"] not in ("planning", "running") and job
@@ -95,8 +101,17 @@ def finished(client: TestClient, job_id: str, worker: Service | None = None) -> 
     return wait_for(ended, 120, f"job {job_id} to end\n{worker.log_tail() if worker else ''}")
 
 
-def test_index_job_stores_the_embedders_vectors_once(settings: Settings, embed_worker: Service, docs: Path) -> None:
-    with TestClient(create_app(settings)) as client:
+def stored(settings: Settings, version: str) -> tuple[list[int], np.ndarray]:
+    with VectorStore(settings.index_dir, 1) as store:
+        ids, vectors = store.load_vectors(version)
+    return ids.tolist(), vectors
+
+
+def test_index_job_stores_the_embedders_vectors_once_and_follows_the_project(
+    settings: Settings, embed_worker: Service, docs: Path, project: FakeProjectAPI
+) -> None:
+    hook = {"X-Dinolabel-Secret": SECRET}
+    with serving(create_app(settings)) as url, httpx.Client(base_url=url, timeout=30) as client:
         assert client.post("/setup", json={"project": "1.1", "schema": CONFIG}).status_code == 200
         started = client.post("/v1/projects/1/index")
         assert started.status_code == 202, started.text
@@ -104,25 +119,55 @@ def test_index_job_stores_the_embedders_vectors_once(settings: Settings, embed_w
         job = finished(client, started.json()["id"], embed_worker)
         assert (job["status"], job["total"], job["done"], job["skipped"], job["failed"]) == ("done", 8, 7, 0, 1)
         assert job["failures"][0]["task_id"] == BROKEN and "decode" in job["failures"][0]["reason"]
-        assert job["model_version"] == embedder_version_of(settings)
+        version = job["model_version"]
+        assert version == embedder_version_of(settings)
 
         # What the store holds is what the embedder itself makes of these images.
-        with VectorStore(settings.index_dir, 1) as store:
-            ids, vectors = store.load_vectors(job["model_version"])
-            seq = store.seq
-            row = store.get(3)
-        assert ids.tolist() == list(range(1, IMAGES + 1))
+        ids, vectors = stored(settings, version)
+        assert ids == list(range(1, IMAGES + 1))
         images = [decode_image((docs / f"img{t}.png").read_bytes(), max_pixels=10**8) for t in ids]
-        expected = create_embedder(settings.embedder_model, device="cpu").embed(images)
-        cosines = np.sum(vectors * expected, axis=1)
+        embedder = create_embedder(settings.embedder_model, device="cpu")
+        cosines = np.sum(vectors * embedder.embed(images), axis=1)
         assert cosines.min() >= 0.9999, cosines
+        with VectorStore(settings.index_dir, 1) as store:
+            seq, row = store.seq, store.get(3)
         assert row is not None and (row.width, row.height) == (40 + 27, 30 + 15)
 
-        # A second run embeds nothing: every good task is skipped, the store is not written.
-        again = finished(client, client.post("/v1/projects/1/index").json()["id"], embed_worker)
-        assert (again["done"], again["skipped"], again["failed"]) == (0, 7, 1)
+        # A second run, from the command line, embeds nothing: the good tasks are skipped.
+        cli = subprocess.run([DINOLABEL, "index", "--project", "1", "--api", url, "--interval", "0.2", "--quiet"],
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert cli.returncode == 1, cli.stderr  # the broken image fails again
+        assert "done: 0 embedded, 7 skipped (already indexed), 1 failed of 8 tasks" in cli.stdout
         with VectorStore(settings.index_dir, 1) as store:
-            assert store.seq == seq
+            assert store.seq == seq, "nothing was written"
+
+        # Label Studio's webhooks keep the index current: deleted tasks go, new tasks come.
+        deleted = client.post("/webhook", json={"action": "TASKS_DELETED", "project": {"id": 1},
+                                                "tasks": [{"id": 2}, {"id": 5}]})  # fmt: skip
+        assert deleted.status_code == 401, "the same secret as TASKS_CREATED"
+        deleted = client.post("/webhook", headers=hook, json={"action": "TASKS_DELETED", "project": {"id": 1},
+                                                              "tasks": [{"id": 2}, {"id": 5}]})  # fmt: skip
+        assert deleted.status_code == 200, deleted.text
+        del project.tasks[2], project.tasks[5]
+        wait_for(lambda: stored(settings, version)[0] == [1, 3, 4, 6, 7], 60, "the deleted tasks' vectors gone")
+        (docs / "img9.png").write_bytes(png(50, 50, 9))
+        project.tasks[9] = {"image": "/data/local-files/?d=img9.png"}
+        event = {"action": "TASKS_CREATED", "project": {"id": 1}, "tasks": [{"id": 9, "data": project.tasks[9]}]}
+        created = client.post("/webhook", headers=hook, json=event)
+        assert created.status_code == 200 and created.json()["index_job_id"], created.text
+        new = finished(client, created.json()["index_job_id"], embed_worker)
+        assert (new["done"], new["total"]) == (1, 1)
+        assert stored(settings, version)[0] == [1, 3, 4, 6, 7, 9]
+
+        # A re-sync re-embeds a changed image, skips unchanged ones and drops tasks gone from the project.
+        (docs / "img1.png").write_bytes(png(80, 60, 42))
+        del project.tasks[3]  # deleted while no webhook was registered
+        sync = finished(client, client.post("/v1/projects/1/index", json={"sync": True}).json()["id"], embed_worker)
+        assert (sync["total"], sync["done"], sync["skipped"], sync["failed"]) == (6, 1, 4, 1), sync
+        ids, vectors = stored(settings, version)
+        assert ids == [1, 4, 6, 7, 9]
+        again = embedder.embed([decode_image((docs / "img1.png").read_bytes(), max_pixels=10**8)])
+        assert float(vectors[0] @ again[0]) >= 0.9999
 
 
 def test_a_detector_only_worker_never_listens_to_embedding(
@@ -133,13 +178,15 @@ def test_a_detector_only_worker_never_listens_to_embedding(
     try:
         connection = redis.Redis.from_url(settings.redis_url or "")
 
-        def listening() -> dict[int, list[str]] | bool:
-            workers = {w.pid: w.queue_names() for w in Worker.all(connection=connection)}
+        def listening() -> dict[int, set[str]] | bool:  # per process: its model thread's and planner's queues
+            workers: dict[int, set[str]] = {}
+            for worker in Worker.all(connection=connection):
+                workers.setdefault(worker.pid, set()).update(worker.queue_names())
             return detector.process.pid in workers and embed_worker.process.pid in workers and workers
 
         queues = wait_for(listening, 120, f"both workers\n{detector.log_tail()}\n{embed_worker.log_tail()}")
-        assert EMBED not in queues[detector.process.pid]
-        assert queues[embed_worker.process.pid] == [EMBED]
+        assert queues[detector.process.pid] == {INTERACTIVE, BULK, PLAN}
+        assert queues[embed_worker.process.pid] == {EMBED, PLAN}
     finally:
         detector.stop()
 
