@@ -46,6 +46,7 @@ from backend.schemas.ls import (
     WebhookResponse,
 )
 from backend.state import NoLabelStudio, Service, project_id
+from backend.store_writer import ROLE as STORE_WRITER
 from backend.tasks import check_tasks, usable_id
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ def health(service: ServiceDep) -> JSONResponse:
     try:
         depths = Queues.on(service.health_connection).depths()
         workers = Workers.all(service.health_connection)
+        store_writers = Workers.all(service.health_connection, role=STORE_WRITER)
     except redis.RedisError as exc:
         log.warning("/health: Redis unreachable: %s", exc)
         body = {"status": "DOWN", "model_class": MODEL_CLASS, "reason": "Redis is unreachable (see the log)"}
@@ -82,6 +84,7 @@ def health(service: ServiceDep) -> JSONResponse:
         "redis": "ok",
         "queues": depths,
         "workers": {"live": len(workers), "ready": len(ready), "details": list(workers.values())},
+        "store_writers": len(store_writers),  # index jobs and deletions wait while there is none
     }
     if not ready:
         failed = [w.get("error") for w in workers.values() if w.get("state") == "failed"]

@@ -112,6 +112,7 @@ def test_index_job_stores_the_embedders_vectors_once_and_follows_the_project(
 ) -> None:
     hook = {"X-Dinolabel-Secret": SECRET}
     with serving(create_app(settings)) as url, httpx.Client(base_url=url, timeout=30) as client:
+        assert wait_for(lambda: client.get("/health").json()["store_writers"], 30, "the store writer") == 1
         assert client.post("/setup", json={"project": "1.1", "schema": CONFIG}).status_code == 200
         started = client.post("/v1/projects/1/index")
         assert started.status_code == 202, started.text
