@@ -93,6 +93,14 @@ def embed_worker(settings: Settings, tmp_path: Path) -> Iterator[Service]:
     service.stop()
 
 
+@pytest.fixture
+def detector_worker(settings: Settings, tiny_checkpoint: Path, tmp_path: Path) -> Iterator[Service]:
+    env = {**worker_env(settings, "detector"), "DINOLABEL_DETECTOR_CHECKPOINT": str(tiny_checkpoint)}
+    service = Service(["worker"], env, tmp_path / "detector.log").start()
+    yield service
+    service.stop()
+
+
 def finished(client: httpx.Client | TestClient, job_id: str, worker: Service | None = None) -> dict:
     def ended() -> dict | bool:
         job = client.get(f"/v1/jobs/{job_id}").json()
@@ -108,9 +116,22 @@ def stored(settings: Settings, version: str) -> tuple[list[int], np.ndarray]:
 
 
 def test_index_job_stores_the_embedders_vectors_once_and_follows_the_project(
-    settings: Settings, embed_worker: Service, docs: Path, project: FakeProjectAPI
+    settings: Settings, embed_worker: Service, detector_worker: Service, docs: Path, project: FakeProjectAPI
 ) -> None:
     hook = {"X-Dinolabel-Secret": SECRET}
+    # Each worker listens only to its models' queues (and the plan queue, on its planner thread).
+    connection = redis.Redis.from_url(settings.redis_url or "")
+    pids = {detector_worker.process.pid, embed_worker.process.pid}
+
+    def listening() -> dict[int, set[str]] | bool:
+        workers: dict[int, set[str]] = {}
+        for worker in Worker.all(connection=connection):
+            workers.setdefault(worker.pid, set()).update(worker.queue_names())
+        return pids <= set(workers) and workers
+
+    queues = wait_for(listening, 120, f"both workers\n{detector_worker.log_tail()}\n{embed_worker.log_tail()}")
+    assert queues[detector_worker.process.pid] == {INTERACTIVE, BULK, PLAN}, "never embedding work"
+    assert queues[embed_worker.process.pid] == {EMBED, PLAN}
     with serving(create_app(settings)) as url, httpx.Client(base_url=url, timeout=30) as client:
         assert wait_for(lambda: client.get("/health").json()["store_writers"], 30, "the store writer") == 1
         assert client.post("/setup", json={"project": "1.1", "schema": CONFIG}).status_code == 200
@@ -169,27 +190,6 @@ def test_index_job_stores_the_embedders_vectors_once_and_follows_the_project(
         assert ids == [1, 4, 6, 7, 9]
         again = embedder.embed([decode_image((docs / "img1.png").read_bytes(), max_pixels=10**8)])
         assert float(vectors[0] @ again[0]) >= 0.9999
-
-
-def test_a_detector_only_worker_never_listens_to_embedding(
-    settings: Settings, embed_worker: Service, tiny_checkpoint: Path, tmp_path: Path
-) -> None:
-    env = {**worker_env(settings, "detector"), "DINOLABEL_DETECTOR_CHECKPOINT": str(tiny_checkpoint)}
-    detector = Service(["worker"], env, tmp_path / "detector.log").start()
-    try:
-        connection = redis.Redis.from_url(settings.redis_url or "")
-
-        def listening() -> dict[int, set[str]] | bool:  # per process: its model thread's and planner's queues
-            workers: dict[int, set[str]] = {}
-            for worker in Worker.all(connection=connection):
-                workers.setdefault(worker.pid, set()).update(worker.queue_names())
-            return detector.process.pid in workers and embed_worker.process.pid in workers and workers
-
-        queues = wait_for(listening, 120, f"both workers\n{detector.log_tail()}\n{embed_worker.log_tail()}")
-        assert queues[detector.process.pid] == {INTERACTIVE, BULK, PLAN}
-        assert queues[embed_worker.process.pid] == {EMBED, PLAN}
-    finally:
-        detector.stop()
 
 
 def test_cancel_leaves_nothing_queued(settings: Settings) -> None:
