@@ -92,6 +92,10 @@ class Settings(BaseSettings):
     store_writer: bool = True  # `serve` runs the store writer thread (exactly one per deployment)
     index_new_tasks: bool = False  # TASKS_CREATED also indexes projects never indexed before
 
+    # Priority: the task data fields that carry our ranking in Label Studio (backend/ls_priority.py)
+    priority_rank_field: str = Field(default="dinolabel_rank", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+    priority_reason_field: str = Field(default="dinolabel_reason", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+
     @field_validator(
         "basic_auth_user", "basic_auth_pass", "detector_revision", "redis_url", "webhook_secret", "label_studio_url",
         "label_studio_api_key", "local_files_document_root", "media_root", mode="before",

@@ -37,6 +37,9 @@ PAGE_SIZE = 1000
 """Tasks per page when listing a project (~1,500 tasks/s from Label Studio 1.23 on SQLite)."""
 MAX_IDS_PER_QUERY = 200
 """Task ids named in one ``GET /api/tasks`` query: they travel in the URL, which proxies limit (8 KB)."""
+MAX_IDS_PER_ACTION = 10_000
+"""Task ids named in one Data Manager action (in the body). Label Studio filters them with one SQL
+``IN`` list: SQLite refuses more than 32,766 variables in a statement."""
 # Failures where the request never reached Label Studio: safe to send again, writes included.
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
@@ -259,6 +262,66 @@ class LabelStudioClient:
                 held = self.tasks_holding(project_id, [row["task"] for row in rows], next(iter(versions)))
                 rows = [row for row in rows if row["task"] not in held]
                 log.warning("%d of them were stored; writing the %d others", len(held), len(rows))
+
+    def count_tasks(self, project_id: int, filters: Sequence[dict[str, Any]]) -> int:
+        """How many of a project's tasks match all of ``filters`` (Data Manager filter items)."""
+        query = {"filters": {"conjunction": "and", "items": list(filters)}}
+        params = {"project": project_id, "page_size": 1, "include": "id", "query": json.dumps(query)}
+        body = self.request("GET", "/api/tasks", params=params)
+        return int(body.get("total", 0)) if isinstance(body, dict) else len(body or [])
+
+    def data_columns(self, project_id: int) -> set[str]:
+        """The task data fields Label Studio has seen in a project (its summary's ``all_data_columns``)."""
+        summary = self.request("GET", f"/api/projects/{project_id}/summary") or {}
+        return set(summary.get("all_data_columns") or {})
+
+    def set_data_field(
+        self,
+        project_id: int,
+        field: str,
+        value_type: str,
+        value: str,
+        *,
+        ids: Sequence[int] | None = None,
+        filters: Sequence[dict[str, Any]] = (),
+    ) -> None:
+        """The Data Manager's "Add Or Modify Data Field" action: one write over many tasks.
+
+        Sets ``data[field]`` of the tasks of ``ids`` (at most ``MAX_IDS_PER_ACTION``), or of every task
+        matching ``filters``: to ``value`` (``value_type`` ``String`` or ``Number``), or through an
+        ``Expression`` such as ``replace("old", "new")`` (applied to tasks that hold the field). The
+        action is marked experimental, so the Data Manager hides it; its API is there in every
+        edition. A lost answer raises ``WriteUncertain`` like every write: the caller decides.
+        """
+        if ids is not None and not 0 < len(ids) <= MAX_IDS_PER_ACTION:
+            raise ValueError(f"between 1 and {MAX_IDS_PER_ACTION} task ids per action, not {len(ids)}")
+        if ids is None and not filters:
+            raise ValueError("name the tasks: ids or filters (refusing to write every task of the project)")
+        body: dict[str, Any] = {"value_name": field, "value_type": value_type, "value": value}
+        if ids is not None:
+            body["selectedItems"] = {"all": False, "included": list(ids)}
+        else:
+            body["selectedItems"] = {"all": True, "excluded": []}
+            body["filters"] = {"conjunction": "and", "items": list(filters)}
+        self.request("POST", "/api/dm/actions", params={"id": "add_data_field", "project": project_id}, json=body)
+
+    def views(self, project_id: int) -> list[dict[str, Any]]:
+        """The project's Data Manager tabs."""
+        return self.request("GET", "/api/dm/views", params={"project": project_id}) or []
+
+    def create_view(self, project_id: int, data: dict[str, Any]) -> dict[str, Any]:
+        return self.request("POST", "/api/dm/views", json={"project": project_id, "data": data})
+
+    def update_view(self, view_id: int, project_id: int, data: dict[str, Any]) -> dict[str, Any]:
+        return self.request("PATCH", f"/api/dm/views/{view_id}", json={"project": project_id, "data": data})
+
+    def delete_view(self, view_id: int) -> None:
+        """Delete a tab; one already gone counts as deleted (a repeated delete, or a user's click)."""
+        try:
+            self.request("DELETE", f"/api/dm/views/{view_id}")
+        except LabelStudioError as exc:
+            if exc.status != 404:
+                raise
 
     def webhooks(self, project_id: int) -> list[dict[str, Any]]:
         return self.request("GET", "/api/webhooks", params={"project": project_id}) or []

@@ -1,0 +1,180 @@
+"""Our ranking inside a real Label Studio 1.23 (the session's server, tests/labelstudio.py).
+
+The next task is asked for exactly as the labeling stream asks for it (``POST /api/dm/actions?id=
+next_task`` with the tab's ordering and filters, see backend/ls_priority.py), annotations are
+submitted as the editor submits them, and the order Label Studio hands tasks out in is compared with
+the ranking, before and after annotations and after a new ranking.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+
+from backend.ls_client import LabelStudioClient
+from backend.ls_priority import (
+    OUTDATED,
+    TAB_TITLE,
+    PriorityFields,
+    PriorityFieldTaken,
+    remove_priority,
+    write_priority,
+)
+from tests.labelstudio import DroppingProxy, LabelStudioAPI, LabelStudioServer
+
+pytestmark = [pytest.mark.labelstudio, pytest.mark.slow]
+
+CONFIG = (
+    '<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">'
+    '<Label value="cat"/></RectangleLabels></View>'
+)
+FIELDS = PriorityFields()
+BOX = [
+    {
+        "from_name": "label", "to_name": "image", "type": "rectanglelabels", "original_width": 40,
+        "original_height": 30, "value": {"x": 10, "y": 10, "width": 20, "height": 20, "rectanglelabels": ["cat"]},
+    }
+]  # fmt: skip
+
+
+def new_project(api: LabelStudioAPI, title: str, count: int, **extra: Any) -> list[int]:
+    project = api.create_project(title, CONFIG)["id"]
+    tasks = [{"data": {"image": f"/data/local-files/?d=img{i}.png", "note": f"n{i}", **extra}} for i in range(count)]
+    return [project, *api.import_tasks(project, tasks)]
+
+
+def ranking(task_ids: list[int], seed: int) -> dict[int, tuple[int, str]]:
+    """Ranks 0..n-1 in a random order (never id order), with a few categorical reasons."""
+    order = random.Random(seed).sample(task_ids, len(task_ids))
+    return {task: (rank, ("diverse", "uncertain", "duplicate")[rank % 3]) for rank, task in enumerate(order)}
+
+
+def in_rank_order(ranks: dict[int, tuple[int, str]]) -> list[int]:
+    return sorted(ranks, key=lambda task: ranks[task][0])
+
+
+def tab(api: LabelStudioAPI, project: int) -> dict[str, Any]:
+    (view,) = [v for v in api.get("/api/dm/views", project=project) if v["data"].get("title") == TAB_TITLE]
+    return view
+
+
+def next_task(api: LabelStudioAPI, project: int, *, button: str = "as displayed") -> int | None:
+    """The task the labeling stream gets from our tab (AppStore.js invokeAction("next_task")):
+    "Label Tasks As Displayed" sends the tab's ordering and filters; "Label All Tasks" with every task
+    ticked sends the selection too; "Label All Tasks" with none ticked sends nothing."""
+    view = tab(api, project)
+    body: dict[str, Any] = {"ordering": view["data"]["ordering"], "filters": view["data"]["filters"]}
+    if button == "all, every task ticked":
+        body["selectedItems"] = {"all": True, "excluded": []}
+    elif button == "all, none ticked":
+        body = {}
+    params = {"id": "next_task", "project": project, "tabID": view["id"]}
+    response = api.client.post("/api/dm/actions", params=params, json=body)
+    if response.status_code == 404:
+        return None
+    assert response.status_code == 200, response.text
+    return int(response.json()["id"])
+
+
+def submit(api: LabelStudioAPI, task: int) -> None:
+    api.create_annotation(task, BOX, lead_time=1.5)
+
+
+def task_data(api: LabelStudioAPI, project: int) -> dict[int, dict[str, Any]]:
+    return {task["id"]: task["data"] for task in api.list_tasks(project)}
+
+
+def test_label_studio_hands_out_tasks_in_rank_order_before_and_after_annotations(
+    label_studio: tuple[LabelStudioServer, LabelStudioAPI],
+) -> None:
+    server, api = label_studio
+    project, *task_ids = new_project(api, "priority stream", 50)
+    ranks = ranking(task_ids, seed=1)
+    expected = in_rank_order(ranks)
+    assert expected != sorted(expected)
+
+    with LabelStudioClient(server.url, server.token) as client:
+        written = write_priority(client, project, ranks, FIELDS)
+
+    assert written.ranked == 50
+    assert written.calls <= 1 + 3 + (5 + 10) + 2, "mark, 3 reasons, 2 digit positions, sweep: never one per task"
+    data = task_data(api, project)
+    assert {t: (d[FIELDS.rank], d[FIELDS.reason]) for t, d in data.items()} == {
+        t: (f"{rank:02d}", reason) for t, (rank, reason) in ranks.items()
+    }
+    assert all(d["note"] == f"n{i}" and d["image"].endswith(f"img{i}.png") for i, d in enumerate(data.values()))
+
+    # "Label Tasks As Displayed" from our tab: rank order, and each submitted task is not handed out again
+    for task in expected[:4]:
+        assert next_task(api, project) == task
+        assert next_task(api, project) == task, "until it is annotated, the same task"
+        submit(api, task)
+    # "Label All Tasks" with every task ticked follows the tab too
+    assert next_task(api, project, button="all, every task ticked") == expected[4]
+    submit(api, expected[4])
+    # /api/projects/P/next?view=T under the default (sequential) sampling: the tab's order, with locks
+    assert int(api.get(f"/api/projects/{project}/next", view=tab(api, project)["id"])["id"]) == expected[5]
+    submit(api, expected[5])
+    # "Label All Tasks" with nothing ticked ignores every tab: sequential sampling, id order
+    assert next_task(api, project, button="all, none ticked") == min(set(task_ids) - set(expected[:6]))
+
+    # a new ranking of the unlabeled tasks (as after new annotations): followed at once
+    unlabeled = expected[6:]
+    reranked = ranking(unlabeled, seed=2)
+    with LabelStudioClient(server.url, server.token) as client:
+        again = write_priority(client, project, reranked, FIELDS)
+    assert again.ranked == len(unlabeled) == 44 and again.tab_id == written.tab_id
+    data = task_data(api, project)
+    assert all((data[t][FIELDS.rank], data[t][FIELDS.reason]) == ("", "") for t in expected[:6]), "labeled: cleared"
+    assert all(data[t][FIELDS.rank] == f"{reranked[t][0]:02d}" for t in unlabeled)
+    for task in in_rank_order(reranked)[:3]:
+        assert next_task(api, project) == task
+        submit(api, task)
+
+    with LabelStudioClient(server.url, server.token) as client:
+        assert remove_priority(client, project, FIELDS) == 2
+    assert not [v for v in api.get("/api/dm/views", project=project) if v["data"].get("title") == TAB_TITLE]
+    data = task_data(api, project)
+    assert all(d[FIELDS.rank] == d[FIELDS.reason] == "" for d in data.values())
+    assert all(d["note"] == f"n{i}" for i, d in enumerate(data.values()))
+
+
+def test_a_field_holding_the_users_own_values_is_never_written(
+    label_studio: tuple[LabelStudioServer, LabelStudioAPI],
+) -> None:
+    server, api = label_studio
+    project, *task_ids = new_project(api, "priority taken", 5, dinolabel_rank="high")
+    before = task_data(api, project)
+    with LabelStudioClient(server.url, server.token) as client, pytest.raises(PriorityFieldTaken, match="RANK_FIELD"):
+        write_priority(client, project, ranking(task_ids, seed=3), FIELDS)
+    assert task_data(api, project) == before
+    assert not api.get("/api/dm/views", project=project)
+
+
+def test_writes_whose_answers_are_lost_are_sent_again_and_the_ranking_is_exact(
+    label_studio: tuple[LabelStudioServer, LabelStudioAPI],
+) -> None:
+    """The proxy lets Label Studio commit two writes and drops their answers: each write sets a value
+    or rewrites a run of '#' that only its tasks hold, so sending it again changes nothing more."""
+    server, api = label_studio
+    project, *task_ids = new_project(api, "priority lost answers", 30)
+    ranks = ranking(task_ids, seed=4)
+
+    def is_write(method: str, path: str) -> bool:
+        return method == "POST" and path == "/api/dm/actions"
+
+    with (
+        DroppingProxy(server.url, drops=2, should_drop=is_write) as proxy,
+        LabelStudioClient(proxy.url, server.token, backoff=0.05) as client,
+    ):
+        written = write_priority(client, project, ranks, FIELDS)
+    assert [status for _, _, status in proxy.dropped] == [200, 200], "Label Studio did both lost writes"
+    assert written.ranked == 30
+    data = task_data(api, project)
+    assert {t: d[FIELDS.rank] for t, d in data.items()} == {t: f"{rank:02d}" for t, (rank, _) in ranks.items()}
+    assert OUTDATED not in {d[FIELDS.reason] for d in data.values()}
+    for task in in_rank_order(ranks)[:2]:
+        assert next_task(api, project) == task
+        submit(api, task)
