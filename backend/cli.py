@@ -7,6 +7,7 @@
 - ``index``: embed a whole project's images for search through the API, with a progress bar.
 - ``store-writer``: the one writer of the projects' vector stores, alone (``serve`` runs it by default).
 - ``register-webhook``: make Label Studio send ``TASKS_CREATED`` to us, with our shared secret.
+- ``unprioritize``: remove our ranking from a project (backend/ls_priority.py: the tab, the fields).
 """
 
 from __future__ import annotations
@@ -239,11 +240,28 @@ def _follow(client: httpx.Client, args: argparse.Namespace, job: dict[str, Any])
     return 0 if job["status"] == "done" and job["failed"] == 0 else 1
 
 
-def _register_webhook(args: argparse.Namespace) -> int:
+def _label_studio_access(args: argparse.Namespace, settings: Settings) -> tuple[str, str] | None:
+    """Label Studio's URL and key from ``--label-studio-url``/``--api-key`` or the settings; None (and a
+    line on stderr) without both. The options stand in for the operator's settings: both come from the
+    operator, so they may pair."""
     from pydantic import SecretStr
 
-    from backend.ls_client import LabelStudioClient, LabelStudioError
     from backend.ls_credentials import label_studio_access
+
+    operator: dict[str, Any] = {}
+    if args.label_studio_url:
+        operator["label_studio_url"] = args.label_studio_url
+    if args.api_key:
+        operator["label_studio_api_key"] = SecretStr(args.api_key)
+    access = label_studio_access(settings.model_copy(update=operator))
+    if not access.url or not access.api_key:
+        print("needs --label-studio-url and --api-key (or DINOLABEL_LABEL_STUDIO_URL/_API_KEY)", file=sys.stderr)
+        return None
+    return access.url, access.api_key
+
+
+def _register_webhook(args: argparse.Namespace) -> int:
+    from backend.ls_client import LabelStudioClient, LabelStudioError
 
     settings = _settings()
     if settings.webhook_secret is None:
@@ -253,20 +271,13 @@ def _register_webhook(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    # The options stand in for the operator's settings (both come from the operator, so they may pair).
-    operator: dict[str, Any] = {}
-    if args.label_studio_url:
-        operator["label_studio_url"] = args.label_studio_url
-    if args.api_key:
-        operator["label_studio_api_key"] = SecretStr(args.api_key)
-    access = label_studio_access(settings.model_copy(update=operator))
-    if not access.url or not access.api_key:
-        print("needs --label-studio-url and --api-key (or DINOLABEL_LABEL_STUDIO_URL/_API_KEY)", file=sys.stderr)
+    access = _label_studio_access(args, settings)
+    if access is None:
         return 2
     secret = settings.webhook_secret.get_secret_value()
     target = args.backend_url.rstrip("/") + "/webhook"
     try:
-        with LabelStudioClient(access.url, access.api_key) as client:
+        with LabelStudioClient(*access) as client:
             if any(h.get("url") == target and "TASKS_CREATED" in (h.get("actions") or []) for h in
                    client.webhooks(args.project)):  # fmt: skip
                 print(f"project {args.project} already sends TASKS_CREATED to {target}")
@@ -287,6 +298,28 @@ def _api_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--password", help="basic auth password of the API")
     command.add_argument("--interval", type=float, default=1.0, help="seconds between progress polls")
     command.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _unprioritize(args: argparse.Namespace) -> int:
+    from backend.ls_client import LabelStudioClient, LabelStudioError
+    from backend.ls_priority import TAB_TITLE, PriorityFields, remove_priority
+
+    settings = _settings()
+    access = _label_studio_access(args, settings)
+    if access is None:
+        return 2
+    fields = PriorityFields(settings.priority_rank_field, settings.priority_reason_field)
+    try:
+        with LabelStudioClient(*access) as client:
+            calls = remove_priority(client, args.project, fields)
+    except LabelStudioError as exc:
+        print(f"unprioritize: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"project {args.project}: tab {TAB_TITLE!r} deleted, {fields.rank!r} and {fields.reason!r} emptied "
+        f"({calls} write calls)"
+    )
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -342,6 +375,14 @@ def build_parser() -> argparse.ArgumentParser:
     hook.add_argument("--label-studio-url", help="default DINOLABEL_LABEL_STUDIO_URL")
     hook.add_argument("--api-key", help="default DINOLABEL_LABEL_STUDIO_API_KEY")
     hook.set_defaults(run=_register_webhook)
+
+    unprioritize = commands.add_parser(
+        "unprioritize", help="remove dinolabel's ranking from a Label Studio project (its tab, its task fields)"
+    )
+    unprioritize.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    unprioritize.add_argument("--label-studio-url", help="default DINOLABEL_LABEL_STUDIO_URL")
+    unprioritize.add_argument("--api-key", help="default DINOLABEL_LABEL_STUDIO_API_KEY")
+    unprioritize.set_defaults(run=_unprioritize)
     return parser
 
 

@@ -137,6 +137,15 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _priority_fields_differ(self) -> Settings:
+        """The rank and its reason are two task data fields: one name for both would overwrite the rank."""
+        if self.priority_rank_field == self.priority_reason_field:
+            raise ValueError(
+                "DINOLABEL_PRIORITY_RANK_FIELD and DINOLABEL_PRIORITY_REASON_FIELD name the same task data field"
+            )
+        return self
+
     @property
     def index_dir(self) -> Path:
         """Where the projects' vector stores and faiss indexes live (``indexer.store.project_dir`` below it)."""

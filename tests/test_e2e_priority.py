@@ -8,7 +8,9 @@ the ranking, before and after annotations and after a new ranking.
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
 from typing import Any
 
 import pytest
@@ -23,6 +25,7 @@ from backend.ls_priority import (
     write_priority,
 )
 from tests.labelstudio import DroppingProxy, LabelStudioAPI, LabelStudioServer
+from tests.processes import DINOLABEL
 
 pytestmark = [pytest.mark.labelstudio, pytest.mark.slow]
 
@@ -133,8 +136,13 @@ def test_label_studio_hands_out_tasks_in_rank_order_before_and_after_annotations
         assert next_task(api, project) == task
         submit(api, task)
 
-    with LabelStudioClient(server.url, server.token) as client:
-        assert remove_priority(client, project, FIELDS) == 2
+    removed = subprocess.run(
+        [DINOLABEL, "unprioritize", "--project", str(project)],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "DINOLABEL_LABEL_STUDIO_URL": server.url, "DINOLABEL_LABEL_STUDIO_API_KEY": server.token},
+    )  # fmt: skip
+    assert removed.returncode == 0, removed.stdout + removed.stderr
+    assert "tab 'dinolabel priority' deleted, 'dinolabel_rank' and 'dinolabel_reason' emptied" in removed.stdout
     assert not [v for v in api.get("/api/dm/views", project=project) if v["data"].get("title") == TAB_TITLE]
     data = task_data(api, project)
     assert all(d[FIELDS.rank] == d[FIELDS.reason] == "" for d in data.values())
@@ -147,8 +155,11 @@ def test_a_field_holding_the_users_own_values_is_never_written(
     server, api = label_studio
     project, *task_ids = new_project(api, "priority taken", 5, dinolabel_rank="high")
     before = task_data(api, project)
-    with LabelStudioClient(server.url, server.token) as client, pytest.raises(PriorityFieldTaken, match="RANK_FIELD"):
-        write_priority(client, project, ranking(task_ids, seed=3), FIELDS)
+    with LabelStudioClient(server.url, server.token) as client:
+        with pytest.raises(PriorityFieldTaken, match="DINOLABEL_PRIORITY_RANK_FIELD"):
+            write_priority(client, project, ranking(task_ids, seed=3), FIELDS)
+        assert task_data(api, project) == before
+        remove_priority(client, project, FIELDS)  # empties ranks only: "high" is none
     assert task_data(api, project) == before
     assert not api.get("/api/dm/views", project=project)
 

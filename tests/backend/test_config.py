@@ -41,3 +41,14 @@ def test_fetch_allow_is_a_comma_separated_list(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("DINOLABEL_FETCH_ALLOW", "minio:9000")
     with pytest.raises(ValidationError, match="'minio:9000' is not a host name, an IP address, a CIDR network"):
         Settings()
+
+
+def test_priority_fields_are_plain_names_and_two_of_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DINOLABEL_PRIORITY_RANK_FIELD", "queue_rank")
+    assert (Settings().priority_rank_field, Settings().priority_reason_field) == ("queue_rank", "dinolabel_reason")
+    monkeypatch.setenv("DINOLABEL_PRIORITY_RANK_FIELD", "data.rank")
+    with pytest.raises(ValidationError, match="priority_rank_field"):
+        Settings()
+    monkeypatch.setenv("DINOLABEL_PRIORITY_RANK_FIELD", "dinolabel_reason")
+    with pytest.raises(ValidationError, match="name the same task data field"):
+        Settings()
