@@ -23,6 +23,8 @@ How Label Studio 1.23.2 (open source) picks the next task, read in its source (p
   not annotated or postponed (``next_task.py:198``, ``:472``): the head of our ranking, and after
   each submitted annotation the next rank. Locks are not consulted on that path, so two annotators
   streaming the same tab at once get the same task.
+- Checked in Label Studio's own front end (headless Chromium, logged in, our tab open): "Label Tasks
+  As Displayed" opened the rank-0 task, "Label All Tasks" the task with the lowest id.
 - ``GET /api/projects/P/next?view=T`` (``projects/api.py:449``) takes the tab's ordering and filters
   but no ``dm_queue``: under sequential sampling it hands out the first unlocked task in the tab's
   order (``next_task.py:48``), under uniform sampling a random one.
@@ -82,6 +84,14 @@ MAX_REASONS = 100
 MAX_REASON_LENGTH = 200
 OUTDATED = "(outdated)"
 """The reason a previously ranked task holds until it is ranked again or cleared."""
+HIDDEN_COLUMNS = tuple(
+    f"tasks:{name}"
+    for name in (
+        "inner_id", "annotations_results", "annotations_ids", "predictions_model_versions", "predictions_results",
+        "file_upload", "storage_filename", "created_at", "updated_at", "updated_by", "avg_lead_time", "draft_exists",
+    )
+)  # fmt: skip
+"""Built-in columns our tab hides, so that the rank and reason columns (data columns come last) are in view."""
 _FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 _HOLE = "#"
 
@@ -206,6 +216,7 @@ def tab_data(fields: PriorityFields) -> dict[str, Any]:
         "target": "tasks",
         "ordering": [f"tasks:data.{fields.rank}"],
         "filters": {"conjunction": "and", "items": [holds_rank(fields.rank)]},
+        "hiddenColumns": {"explore": list(HIDDEN_COLUMNS), "labeling": list(HIDDEN_COLUMNS)},
         MARKER: {"rank_field": fields.rank, "reason_field": fields.reason},
     }
 
