@@ -134,3 +134,18 @@ def test_a_write_still_uncertain_after_the_retries_says_so(project: FakeProjectA
         ls.import_predictions(1, rows(11))
     assert methods(project) == [f"POST {IMPORT}", "GET /api/tasks"] * 3 + [f"POST {IMPORT}"]
     assert project.per_task(VERSION) == {}
+
+
+def test_a_data_field_write_names_its_tasks_and_at_most_a_bounded_number(project: FakeProjectAPI) -> None:
+    """The Data Manager action would otherwise write every task of the project, or send one SQL ``IN``
+    list longer than SQLite takes: both are refused before anything is sent."""
+    from backend.ls_client import MAX_IDS_PER_ACTION
+
+    with client(project.url, []) as ls:
+        with pytest.raises(ValueError, match="name the tasks"):
+            ls.set_data_field(1, "rank", "String", "")
+        with pytest.raises(ValueError, match=f"between 1 and {MAX_IDS_PER_ACTION}"):
+            ls.set_data_field(1, "rank", "String", "", ids=list(range(MAX_IDS_PER_ACTION + 1)))
+        with pytest.raises(ValueError, match="between 1"):
+            ls.set_data_field(1, "rank", "String", "", ids=[])
+    assert methods(project) == []
