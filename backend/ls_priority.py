@@ -71,7 +71,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from backend.ls_client import MAX_IDS_PER_ACTION, LabelStudioClient, WriteUncertain
+from backend.ls_client import MAX_IDS_PER_ACTION, LabelStudioClient, LabelStudioError, WriteUncertain
 
 log = logging.getLogger(__name__)
 
@@ -323,7 +323,7 @@ def write_priority(
     tab = ensure_tab(client, project, fields)
     unfinished = client.count_tasks(project, [_filter(fields.rank, "contains", _HOLE)])
     if unfinished:
-        raise RuntimeError(f"{unfinished} ranks in project {project} were left half-written: write them again")
+        raise LabelStudioError(f"{unfinished} ranks in project {project} were left half-written: write them again")
     ranked = client.count_tasks(project, [holds_rank(fields.rank)])
     seconds = time.monotonic() - started
     log.info("project %d: %d ranks written in %d calls, %.1f s (tab %d)", project, ranked, sender.calls, seconds, tab)
