@@ -55,7 +55,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=positive_ints, nargs="+", default=[[10_000]])
     parser.add_argument("--base-dir", type=Path, help="Label Studio's folder (kept: a second run skips migrations)")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "ls_priority_write.json")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "ls_priority_write.json")
     args = parser.parse_args()
     sizes = sorted({size for group in args.sizes for size in group})
     base = args.base_dir or Path(tempfile.mkdtemp(prefix="ls-priority-bench-"))
