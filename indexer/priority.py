@@ -1,0 +1,869 @@
+"""Labeling priority: the order in which a project's unlabeled tasks are worth an annotator's time.
+
+Four parts, in the order they take places in the queue:
+
+1. **More like these** (optional): query vectors (example tasks, the boxes of a label, uploaded images).
+   Each task's match is its highest cosine to any query. The ``like_count * LIKE_POOL_FACTOR`` best
+   matches are clustered with faiss k-means and dealt out round-robin, cluster by cluster (each cluster
+   best match first, clusters in the order of their best match), so one burst of look-alikes cannot
+   take the whole front of the queue. The first ``like_count`` become ranks 0, 1, ...
+2. **Diverse**: farthest-first traversal (greedy k-center), seeded with the labeled tasks and the "like"
+   picks: each next task is the one farthest (cosine distance, 1 - cos) from everything labeled or
+   ranked before it. With per-task ``uncertainty`` u in [0, 1] and weight w, the next task is instead
+   the one with the highest ``score = (1 - w) * distance + w * u`` (w = 0: pure diversity; w = 1:
+   uncertainty alone, diversity only breaking ties). Distances keep shrinking as tasks are ranked, so
+   an uncertain task moves ahead of far-away ones, but not of much farther ones.
+3. **Approximate tail** (only with ``exact_head``): after ``exact_head`` exact picks, the remaining
+   tasks by their score against everything labeled or ranked so far, highest first. This is
+   "distance to the picked set", not a re-run of the greedy: bench/priority.py measures its coverage.
+4. **Duplicates**, last: a task in ``duplicates`` (a :class:`~indexer.duplicates.DuplicateReport` or a
+   ``task -> duplicate_of`` mapping) whose original is labeled or ranked, and every task whose nearest
+   labeled or higher-ranked task is at cosine >= ``near_duplicate`` (0.9, the embedding duplicate
+   threshold) is marked with the task it duplicates. Copies of unlabeled tasks come first, in the rank
+   order of their originals (they become useless once the original is labeled); copies of labeled
+   tasks come last.
+
+**Exact and fast.** The greedy is exact (it gives the same order as the naive O(N^2) loop, tested):
+each pick must lower every remaining task's distance to the picked set, which naively touches all N
+vectors per pick. Here the candidates are grouped into ~2 sqrt(N) k-means cells, each with its centre
+and radius; by the triangle inequality no member of a cell can get closer to a new pick than
+``|centre - pick| - radius``, so a cell whose members are all already nearer to something picked is
+skipped. Once the picked set covers the space, a pick only touches the cells around it.
+
+**Incremental** (:func:`place`): new tasks are inserted where the greedy would have taken them against
+the existing order (the first rank whose pick score their own score at that point reaches, their
+distance computed to the labeled tasks and everything ranked before that point, new tasks placed before
+them included). The tasks after an insertion keep their order and their explanations (an exact re-rank
+could reorder them and find them nearer to the new task): approximate, and tested close to a full
+re-rank. Deleted or newly labeled tasks: :meth:`Ranking.without` (also approximate). A full
+:func:`rank` is cheap enough to redo regularly.
+
+Distances are cosine distances between L2-normalised vectors; nothing here reads the environment.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import faiss
+import numpy as np
+
+from indexer.duplicates import DEFAULT_EMBEDDING_THRESHOLD, DuplicateReport
+
+__all__ = [
+    "DEFAULT_EXACT_HEAD",
+    "DEFAULT_LIKE_CLUSTERS",
+    "DEFAULT_LIKE_COUNT",
+    "DEFAULT_NEAR_DUPLICATE",
+    "DEFAULT_UNCERTAINTY_WEIGHT",
+    "LIKE_POOL_FACTOR",
+    "Ranking",
+    "coverage",
+    "place",
+    "rank",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_NEAR_DUPLICATE = DEFAULT_EMBEDDING_THRESHOLD
+"""Cosine to a labeled or higher-ranked task at which a task counts as its near duplicate (0.9)."""
+DEFAULT_UNCERTAINTY_WEIGHT = 0.3
+"""w in ``score = (1 - w) * distance + w * uncertainty`` when uncertainties are given."""
+DEFAULT_LIKE_COUNT = 100
+"""Tasks that "more like these" moves to the front."""
+DEFAULT_LIKE_CLUSTERS = 8
+"""k-means clusters the "more like these" matches are balanced across."""
+LIKE_POOL_FACTOR = 4
+"""The best ``like_count * LIKE_POOL_FACTOR`` matches are clustered; the front is drawn from them."""
+DEFAULT_EXACT_HEAD = 5_000
+"""Picks made by the exact greedy before the approximate tail (bench/priority.py measures both)."""
+
+_BLOCK_FLOATS = 32 * 2**20  # similarity scores held at once when comparing blocks (128 MiB)
+_REFRESH_RATIO = 32  # refresh once keeping the window up to date cost 1/32 of refreshing every row (per row-pick)
+
+# Where a task's place came from (the ``reason`` of its explanation).
+LIKE, DIVERSE, TAIL, DUPLICATE = "like", "diverse", "tail", "duplicate"
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """Every unlabeled task in rank order (``task_ids[r]`` has rank ``r``, 0 = label first), with why.
+
+    Arrays are aligned with ``task_ids``; ``-1`` / NaN mean "none".
+    """
+
+    task_ids: np.ndarray  # int64
+    reason: np.ndarray  # str: like, diverse, tail, duplicate
+    distance: np.ndarray  # float32: cosine distance to ``nearest`` when placed (NaN: nothing to compare)
+    nearest: np.ndarray  # int64: nearest labeled or higher-ranked task when placed
+    duplicate_of: np.ndarray  # int64
+    uncertainty: np.ndarray  # float32
+    like: np.ndarray  # float32: best cosine to the "like these" queries
+    score: np.ndarray  # float32: the greedy's score when picked (what :func:`place` compares against)
+    exact_head: int  # ranks below this came from the exact greedy ("like" front included)
+    labeled: frozenset[int] = frozenset()
+
+    def __len__(self) -> int:
+        return len(self.task_ids)
+
+    def rank_of(self) -> dict[int, int]:
+        return {int(task): position for position, task in enumerate(self.task_ids.tolist())}
+
+    def explain(self, position: int) -> dict[str, Any]:
+        """JSON-friendly facts about the task at rank ``position``."""
+
+        def number(value: float) -> float | None:
+            return None if math.isnan(value) else round(float(value), 4)
+
+        def task(value: int) -> int | None:
+            return None if value < 0 else int(value)
+
+        nearest = task(self.nearest[position])
+        return {
+            "task_id": int(self.task_ids[position]),
+            "rank": position,
+            "reason": str(self.reason[position]),
+            "distance": number(self.distance[position]),
+            "nearest": nearest,
+            "nearest_is_labeled": None if nearest is None else nearest in self.labeled,
+            "duplicate_of": task(self.duplicate_of[position]),
+            "uncertainty": number(self.uncertainty[position]),
+            "like": number(self.like[position]),
+            "text": self.text(position),
+        }
+
+    def explanations(self) -> list[dict[str, Any]]:
+        return [self.explain(position) for position in range(len(self))]
+
+    def text(self, position: int) -> str:
+        """One short line for a person (the Data Manager's reason column)."""
+        reason = str(self.reason[position])
+        distance, nearest = float(self.distance[position]), int(self.nearest[position])
+        near = (
+            ""
+            if nearest < 0
+            else f"{distance:.3f} from task {nearest}" + (" (labeled)" if nearest in self.labeled else "")
+        )
+        if reason == DUPLICATE:
+            original = int(self.duplicate_of[position])
+            kind = "labeled " if original in self.labeled else ""
+            similarity = "" if math.isnan(distance) else f", cosine {1 - distance:.3f}"
+            out = f"duplicate of {kind}task {original}{similarity}"
+        elif reason == LIKE:
+            out = f"like these: match {float(self.like[position]):.3f}" + (f"; {near}" if near else "")
+        elif nearest < 0:
+            out = "first pick: nothing labeled yet"
+        else:
+            out = ("new: " if reason == DIVERSE else "approximate order: ") + near
+        if not math.isnan(float(self.uncertainty[position])):
+            out += f"; uncertainty {float(self.uncertainty[position]):.2f}"
+        return out
+
+    def ranks(self) -> dict[int, tuple[int, str]]:
+        """``task_id -> (rank, reason text)``: what is written into Label Studio."""
+        return {int(task): (position, self.text(position)) for position, task in enumerate(self.task_ids.tolist())}
+
+    def without(self, task_ids: Iterable[int]) -> Ranking:
+        """The ranking with tasks removed (deleted, or labeled since) and the rest renumbered.
+
+        Approximate: the tasks that had one of them as ``nearest`` keep their place and explanation.
+        """
+        gone = np.fromiter(task_ids, dtype=np.int64)
+        keep = ~np.isin(self.task_ids, gone)
+        head = int(keep[: self.exact_head].sum())
+        return _select(self, keep, head)
+
+
+def rank(
+    task_ids: np.ndarray,
+    vectors: np.ndarray,
+    labeled: Collection[int] = (),
+    *,
+    duplicates: DuplicateReport | Mapping[int, int] | None = None,
+    uncertainty: np.ndarray | Mapping[int, float] | None = None,
+    uncertainty_weight: float = DEFAULT_UNCERTAINTY_WEIGHT,
+    like: np.ndarray | None = None,
+    like_count: int = DEFAULT_LIKE_COUNT,
+    like_clusters: int = DEFAULT_LIKE_CLUSTERS,
+    near_duplicate: float | None = DEFAULT_NEAR_DUPLICATE,
+    exact_head: int | None = DEFAULT_EXACT_HEAD,
+    seed: int = 0,
+) -> Ranking:
+    """Rank every unlabeled task of ``task_ids``.
+
+    Args:
+        task_ids: int64 (n,), unique; labeled tasks included (their vectors seed the greedy).
+        vectors: float32 (n, d), L2-normalised, row i belongs to ``task_ids[i]``.
+        labeled: labeled task ids; ids without a row are ignored except as duplicates' originals.
+        duplicates: exact/near duplicate groups (keepers are the originals), or ``task -> original``.
+        uncertainty: per task in [0, 1] (array aligned with ``task_ids``, or a mapping; absent = 0).
+        uncertainty_weight: w in ``score = (1 - w) * distance + w * uncertainty`` (0.3).
+        like: float32 (q, d) query vectors for "more like these"; None: no front.
+        like_count: tasks moved to the front by ``like`` (100).
+        like_clusters: k-means clusters the front is balanced across (8).
+        near_duplicate: cosine to a labeled or higher-ranked task at which a task is pushed to the end
+            as its duplicate (0.9); None: only ``duplicates`` are.
+        exact_head: exact greedy picks before the approximate tail (5000); None: all (exact throughout).
+        seed: k-means seed (the result is deterministic for a given input and seed).
+    """
+    started = time.perf_counter()
+    ids, data = _check(task_ids, vectors)
+    if not 0.0 <= uncertainty_weight <= 1.0:
+        raise ValueError(f"uncertainty_weight must be in [0, 1], got {uncertainty_weight}")
+    if near_duplicate is not None and not 0.0 < near_duplicate <= 1.0:
+        raise ValueError(f"near_duplicate must be a cosine in (0, 1], got {near_duplicate}")
+    if exact_head is not None and exact_head < 0:
+        raise ValueError(f"exact_head must be >= 0, got {exact_head}")
+    labeled_set = frozenset(int(task) for task in labeled)
+    is_labeled = np.isin(ids, np.fromiter(labeled_set, dtype=np.int64, count=len(labeled_set)))
+    unc = _uncertainty(uncertainty, ids)
+    weight = uncertainty_weight if unc is not None else 0.0
+    position_of = {int(task): i for i, task in enumerate(ids.tolist())}
+
+    # Known duplicates of labeled tasks or of other unlabeled tasks leave the candidates at once.
+    original = _originals(duplicates, position_of, labeled_set, is_labeled)
+    unlabeled = np.flatnonzero(~is_labeled)
+    known_dup = unlabeled[original[unlabeled] != -1]
+    candidates = unlabeled[original[unlabeled] == -1]
+
+    # State per candidate: best cosine to anything labeled/ranked and which task that is.
+    best = np.full(len(candidates), -1.0, dtype=np.float32)
+    nearest = np.full(len(candidates), -1, dtype=np.int64)
+    seeds = np.flatnonzero(is_labeled)
+    candidate_data = data[candidates]  # one copy, rows in candidate order
+    _raise_best(best, nearest, candidate_data, data[seeds], ids[seeds])
+
+    order: list[int] = []  # positions (into ids) in rank order
+    reasons: list[str] = []
+    placed_distance: list[float] = []
+    placed_nearest: list[int] = []
+    placed_score: list[float] = []
+    dup_pos: list[int] = []
+    dup_of: list[int] = []
+    dup_sim: list[float] = []
+    like_scores = None
+
+    alive = np.ones(len(candidates), dtype=bool)
+    if near_duplicate is not None:
+        _retire_duplicates(alive, best, nearest, near_duplicate, candidates, dup_pos, dup_of, dup_sim)
+
+    if like is not None:
+        queries = _check_queries(like, data.shape[1])
+        like_scores = np.full(len(ids), np.nan, dtype=np.float32)
+        matches = _best_cosine(data, queries)
+        like_scores[unlabeled] = matches[unlabeled]
+        front = _like_front(candidate_data, queries, alive, matches[candidates], like_count, like_clusters, seed)
+        accepted: list[int] = []
+        for row in front:
+            if len(accepted) == like_count:
+                break
+            # Each front pick is compared with everything labeled or picked before it, like the greedy.
+            similarity, holder = float(best[row]), int(nearest[row])
+            if accepted:
+                to_front = candidate_data[accepted] @ candidate_data[row]
+                at = int(np.argmax(to_front))
+                if to_front[at] > similarity:
+                    similarity, holder = float(to_front[at]), int(ids[candidates[accepted[at]]])
+            alive[row] = False
+            if near_duplicate is not None and similarity >= near_duplicate:
+                dup_pos.append(int(candidates[row]))
+                dup_of.append(holder)
+                dup_sim.append(similarity)
+                continue
+            accepted.append(row)
+            order.append(int(candidates[row]))
+            reasons.append(LIKE)
+            placed_distance.append(_distance(similarity, holder))
+            placed_nearest.append(holder)
+            placed_score.append(np.inf)
+        if accepted:  # the rest now measure their distance to the front too: one product
+            _raise_best(best, nearest, candidate_data, candidate_data[accepted], ids[candidates[accepted]])
+            if near_duplicate is not None:
+                _retire_duplicates(alive, best, nearest, near_duplicate, candidates, dup_pos, dup_of, dup_sim)
+
+    # The greedy over the remaining candidates.
+    rest = candidates[alive]
+    head_budget = len(rest) if exact_head is None else exact_head
+    greedy = _Greedy(
+        candidate_data[alive], best[alive], nearest[alive], None if unc is None else unc[rest], weight, near_duplicate
+    )
+    for row in greedy.run(head_budget, ids[rest]):
+        order.append(int(rest[row]))
+        reasons.append(DIVERSE)
+        placed_distance.append(_distance(greedy.picked_best[-1], greedy.picked_nearest[-1]))
+        placed_nearest.append(greedy.picked_nearest[-1])
+        placed_score.append(greedy.picked_score[-1])
+    head = len(order)
+    final_best, final_nearest = greedy.best, greedy.nearest
+    for row, score in greedy.tail():
+        order.append(int(rest[row]))
+        reasons.append(TAIL)
+        placed_distance.append(_distance(final_best[row], final_nearest[row]))
+        placed_nearest.append(int(final_nearest[row]))
+        placed_score.append(score)
+    for row in greedy.duplicates:
+        dup_pos.append(int(rest[row]))
+        dup_of.append(int(final_nearest[row]))
+        dup_sim.append(float(final_best[row]))
+
+    # Duplicates last: copies of ranked tasks in their originals' order, then copies of labeled tasks.
+    for position in known_dup.tolist():
+        root = int(original[position])
+        dup_pos.append(position)
+        dup_of.append(int(ids[root]) if root >= 0 else -2 - root)
+        dup_sim.append(float(data[position] @ data[root]) if root >= 0 else math.nan)
+    rank_now = {int(ids[p]): r for r, p in enumerate(order)}
+    dup_order = sorted(
+        range(len(dup_pos)),
+        key=lambda i: (dup_of[i] in labeled_set or dup_of[i] not in rank_now, rank_now.get(dup_of[i], 0), dup_pos[i]),
+    )
+    for i in dup_order:
+        order.append(dup_pos[i])
+        reasons.append(DUPLICATE)
+        placed_distance.append(math.nan if math.isnan(dup_sim[i]) else 1.0 - dup_sim[i])
+        placed_nearest.append(dup_of[i])
+        placed_score.append(-np.inf)
+
+    positions = np.array(order, dtype=np.int64)
+    duplicate_of = np.full(len(order), -1, dtype=np.int64)
+    is_dup = np.array(reasons) == DUPLICATE if order else np.zeros(0, dtype=bool)
+    duplicate_of[is_dup] = np.array(placed_nearest, dtype=np.int64)[is_dup]
+    ranking = Ranking(
+        task_ids=ids[positions],
+        reason=np.array(reasons, dtype=object),
+        distance=np.array(placed_distance, dtype=np.float32),
+        nearest=np.array(placed_nearest, dtype=np.int64),
+        duplicate_of=duplicate_of,
+        uncertainty=np.full(len(order), np.nan, dtype=np.float32) if unc is None else unc[positions],
+        like=np.full(len(order), np.nan, dtype=np.float32) if like_scores is None else like_scores[positions],
+        score=np.array(placed_score, dtype=np.float32),
+        exact_head=head,
+        labeled=labeled_set,
+    )
+    log.info(
+        "ranked %d tasks (%d labeled, %d exact, %d duplicates) in %.2f s",
+        len(ranking),
+        int(is_labeled.sum()),
+        head,
+        int(is_dup.sum()),
+        time.perf_counter() - started,
+    )
+    return ranking
+
+
+def place(
+    ranking: Ranking,
+    new_task_ids: np.ndarray,
+    new_vectors: np.ndarray,
+    *,
+    task_ids: np.ndarray,
+    vectors: np.ndarray,
+    uncertainty: np.ndarray | Mapping[int, float] | None = None,
+    uncertainty_weight: float = DEFAULT_UNCERTAINTY_WEIGHT,
+    near_duplicate: float | None = DEFAULT_NEAR_DUPLICATE,
+) -> Ranking:
+    """Insert new tasks into ``ranking`` without re-ranking the others (see the module's docstring).
+
+    ``task_ids``/``vectors`` must hold the vectors of the ranking's labeled tasks and ranked tasks (other
+    rows are ignored). New tasks are placed one after another, in the order given, each seeing the new
+    tasks placed before it. A task already ranked is moved (placed again).
+    """
+    new_ids, new_data = _check(new_task_ids, new_vectors)
+    ids, data = _check(task_ids, vectors)
+    ranking = ranking.without(new_ids.tolist())
+    unc = _uncertainty(uncertainty, new_ids)
+    weight = uncertainty_weight if unc is not None else 0.0
+    row_of = {int(task): i for i, task in enumerate(ids.tolist())}
+
+    labeled = np.array(sorted(task for task in ranking.labeled if task in row_of), dtype=np.int64)
+    placed = ranking.reason != DUPLICATE  # the queue that new tasks can go into
+    placed_ids = ranking.task_ids[placed]
+    missing = [int(task) for task in placed_ids.tolist() if int(task) not in row_of]
+    if missing:
+        raise ValueError(f"vectors of ranked tasks are missing, e.g. task {missing[0]}")
+    to_labeled = new_data @ data[[row_of[int(t)] for t in labeled]].T if len(labeled) else None
+    to_placed = new_data @ data[[row_of[int(t)] for t in placed_ids]].T
+    to_new = new_data @ new_data.T
+    n_placed = len(placed_ids)
+    front = int(np.sum(ranking.reason[placed] == LIKE))
+    pick_score = ranking.score[placed].astype(np.float64)
+
+    inserted: list[tuple[int, int]] = []  # (slot among the old queue, index into new) in placement order
+    facts: dict[int, tuple[float, int]] = {}  # new index -> (best cosine to what is ahead, that task)
+    duplicates: list[tuple[int, int, float]] = []
+    for j in range(len(new_ids)):
+        # best[t]: the new task's best cosine to the labeled tasks and what is ranked before slot t.
+        curve = np.full(n_placed + 1, -1.0, dtype=np.float64)
+        curve[1:] = to_placed[j]
+        who = np.concatenate([[-1], placed_ids])
+        for slot, k in inserted:
+            if to_new[j, k] > curve[slot]:
+                curve[slot] = to_new[j, k]
+                who[slot] = new_ids[k]
+        running = np.maximum.accumulate(curve)
+        holder = who[_running_argmax(curve)]
+        if to_labeled is not None and len(labeled):
+            at = int(np.argmax(to_labeled[j]))
+            stronger = to_labeled[j, at] >= running
+            holder = np.where(stronger, labeled[at], holder)
+            running = np.maximum(running, to_labeled[j, at])
+        distance = 1.0 - running
+        score = (1.0 - weight) * distance + (weight * unc[j] if unc is not None else 0.0)
+        slots = np.arange(front, n_placed + 1)
+        reach = np.append(pick_score, -np.inf)[slots]
+        ahead = slots[score[slots] >= reach]
+        slot = int(ahead[0]) if len(ahead) else n_placed
+        if near_duplicate is not None and running[slot] >= near_duplicate:
+            duplicates.append((j, int(holder[slot]), float(running[slot])))
+            continue
+        inserted.append((slot, j))
+        facts[j] = (float(running[slot]), int(holder[slot]))
+
+    # Build the new queue: old placed tasks with the new ones in front of their slots, then duplicates.
+    by_slot: dict[int, list[int]] = {}
+    for slot, j in inserted:
+        by_slot.setdefault(slot, []).append(j)
+    old_rows = np.flatnonzero(placed)
+    pieces: list[tuple[str, int]] = []
+    for slot in range(n_placed + 1):
+        pieces += [("new", j) for j in by_slot.get(slot, [])]
+        if slot < n_placed:
+            pieces.append(("old", int(old_rows[slot])))
+    pieces += [("old", int(row)) for row in np.flatnonzero(~placed)]
+    pieces += [("dup", i) for i in range(len(duplicates))]
+
+    columns: dict[str, list] = {name: [] for name in ("task", "reason", "distance", "nearest", "dup", "unc", "like")}
+    columns["score"] = []
+    for kind, i in pieces:
+        if kind == "old":
+            values = (
+                ranking.task_ids[i],
+                ranking.reason[i],
+                ranking.distance[i],
+                ranking.nearest[i],
+                ranking.duplicate_of[i],
+                ranking.uncertainty[i],
+                ranking.like[i],
+                ranking.score[i],
+            )
+        elif kind == "new":
+            similarity, holder = facts[i]
+            u = math.nan if unc is None else float(unc[i])
+            d = 1.0 - similarity if holder >= 0 else math.nan
+            values = (
+                new_ids[i],
+                DIVERSE,
+                d,
+                holder,
+                -1,
+                u,
+                math.nan,
+                (1 - weight) * (1.0 - similarity) + (weight * u if unc is not None else 0.0),
+            )
+        else:
+            j, holder, similarity = duplicates[i]
+            values = (new_ids[j], DUPLICATE, 1.0 - similarity, holder, holder, math.nan, math.nan, -np.inf)
+        for name, value in zip(columns, values, strict=True):
+            columns[name].append(value)
+    head = ranking.exact_head + sum(1 for slot, _ in inserted if slot < ranking.exact_head)
+    return Ranking(
+        task_ids=np.array(columns["task"], dtype=np.int64),
+        reason=np.array(columns["reason"], dtype=object),
+        distance=np.array(columns["distance"], dtype=np.float32),
+        nearest=np.array(columns["nearest"], dtype=np.int64),
+        duplicate_of=np.array(columns["dup"], dtype=np.int64),
+        uncertainty=np.array(columns["unc"], dtype=np.float32),
+        like=np.array(columns["like"], dtype=np.float32),
+        score=np.array(columns["score"], dtype=np.float32),
+        exact_head=head,
+        labeled=ranking.labeled,
+    )
+
+
+def coverage(vectors: np.ndarray, picks: np.ndarray, seeds: np.ndarray | None = None) -> float:
+    """Mean cosine distance of ``vectors`` rows to their nearest row among ``picks`` (and ``seeds``).
+
+    The k-center objective's average version: lower means the picks (plus what was labeled) represent
+    the data better. ``picks``/``seeds`` are row indices into ``vectors``.
+    """
+    chosen = np.asarray(picks, dtype=np.int64)
+    if seeds is not None:
+        chosen = np.concatenate([np.asarray(seeds, dtype=np.int64), chosen])
+    best = np.full(len(vectors), -1.0, dtype=np.float32)
+    nearest = np.zeros(len(vectors), dtype=np.int64)
+    _raise_best(best, nearest, vectors, vectors[chosen], chosen)
+    return float(np.mean(1.0 - best))
+
+
+# --- the greedy ----------------------------------------------------------------------------------------------
+
+
+class _Greedy:
+    """Exact farthest-first over ``data``, evaluated lazily (see the module docstring).
+
+    ``best[row]`` is the row's highest cosine to the seeds and to the first ``upto[row]`` picks, so the
+    score it gives is an upper bound of the true one (more picks only bring a row nearer). Rows wait in
+    ``queue`` in the order of those bounds; the rows of a window taken from the queue's head are kept up
+    to date (their vectors side by side, one product per pick), and the window's best row is the exact
+    next pick once its score reaches the bound of the first row still in the queue. When keeping the
+    window up to date has cost more than bringing every row up to date at once would (a matrix product,
+    ~8x faster per row than the window's vector products), every row is, and the queue is re-sorted.
+    """
+
+    def __init__(
+        self,
+        data: np.ndarray,
+        best: np.ndarray,
+        nearest: np.ndarray,
+        uncertainty: np.ndarray | None,
+        weight: float,
+        near_duplicate: float | None,
+    ) -> None:
+        self.data = data
+        self.best = best.astype(np.float32)
+        self.nearest = nearest.copy()
+        self.unc = uncertainty
+        self.weight = weight
+        self.near_duplicate = near_duplicate
+        self.upto = np.zeros(len(data), dtype=np.int64)
+        self.alive = np.ones(len(data), dtype=bool)
+        self.picks: list[int] = []
+        self.picked_vectors = np.empty((0, data.shape[1]), dtype=np.float32)  # grown by doubling
+        self.picked_ids = np.empty(0, dtype=np.int64)
+        self.picked_best: list[float] = []
+        self.picked_nearest: list[int] = []
+        self.picked_score: list[float] = []
+        self.duplicates: list[int] = []
+        self.refreshes = 0
+        self._retire(np.arange(len(data)))
+        self._requeue()
+
+    def _score(self, rows: np.ndarray) -> np.ndarray:
+        score = (1.0 - self.weight) * (1.0 - self.best[rows])
+        if self.unc is not None:
+            score = score + self.weight * self.unc[rows]
+        return score.astype(np.float32)
+
+    def _retire(self, rows: np.ndarray) -> np.ndarray:
+        """Retire rows now at cosine >= near_duplicate to a labeled or picked task; returns the others."""
+        if self.near_duplicate is None:
+            return rows
+        close = self.best[rows] >= self.near_duplicate
+        if close.any():
+            self.alive[rows[close]] = False
+            self.duplicates += rows[close].tolist()
+        return rows[~close]
+
+    def _requeue(self) -> None:
+        rows = np.flatnonzero(self.alive)
+        self.queue = rows[np.lexsort((rows, -self._score(rows)))]
+        self.head = 0  # queue[:head] are in the window or gone
+        self.window = np.empty(0, dtype=np.int64)
+        self.window_vectors = np.empty((0, self.data.shape[1]), dtype=np.float32)
+        self.refreshed_at = len(self.picks)
+        self.window_work = 0  # rows brought up to date one pick at a time since the last refresh
+
+    def _catch_up(self, rows: np.ndarray) -> None:
+        """Bring ``best``/``nearest`` of ``rows`` up to date with every pick (one product per staleness)."""
+        total = len(self.picks)
+        stale = rows[self.upto[rows] < total]
+        if not len(stale):
+            return
+        for since in np.unique(self.upto[stale]).tolist():
+            group = stale[self.upto[stale] == since]
+            picked = self.picked_vectors[since:total]
+            step = max(1, _BLOCK_FLOATS // len(picked))
+            for first in range(0, len(group), step):
+                block = group[first : first + step]
+                sims = self.data[block] @ picked.T
+                at = np.argmax(sims, axis=1)
+                top = sims[np.arange(len(block)), at]
+                better = top > self.best[block]
+                self.best[block[better]] = top[better]
+                self.nearest[block[better]] = self.picked_ids[since:total][at[better]]
+            self.upto[group] = total
+
+    def run(self, budget: int, task_ids: np.ndarray) -> Iterable[int]:
+        """Yield up to ``budget`` picks (row numbers), each the exact farthest (best-scoring) row."""
+        while len(self.picks) < budget:
+            bound = (
+                float(self._score(self.queue[self.head : self.head + 1])[0]) if self.head < len(self.queue) else None
+            )
+            if len(self.window):
+                scores = self._score(self.window)
+                top = float(scores.max())
+                if bound is None or top >= bound:
+                    at = int(np.flatnonzero(scores == top)[np.argmin(self.window[scores == top])])
+                    yield self._pick(at, top, task_ids)
+                    continue
+            elif bound is None:
+                return  # nothing left
+            alive = len(self.queue) - self.head + len(self.window)
+            if len(self.window) >= 64 and _REFRESH_RATIO * self.window_work > alive * (
+                len(self.picks) - self.refreshed_at
+            ):
+                self.refresh()
+                continue
+            grow = max(16, len(self.window))
+            added = self.queue[self.head : self.head + grow]
+            self.head += len(added)
+            self._catch_up(added)
+            added = self._retire(added)
+            self._extend_window(added)
+
+    def _extend_window(self, rows: np.ndarray) -> None:
+        """Append rows to the window; its buffers double when full, so appending is amortised O(1)."""
+        size, need = len(self.window), len(self.window) + len(rows)
+        base = self.window_vectors.base if self.window_vectors.base is not None else self.window_vectors
+        if need > len(base):
+            room = max(64, 2 * need)
+            vectors = np.empty((room, self.data.shape[1]), dtype=np.float32)
+            vectors[:size] = self.window_vectors
+            ids = np.empty(room, dtype=np.int64)
+            ids[:size] = self.window
+        else:
+            vectors, ids = base, self.window.base if self.window.base is not None else self.window
+        vectors[size:need] = self.data[rows]
+        ids[size:need] = rows
+        self.window, self.window_vectors = ids[:need], vectors[:need]
+
+    def _pick(self, at: int, score: float, task_ids: np.ndarray) -> int:
+        row = int(self.window[at])
+        last = len(self.window) - 1  # the last entry takes the picked one's place: no copy of the window
+        self.window[at], self.window_vectors[at] = self.window[last], self.window_vectors[last]
+        self.window, self.window_vectors = self.window[:last], self.window_vectors[:last]
+        self.alive[row] = False
+        self.picked_best.append(float(self.best[row]))
+        self.picked_nearest.append(int(self.nearest[row]))
+        self.picked_score.append(score)
+        count = len(self.picks)
+        if count == len(self.picked_ids):
+            room = max(64, 2 * count)
+            self.picked_vectors = np.resize(self.picked_vectors, (room, self.data.shape[1]))
+            self.picked_ids = np.resize(self.picked_ids, room)
+        self.picked_vectors[count] = self.data[row]
+        self.picked_ids[count] = task_ids[row]
+        self.picks.append(row)
+        # The window stays up to date: one product with the new pick.
+        if len(self.window):
+            sims = self.window_vectors @ self.data[row]
+            better = sims > self.best[self.window]
+            self.best[self.window[better]] = sims[better]
+            self.nearest[self.window[better]] = task_ids[row]
+            self.upto[self.window] = count + 1
+            self.window_work += len(self.window)
+            if self.near_duplicate is not None and better.any():
+                close = self.best[self.window] >= self.near_duplicate
+                if close.any():
+                    self.alive[self.window[close]] = False
+                    self.duplicates += self.window[close].tolist()
+                    self.window, self.window_vectors = self.window[~close], self.window_vectors[~close]
+        return row
+
+    def refresh(self) -> None:
+        """Bring every remaining row up to date and re-sort them."""
+        self.refreshes += 1
+        rows = np.flatnonzero(self.alive)
+        self._catch_up(rows)
+        self._retire(rows)
+        self._requeue()
+
+    def tail(self) -> list[tuple[int, float]]:
+        """The rows not picked (nor duplicates), best score first, ties in row order: the approximate tail."""
+        self.refresh()
+        rows = self.queue
+        self.alive[rows] = False
+        return list(zip(rows.tolist(), self._score(rows).astype(float).tolist(), strict=True))
+
+
+# --- "more like these" ---------------------------------------------------------------------------------------
+
+
+def _like_front(
+    data: np.ndarray,
+    queries: np.ndarray,
+    alive: np.ndarray,
+    matches: np.ndarray,
+    count: int,
+    clusters: int,
+    seed: int,
+) -> list[int]:
+    """Rows of ``data`` (the candidates) in front order: the pool of best matches, round-robin across
+    k-means clusters; the caller takes the first ``count`` that are not near duplicates."""
+    if count < 1 or clusters < 1:
+        raise ValueError("like_count and like_clusters must be at least 1")
+    open_rows = np.flatnonzero(alive)
+    if not len(open_rows):
+        return []
+    # Each query brings its own nearest tasks (as DINOv2's curation retrieves per query image), so one
+    # query that sits in a dense burst cannot fill the pool alone.
+    per_query = max(1, math.ceil(count * LIKE_POOL_FACTOR / len(queries)))
+    picked: set[int] = set()
+    open_data = data[open_rows]
+    for query in queries:
+        sims = open_data @ query
+        top = np.lexsort((open_rows, -sims))[:per_query]
+        picked.update(open_rows[top].tolist())
+    pool = np.array(sorted(picked), dtype=np.int64)
+    pool = pool[np.lexsort((pool, -matches[pool]))]
+    k = min(clusters, len(pool))
+    if k > 1:
+        kmeans = faiss.Kmeans(data.shape[1], k, niter=20, seed=seed, min_points_per_centroid=1, verbose=False)
+        kmeans.train(np.ascontiguousarray(data[pool]))
+        _, assigned = kmeans.index.search(np.ascontiguousarray(data[pool]), 1)
+        label = assigned.ravel()
+    else:
+        label = np.zeros(len(pool), dtype=np.int64)
+    queues = [pool[label == c].tolist() for c in np.unique(label)]  # each already best match first
+    queues.sort(key=lambda rows: (-matches[rows[0]], rows[0]))
+    front: list[int] = []
+    while any(queues):
+        for rows in queues:
+            if rows:
+                front.append(rows.pop(0))
+    return front
+
+
+# --- helpers -------------------------------------------------------------------------------------------------
+
+
+def _raise_best(
+    best: np.ndarray, nearest: np.ndarray, data: np.ndarray, seeds: np.ndarray, seed_ids: np.ndarray
+) -> None:
+    """Raise ``best`` to each row's highest cosine with ``seeds`` (``nearest`` to that seed's id), in blocks."""
+    if not len(seeds) or not len(data):
+        return
+    step = max(1, _BLOCK_FLOATS // len(seeds))
+    for first in range(0, len(data), step):
+        sims = data[first : first + step] @ seeds.T
+        at = np.argmax(sims, axis=1)
+        top = sims[np.arange(len(at)), at]
+        better = top > best[first : first + step]
+        block_best = best[first : first + step]
+        block_nearest = nearest[first : first + step]
+        block_best[better] = top[better]
+        block_nearest[better] = seed_ids[at[better]]
+
+
+def _best_cosine(data: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    best = np.full(len(data), -1.0, dtype=np.float32)
+    _raise_best(best, np.zeros(len(data), dtype=np.int64), data, queries, np.arange(len(queries)))
+    return best
+
+
+def _retire_duplicates(
+    alive: np.ndarray,
+    best: np.ndarray,
+    nearest: np.ndarray,
+    threshold: float,
+    candidates: np.ndarray,
+    dup_pos: list[int],
+    dup_of: list[int],
+    dup_sim: list[float],
+) -> None:
+    close = np.flatnonzero(alive & (best >= threshold))
+    alive[close] = False
+    dup_pos += candidates[close].tolist()
+    dup_of += nearest[close].tolist()
+    dup_sim += best[close].astype(float).tolist()
+
+
+def _originals(
+    duplicates: DuplicateReport | Mapping[int, int] | None,
+    position_of: Mapping[int, int],
+    labeled: frozenset[int],
+    is_labeled: np.ndarray,
+) -> np.ndarray:
+    """Per row: the row of the task it duplicates (root of the chain), -1 if none, or -2 - task id for an
+    original that is labeled but has no row. A copy whose original is unknown is no copy here."""
+    out = np.full(len(is_labeled), -1, dtype=np.int64)
+    if duplicates is None:
+        return out
+    if isinstance(duplicates, DuplicateReport):
+        parent = {
+            dup: group.keeper for result in duplicates.stages for group in result.groups for dup in group.duplicates
+        }
+    else:
+        parent = {int(task): int(of) for task, of in duplicates.items()}
+    for task in parent:
+        if task not in position_of:
+            continue
+        root, seen = task, {task}
+        while root in parent:
+            root = parent[root]
+            if root in seen:
+                raise ValueError(f"duplicates form a cycle through task {root}")
+            seen.add(root)
+        if root in position_of:
+            out[position_of[task]] = position_of[root]
+        elif root in labeled:
+            out[position_of[task]] = -2 - root
+    return out
+
+
+def _uncertainty(values: np.ndarray | Mapping[int, float] | None, ids: np.ndarray) -> np.ndarray | None:
+    if values is None:
+        return None
+    if isinstance(values, Mapping):
+        out = np.array([float(values.get(int(task), 0.0)) for task in ids.tolist()], dtype=np.float32)
+    else:
+        out = np.asarray(values, dtype=np.float32).reshape(-1)
+        if len(out) != len(ids):
+            raise ValueError(f"uncertainty has {len(out)} values for {len(ids)} tasks")
+    if not np.all((out >= 0.0) & (out <= 1.0)):
+        raise ValueError("uncertainty values must be in [0, 1]")
+    return out
+
+
+def _check(task_ids: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.ascontiguousarray(task_ids, dtype=np.int64).reshape(-1)
+    data = np.ascontiguousarray(vectors, dtype=np.float32)
+    if data.ndim != 2 or len(data) != len(ids):
+        raise ValueError(f"vectors must be (n, d) with one row per task id; got {data.shape} for {len(ids)} ids")
+    if len(np.unique(ids)) != len(ids):
+        raise ValueError("task ids must be unique")
+    if not np.isfinite(data).all():
+        raise ValueError("vectors must be finite")
+    return ids, data
+
+
+def _check_queries(queries: np.ndarray, dim: int) -> np.ndarray:
+    data = np.ascontiguousarray(queries, dtype=np.float32)
+    if data.ndim == 1:
+        data = data[None, :]
+    if data.ndim != 2 or data.shape[1] != dim or not len(data):
+        raise ValueError(f"like queries must be (q, {dim}) vectors; got shape {np.shape(queries)}")
+    if not np.isfinite(data).all():
+        raise ValueError("like queries must be finite")
+    return data
+
+
+def _distance(best: float, nearest: int) -> float:
+    return math.nan if nearest < 0 else 1.0 - float(best)
+
+
+def _running_argmax(values: np.ndarray) -> np.ndarray:
+    """Index of the first maximum of ``values[: t + 1]`` for every t."""
+    running = np.maximum.accumulate(values)
+    is_new = np.concatenate([[True], values[1:] > running[:-1]])
+    return np.maximum.accumulate(np.where(is_new, np.arange(len(values)), 0))
+
+
+def _select(ranking: Ranking, keep: np.ndarray, head: int) -> Ranking:
+    return Ranking(
+        task_ids=ranking.task_ids[keep],
+        reason=ranking.reason[keep],
+        distance=ranking.distance[keep],
+        nearest=ranking.nearest[keep],
+        duplicate_of=ranking.duplicate_of[keep],
+        uncertainty=ranking.uncertainty[keep],
+        like=ranking.like[keep],
+        score=ranking.score[keep],
+        exact_head=head,
+        labeled=ranking.labeled,
+    )
