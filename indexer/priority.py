@@ -3,10 +3,12 @@
 Four parts, in the order they take places in the queue:
 
 1. **More like these** (optional): query vectors (example tasks, the boxes of a label, uploaded images).
-   Each task's match is its highest cosine to any query. The ``like_count * LIKE_POOL_FACTOR`` best
-   matches are clustered with faiss k-means and dealt out round-robin, cluster by cluster (each cluster
-   best match first, clusters in the order of their best match), so one burst of look-alikes cannot
-   take the whole front of the queue. The first ``like_count`` become ranks 0, 1, ...
+   Each task's match is its highest cosine to any query. Each of the q queries brings its
+   ``like_count * LIKE_POOL_FACTOR / q`` nearest tasks into a pool (as DINOv2's data curation retrieves
+   per query image); the pool is clustered with faiss k-means (``like_clusters``) and dealt out
+   round-robin, cluster by cluster (each cluster best match first, clusters in the order of their best
+   match), so one burst of look-alikes cannot take the whole front of the queue. The first
+   ``like_count`` that are not near duplicates of a labeled or earlier front task become ranks 0, 1, ...
 2. **Diverse**: farthest-first traversal (greedy k-center), seeded with the labeled tasks and the "like"
    picks: each next task is the one farthest (cosine distance, 1 - cos) from everything labeled or
    ranked before it. With per-task ``uncertainty`` u in [0, 1] and weight w, the next task is instead
@@ -23,12 +25,15 @@ Four parts, in the order they take places in the queue:
    order of their originals (they become useless once the original is labeled); copies of labeled
    tasks come last.
 
-**Exact and fast.** The greedy is exact (it gives the same order as the naive O(N^2) loop, tested):
-each pick must lower every remaining task's distance to the picked set, which naively touches all N
-vectors per pick. Here the candidates are grouped into ~2 sqrt(N) k-means cells, each with its centre
-and radius; by the triangle inequality no member of a cell can get closer to a new pick than
-``|centre - pick| - radius``, so a cell whose members are all already nearer to something picked is
-skipped. Once the picked set covers the space, a pick only touches the cells around it.
+**Exact, lazily.** The greedy is exact (each pick is the farthest task left, up to float32 rounding;
+tested against the naive O(N^2) loop, where every pick updates every remaining task). A task's distance
+to the picked set only shrinks, so a stale distance is an upper bound: tasks wait in the order of their
+bounds, only a window at the head of that order is kept up to date (one matrix-vector product of the
+window per pick), and the window's best task is the exact next pick as soon as it beats the bound of
+the first task outside the window. When the window has cost more than bringing every task up to date
+at once (one matrix-matrix product, far faster per task), that is done and the order re-sorted. In
+high dimensions distances concentrate, so the window and the refreshes still cost O(N) per pick in
+the worst case: hence the exact head (``exact_head``, 5000 by default) and the approximate tail.
 
 **Incremental** (:func:`place`): new tasks are inserted where the greedy would have taken them against
 the existing order (the first rank whose pick score their own score at that point reaches, their
