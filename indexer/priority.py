@@ -25,15 +25,10 @@ Four parts, in the order they take places in the queue:
    order of their originals (they become useless once the original is labeled); copies of labeled
    tasks come last.
 
-**Exact, lazily.** The greedy is exact (each pick is the farthest task left, up to float32 rounding;
-tested against the naive O(N^2) loop, where every pick updates every remaining task). A task's distance
-to the picked set only shrinks, so a stale distance is an upper bound: tasks wait in the order of their
-bounds, only a window at the head of that order is kept up to date (one matrix-vector product of the
-window per pick), and the window's best task is the exact next pick as soon as it beats the bound of
-the first task outside the window. When the window has cost more than bringing every task up to date
-at once (one matrix-matrix product, far faster per task), that is done and the order re-sorted. In
-high dimensions distances concentrate, so the window and the refreshes still cost O(N) per pick in
-the worst case: hence the exact head (``exact_head``, 5000 by default) and the approximate tail.
+**Exact, lazily** (:mod:`indexer.farthest_first`): each pick is the farthest task left, up to float32
+rounding (tested against the naive O(N^2) loop), but only the tasks that could be the next pick are
+brought up to date after each pick. In high dimensions distances concentrate, so that can still cost
+O(N) per pick: hence the exact head (``exact_head``, 5000 by default) and the approximate tail.
 
 **Incremental** (:func:`place`): new tasks are inserted where the greedy would have taken them against
 the existing order (the first rank whose pick score their own score at that point reaches, their
@@ -59,6 +54,7 @@ import faiss
 import numpy as np
 
 from indexer.duplicates import DEFAULT_EMBEDDING_THRESHOLD, DuplicateReport
+from indexer.farthest_first import FarthestFirst, raise_best
 
 __all__ = [
     "DEFAULT_EXACT_HEAD",
@@ -88,8 +84,6 @@ LIKE_POOL_FACTOR = 4
 DEFAULT_EXACT_HEAD = 5_000
 """Picks made by the exact greedy before the approximate tail (bench/priority.py measures both)."""
 
-_BLOCK_FLOATS = 32 * 2**20  # similarity scores held at once when comparing blocks (128 MiB)
-_REFRESH_RATIO = 32  # refresh once keeping the window up to date cost 1/32 of refreshing every row (per row-pick)
 
 # Where a task's place came from (the ``reason`` of its explanation).
 LIKE, DIVERSE, TAIL, DUPLICATE = "like", "diverse", "tail", "duplicate"
@@ -241,7 +235,7 @@ def rank(
     nearest = np.full(len(candidates), -1, dtype=np.int64)
     seeds = np.flatnonzero(is_labeled)
     candidate_data = data[candidates]  # one copy, rows in candidate order
-    _raise_best(best, nearest, candidate_data, data[seeds], ids[seeds])
+    raise_best(best, nearest, candidate_data, data[seeds], ids[seeds])
 
     order: list[int] = []  # positions (into ids) in rank order
     reasons: list[str] = []
@@ -287,14 +281,14 @@ def rank(
             placed_nearest.append(holder)
             placed_score.append(np.inf)
         if accepted:  # the rest now measure their distance to the front too: one product
-            _raise_best(best, nearest, candidate_data, candidate_data[accepted], ids[candidates[accepted]])
+            raise_best(best, nearest, candidate_data, candidate_data[accepted], ids[candidates[accepted]])
             if near_duplicate is not None:
                 _retire_duplicates(alive, best, nearest, near_duplicate, candidates, dup_pos, dup_of, dup_sim)
 
     # The greedy over the remaining candidates.
     rest = candidates[alive]
     head_budget = len(rest) if exact_head is None else exact_head
-    greedy = _Greedy(
+    greedy = FarthestFirst(
         candidate_data[alive], best[alive], nearest[alive], None if unc is None else unc[rest], weight, near_duplicate
     )
     for row in greedy.run(head_budget, ids[rest]):
@@ -501,189 +495,8 @@ def coverage(vectors: np.ndarray, picks: np.ndarray, seeds: np.ndarray | None = 
         chosen = np.concatenate([np.asarray(seeds, dtype=np.int64), chosen])
     best = np.full(len(vectors), -1.0, dtype=np.float32)
     nearest = np.zeros(len(vectors), dtype=np.int64)
-    _raise_best(best, nearest, vectors, vectors[chosen], chosen)
+    raise_best(best, nearest, vectors, vectors[chosen], chosen)
     return float(np.mean(1.0 - best))
-
-
-# --- the greedy ----------------------------------------------------------------------------------------------
-
-
-class _Greedy:
-    """Exact farthest-first over ``data``, evaluated lazily (see the module docstring).
-
-    ``best[row]`` is the row's highest cosine to the seeds and to the first ``upto[row]`` picks, so the
-    score it gives is an upper bound of the true one (more picks only bring a row nearer). Rows wait in
-    ``queue`` in the order of those bounds; the rows of a window taken from the queue's head are kept up
-    to date (their vectors side by side, one product per pick), and the window's best row is the exact
-    next pick once its score reaches the bound of the first row still in the queue. When keeping the
-    window up to date has cost more than bringing every row up to date at once would (a matrix product,
-    ~8x faster per row than the window's vector products), every row is, and the queue is re-sorted.
-    """
-
-    def __init__(
-        self,
-        data: np.ndarray,
-        best: np.ndarray,
-        nearest: np.ndarray,
-        uncertainty: np.ndarray | None,
-        weight: float,
-        near_duplicate: float | None,
-    ) -> None:
-        self.data = data
-        self.best = best.astype(np.float32)
-        self.nearest = nearest.copy()
-        self.unc = uncertainty
-        self.weight = weight
-        self.near_duplicate = near_duplicate
-        self.upto = np.zeros(len(data), dtype=np.int64)
-        self.alive = np.ones(len(data), dtype=bool)
-        self.picks: list[int] = []
-        self.picked_vectors = np.empty((0, data.shape[1]), dtype=np.float32)  # grown by doubling
-        self.picked_ids = np.empty(0, dtype=np.int64)
-        self.picked_best: list[float] = []
-        self.picked_nearest: list[int] = []
-        self.picked_score: list[float] = []
-        self.duplicates: list[int] = []
-        self.refreshes = 0
-        self._retire(np.arange(len(data)))
-        self._requeue()
-
-    def _score(self, rows: np.ndarray) -> np.ndarray:
-        score = (1.0 - self.weight) * (1.0 - self.best[rows])
-        if self.unc is not None:
-            score = score + self.weight * self.unc[rows]
-        return score.astype(np.float32)
-
-    def _retire(self, rows: np.ndarray) -> np.ndarray:
-        """Retire rows now at cosine >= near_duplicate to a labeled or picked task; returns the others."""
-        if self.near_duplicate is None:
-            return rows
-        close = self.best[rows] >= self.near_duplicate
-        if close.any():
-            self.alive[rows[close]] = False
-            self.duplicates += rows[close].tolist()
-        return rows[~close]
-
-    def _requeue(self) -> None:
-        rows = np.flatnonzero(self.alive)
-        self.queue = rows[np.lexsort((rows, -self._score(rows)))]
-        self.head = 0  # queue[:head] are in the window or gone
-        self.window = np.empty(0, dtype=np.int64)
-        self.window_vectors = np.empty((0, self.data.shape[1]), dtype=np.float32)
-        self.refreshed_at = len(self.picks)
-        self.window_work = 0  # rows brought up to date one pick at a time since the last refresh
-
-    def _catch_up(self, rows: np.ndarray) -> None:
-        """Bring ``best``/``nearest`` of ``rows`` up to date with every pick (one product per staleness)."""
-        total = len(self.picks)
-        stale = rows[self.upto[rows] < total]
-        if not len(stale):
-            return
-        for since in np.unique(self.upto[stale]).tolist():
-            group = stale[self.upto[stale] == since]
-            picked = self.picked_vectors[since:total]
-            step = max(1, _BLOCK_FLOATS // len(picked))
-            for first in range(0, len(group), step):
-                block = group[first : first + step]
-                sims = self.data[block] @ picked.T
-                at = np.argmax(sims, axis=1)
-                top = sims[np.arange(len(block)), at]
-                better = top > self.best[block]
-                self.best[block[better]] = top[better]
-                self.nearest[block[better]] = self.picked_ids[since:total][at[better]]
-            self.upto[group] = total
-
-    def run(self, budget: int, task_ids: np.ndarray) -> Iterable[int]:
-        """Yield up to ``budget`` picks (row numbers), each the exact farthest (best-scoring) row."""
-        while len(self.picks) < budget:
-            bound = (
-                float(self._score(self.queue[self.head : self.head + 1])[0]) if self.head < len(self.queue) else None
-            )
-            if len(self.window):
-                scores = self._score(self.window)
-                top = float(scores.max())
-                if bound is None or top >= bound:
-                    at = int(np.flatnonzero(scores == top)[np.argmin(self.window[scores == top])])
-                    yield self._pick(at, top, task_ids)
-                    continue
-            elif bound is None:
-                return  # nothing left
-            alive = len(self.queue) - self.head + len(self.window)
-            if len(self.window) >= 64 and _REFRESH_RATIO * self.window_work > alive * (
-                len(self.picks) - self.refreshed_at
-            ):
-                self.refresh()
-                continue
-            grow = max(16, len(self.window))
-            added = self.queue[self.head : self.head + grow]
-            self.head += len(added)
-            self._catch_up(added)
-            added = self._retire(added)
-            self._extend_window(added)
-
-    def _extend_window(self, rows: np.ndarray) -> None:
-        """Append rows to the window; its buffers double when full, so appending is amortised O(1)."""
-        size, need = len(self.window), len(self.window) + len(rows)
-        base = self.window_vectors.base if self.window_vectors.base is not None else self.window_vectors
-        if need > len(base):
-            room = max(64, 2 * need)
-            vectors = np.empty((room, self.data.shape[1]), dtype=np.float32)
-            vectors[:size] = self.window_vectors
-            ids = np.empty(room, dtype=np.int64)
-            ids[:size] = self.window
-        else:
-            vectors, ids = base, self.window.base if self.window.base is not None else self.window
-        vectors[size:need] = self.data[rows]
-        ids[size:need] = rows
-        self.window, self.window_vectors = ids[:need], vectors[:need]
-
-    def _pick(self, at: int, score: float, task_ids: np.ndarray) -> int:
-        row = int(self.window[at])
-        last = len(self.window) - 1  # the last entry takes the picked one's place: no copy of the window
-        self.window[at], self.window_vectors[at] = self.window[last], self.window_vectors[last]
-        self.window, self.window_vectors = self.window[:last], self.window_vectors[:last]
-        self.alive[row] = False
-        self.picked_best.append(float(self.best[row]))
-        self.picked_nearest.append(int(self.nearest[row]))
-        self.picked_score.append(score)
-        count = len(self.picks)
-        if count == len(self.picked_ids):
-            room = max(64, 2 * count)
-            self.picked_vectors = np.resize(self.picked_vectors, (room, self.data.shape[1]))
-            self.picked_ids = np.resize(self.picked_ids, room)
-        self.picked_vectors[count] = self.data[row]
-        self.picked_ids[count] = task_ids[row]
-        self.picks.append(row)
-        # The window stays up to date: one product with the new pick.
-        if len(self.window):
-            sims = self.window_vectors @ self.data[row]
-            better = sims > self.best[self.window]
-            self.best[self.window[better]] = sims[better]
-            self.nearest[self.window[better]] = task_ids[row]
-            self.upto[self.window] = count + 1
-            self.window_work += len(self.window)
-            if self.near_duplicate is not None and better.any():
-                close = self.best[self.window] >= self.near_duplicate
-                if close.any():
-                    self.alive[self.window[close]] = False
-                    self.duplicates += self.window[close].tolist()
-                    self.window, self.window_vectors = self.window[~close], self.window_vectors[~close]
-        return row
-
-    def refresh(self) -> None:
-        """Bring every remaining row up to date and re-sort them."""
-        self.refreshes += 1
-        rows = np.flatnonzero(self.alive)
-        self._catch_up(rows)
-        self._retire(rows)
-        self._requeue()
-
-    def tail(self) -> list[tuple[int, float]]:
-        """The rows not picked (nor duplicates), best score first, ties in row order: the approximate tail."""
-        self.refresh()
-        rows = self.queue
-        self.alive[rows] = False
-        return list(zip(rows.tolist(), self._score(rows).astype(float).tolist(), strict=True))
 
 
 # --- "more like these" ---------------------------------------------------------------------------------------
@@ -737,27 +550,9 @@ def _like_front(
 # --- helpers -------------------------------------------------------------------------------------------------
 
 
-def _raise_best(
-    best: np.ndarray, nearest: np.ndarray, data: np.ndarray, seeds: np.ndarray, seed_ids: np.ndarray
-) -> None:
-    """Raise ``best`` to each row's highest cosine with ``seeds`` (``nearest`` to that seed's id), in blocks."""
-    if not len(seeds) or not len(data):
-        return
-    step = max(1, _BLOCK_FLOATS // len(seeds))
-    for first in range(0, len(data), step):
-        sims = data[first : first + step] @ seeds.T
-        at = np.argmax(sims, axis=1)
-        top = sims[np.arange(len(at)), at]
-        better = top > best[first : first + step]
-        block_best = best[first : first + step]
-        block_nearest = nearest[first : first + step]
-        block_best[better] = top[better]
-        block_nearest[better] = seed_ids[at[better]]
-
-
 def _best_cosine(data: np.ndarray, queries: np.ndarray) -> np.ndarray:
     best = np.full(len(data), -1.0, dtype=np.float32)
-    _raise_best(best, np.zeros(len(data), dtype=np.int64), data, queries, np.arange(len(queries)))
+    raise_best(best, np.zeros(len(data), dtype=np.int64), data, queries, np.arange(len(queries)))
     return best
 
 
