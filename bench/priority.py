@@ -129,11 +129,11 @@ def timed(fn, *args, **kwargs) -> tuple[Any, float, float | None]:
 LAST_CPU_S = 0.0
 
 
-def timing(sizes: list[int], naive_max: int, exact_max: int) -> list[dict[str, Any]]:
+def timing(sizes: list[int], naive_max: int, exact_max: int, exact_head: int) -> list[dict[str, Any]]:
     rows = []
     for n in sizes:
         ids, vectors, labeled = synthetic(n)
-        ranking, seconds, others = timed(rank, ids, vectors, labeled)
+        ranking, seconds, others = timed(rank, ids, vectors, labeled, exact_head=exact_head)
         row: dict[str, Any] = {
             "n": n,
             "labeled": len(labeled),
@@ -275,6 +275,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=positive_ints, default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--naive-max", type=int, default=10_000, help="largest n for the naive loop (10000)")
     parser.add_argument("--exact-max", type=int, default=10_000, help="largest n for the whole order exact")
+    parser.add_argument("--exact-head", type=int, default=DEFAULT_EXACT_HEAD, help="exact picks in the timed rank")
+    parser.add_argument("--skip-coverage", action="store_true")
     parser.add_argument("--coverage-sizes", type=positive_ints, default=[10_000, 100_000], help="n of coverage tables")
     parser.add_argument("--coverage-k", type=positive_ints, default=[100, 1000, 3000, 5000, 7000, 9000])
     parser.add_argument("--generated", type=int, default=40, help="generated scenes in the duplicate set (-1: skip)")
@@ -286,8 +288,9 @@ def main() -> None:
     args = parser.parse_args()
     started = time.perf_counter()
     report: dict[str, Any] = {"machine": machine_info(), "dim": DIM, "default_exact_head": DEFAULT_EXACT_HEAD}
-    report["timing"] = timing(args.sizes, args.naive_max, args.exact_max)
-    report["coverage"] = [coverage_table(n, args.exact_max, args.coverage_k) for n in args.coverage_sizes]
+    report["timing"] = timing(args.sizes, args.naive_max, args.exact_max, args.exact_head)
+    if not args.skip_coverage:
+        report["coverage"] = [coverage_table(n, args.exact_max, args.coverage_k) for n in args.coverage_sizes]
     if args.generated >= 0:
         report["duplicates"] = duplicates_run(args.generated, args.model, args.image_size, args.first, args.seed)
     report["wall_s"] = time.perf_counter() - started
