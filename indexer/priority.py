@@ -423,62 +423,60 @@ def place(
         inserted.append((slot, j))
         facts[j] = (float(running[slot]), int(holder[slot]))
 
-    # Build the new queue: old placed tasks with the new ones in front of their slots, then duplicates.
-    by_slot: dict[int, list[int]] = {}
-    for slot, j in inserted:
-        by_slot.setdefault(slot, []).append(j)
-    old_rows = np.flatnonzero(placed)
-    pieces: list[tuple[str, int]] = []
-    for slot in range(n_placed + 1):
-        pieces += [("new", j) for j in by_slot.get(slot, [])]
-        if slot < n_placed:
-            pieces.append(("old", int(old_rows[slot])))
-    pieces += [("old", int(row)) for row in np.flatnonzero(~placed)]
-    pieces += [("dup", i) for i in range(len(duplicates))]
-
-    columns: dict[str, list] = {name: [] for name in ("task", "reason", "distance", "nearest", "dup", "unc", "like")}
-    columns["score"] = []
-    for kind, i in pieces:
-        if kind == "old":
-            values = (
-                ranking.task_ids[i],
-                ranking.reason[i],
-                ranking.distance[i],
-                ranking.nearest[i],
-                ranking.duplicate_of[i],
-                ranking.uncertainty[i],
-                ranking.like[i],
-                ranking.score[i],
-            )
-        elif kind == "new":
-            similarity, holder = facts[i]
-            u = math.nan if unc is None else float(unc[i])
-            d = 1.0 - similarity if holder >= 0 else math.nan
-            values = (
-                new_ids[i],
-                DIVERSE,
-                d,
-                holder,
-                -1,
-                u,
-                math.nan,
-                (1 - weight) * (1.0 - similarity) + (weight * u if unc is not None else 0.0),
-            )
-        else:
-            j, holder, similarity = duplicates[i]
-            values = (new_ids[j], DUPLICATE, 1.0 - similarity, holder, holder, math.nan, math.nan, -np.inf)
-        for name, value in zip(columns, values, strict=True):
-            columns[name].append(value)
-    head = ranking.exact_head + sum(1 for slot, _ in inserted if slot < ranking.exact_head)
+    # The new queue: old placed tasks with the new ones in front of their slots, the old duplicates, then the
+    # new duplicates. Rows index one table: the old ranking's rows, then the new placed, then the new duplicates.
+    table = {
+        "task_ids": [ranking.task_ids],
+        "reason": [ranking.reason],
+        "distance": [ranking.distance],
+        "nearest": [ranking.nearest],
+        "duplicate_of": [ranking.duplicate_of],
+        "uncertainty": [ranking.uncertainty],
+        "like": [ranking.like],
+        "score": [ranking.score],
+    }
+    placed_new = [j for _, j in inserted]
+    similarity = np.array([facts[j][0] for j in placed_new], dtype=np.float64)
+    holders = np.array([facts[j][1] for j in placed_new], dtype=np.int64)
+    new_unc = np.full(len(placed_new), np.nan) if unc is None else unc[placed_new].astype(np.float64)
+    dup_new = [j for j, _, _ in duplicates]
+    dup_holder = np.array([holder for _, holder, _ in duplicates], dtype=np.int64)
+    dup_similarity = np.array([sim for _, _, sim in duplicates], dtype=np.float64)
+    rows = {
+        "task_ids": (new_ids[placed_new], new_ids[dup_new]),
+        "reason": (np.full(len(placed_new), DIVERSE, dtype=object), np.full(len(dup_new), DUPLICATE, dtype=object)),
+        "distance": (np.where(holders >= 0, 1.0 - similarity, np.nan), 1.0 - dup_similarity),
+        "nearest": (holders, dup_holder),
+        "duplicate_of": (np.full(len(placed_new), -1), dup_holder),
+        "uncertainty": (new_unc, np.full(len(dup_new), np.nan)),
+        "like": (np.full(len(placed_new), np.nan), np.full(len(dup_new), np.nan)),
+        "score": (
+            (1 - weight) * (1.0 - similarity) + (weight * np.nan_to_num(new_unc) if unc is not None else 0.0),
+            np.full(len(dup_new), -np.inf),
+        ),
+    }
+    for name, (new_part, dup_part) in rows.items():
+        table[name] += [new_part, dup_part]
+    columns = {name: np.concatenate(parts) for name, parts in table.items()}
+    first_new, first_dup = len(ranking), len(ranking) + len(placed_new)
+    slots = np.array([slot for slot, _ in inserted], dtype=np.int64)
+    order = np.concatenate(
+        [
+            np.insert(np.flatnonzero(placed), slots, first_new + np.arange(len(placed_new))),  # equal slots keep order
+            np.flatnonzero(~placed),
+            first_dup + np.arange(len(dup_new)),
+        ]
+    )
+    head = ranking.exact_head + int(np.sum(slots < ranking.exact_head))
     return Ranking(
-        task_ids=np.array(columns["task"], dtype=np.int64),
-        reason=np.array(columns["reason"], dtype=object),
-        distance=np.array(columns["distance"], dtype=np.float32),
-        nearest=np.array(columns["nearest"], dtype=np.int64),
-        duplicate_of=np.array(columns["dup"], dtype=np.int64),
-        uncertainty=np.array(columns["unc"], dtype=np.float32),
-        like=np.array(columns["like"], dtype=np.float32),
-        score=np.array(columns["score"], dtype=np.float32),
+        task_ids=columns["task_ids"][order].astype(np.int64),
+        reason=columns["reason"][order],
+        distance=columns["distance"][order].astype(np.float32),
+        nearest=columns["nearest"][order].astype(np.int64),
+        duplicate_of=columns["duplicate_of"][order].astype(np.int64),
+        uncertainty=columns["uncertainty"][order].astype(np.float32),
+        like=columns["like"][order].astype(np.float32),
+        score=columns["score"][order].astype(np.float32),
         exact_head=head,
         labeled=ranking.labeled,
     )
