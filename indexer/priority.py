@@ -164,8 +164,13 @@ class Ranking:
         return out
 
     def ranks(self) -> dict[int, tuple[int, str]]:
-        """``task_id -> (rank, reason text)``: what is written into Label Studio."""
-        return {int(task): (position, self.text(position)) for position, task in enumerate(self.task_ids.tolist())}
+        """``task_id -> (rank, reason)`` with the reason's category (like, diverse, tail, duplicate): what
+        ``backend.ls_priority.write_priority`` writes into Label Studio, which costs one call per distinct
+        reason. The per-task detail is :meth:`text` / :meth:`explain`."""
+        return {
+            int(task): (position, str(reason))
+            for position, (task, reason) in enumerate(zip(self.task_ids.tolist(), self.reason.tolist(), strict=True))
+        }
 
     def without(self, task_ids: Iterable[int]) -> Ranking:
         """The ranking with tasks removed (deleted, or labeled since) and the rest renumbered.
