@@ -78,11 +78,14 @@ class Predictor:
         max_pixels: int = 100_000_000,
         download_threads: int = 8,
         preprocess_threads: int | None = None,
+        draft_decode: bool = False,
     ) -> None:
-        """``preprocess_threads`` defaults to one per usable core."""
+        """``preprocess_threads`` defaults to one per usable core. ``draft_decode``: decode large JPEGs
+        at a reduced scale that still covers the model's input (``model.images.decode_image``)."""
         self.detector = detector
         self.batch_size = batch_size
         self.max_pixels = max_pixels
+        self.decode_size = detector.input_size if draft_decode else None
         # Kept for the predictor's life: threads per call would start on every request.
         self.pipeline = Pipeline(detector.device, load_threads=download_threads, preprocess_threads=preprocess_threads)
         self._model_lock = threading.Lock()
@@ -157,7 +160,8 @@ class Predictor:
         value = (task.get("data") or {}).get(target.value_key)
         if not isinstance(value, str) or not value:
             raise MissingImage(f"task data has no image under {target.value_key!r}")
-        return decode_image(fetcher.fetch(value, task_id=task.get("id")), max_pixels=self.max_pixels)
+        data = fetcher.fetch(value, task_id=task.get("id"))
+        return decode_image(data, max_pixels=self.max_pixels, decode_size=self.decode_size)
 
 
 def _prompt_for(target: LabelTarget, context: Mapping[str, Any] | None) -> _Prompt:

@@ -288,6 +288,7 @@ def load_predictor(settings: Settings) -> Predictor:
         max_pixels=settings.image_max_pixels,
         download_threads=settings.image_download_threads,
         preprocess_threads=settings.image_preprocess_threads,
+        draft_decode=settings.image_draft_decode,
     )
 
 

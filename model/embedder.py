@@ -121,6 +121,17 @@ class DinoV2Embedder:
         """
         return self.transform(image if image.mode == "RGB" else image.convert("RGB")).unsqueeze(0)
 
+    def input_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """The (width, height) the resize makes of an image of ``size`` before the centre crop.
+
+        Draft decoding asks for it (``model.images.decode_image``'s ``decode_size``): a 12 MP photo
+        embedded at 224 px decodes at 1/8 scale, where resizing the full picture costs tens of ms.
+        """
+        short = max(1, int(self.image_size / self.data_config.get("crop_pct", 1.0)))
+        width, height = size
+        scale = short / min(width, height)
+        return max(short, round(width * scale)), max(short, round(height * scale))
+
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Images -> a float32 CPU tensor ``(n, 3, size, size)``, on this thread, one after the other."""
         if not images:

@@ -16,11 +16,18 @@ import io
 import logging
 import re
 import struct
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["ImageDecodeError", "content_kind", "decode_image"]
+__all__ = ["DISPLAY_SIZE", "ImageDecodeError", "Size", "content_kind", "decode_image", "display_size"]
+
+Size = tuple[int, int]
+"""Width, height in pixels."""
+
+DISPLAY_SIZE = "dinolabel.display_size"
+"""``Image.info`` key of a draft-decoded image: the (width, height) the browser shows, full size."""
 
 logger = logging.getLogger(__name__)
 
@@ -43,12 +50,19 @@ class ImageDecodeError(ValueError):
     """The bytes are not an image we can (or may) decode; the message says which and why."""
 
 
-def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
+def decode_image(data: bytes, *, max_pixels: int, decode_size: Callable[[Size], Size] | None = None) -> Image.Image:
     """Decode ``data`` into a fully loaded RGB image, oriented and flattened as a browser shows it.
 
     The size check runs on the header before any pixel data is decoded, and does not depend on
     Pillow's process-wide ``Image.MAX_IMAGE_PIXELS`` (which other code may have set to ``None``).
     Every decoder failure is re-raised as :class:`ImageDecodeError` so callers handle one type.
+
+    ``decode_size`` (draft decoding, off by default): given the displayed size, the smallest size the
+    model's preprocessing needs (its resize target). A JPEG at least twice that size is then decoded
+    at 1/2, 1/4 or 1/8 scale by the JPEG decoder itself (``Image.draft``), never below the target:
+    for a 12 MP photo and an 800 px model input, a quarter of the pixels to decode, copy and resize.
+    The pixels differ slightly from resizing the full image (README, "Draft decoding"). The returned
+    image is then smaller than displayed; :func:`display_size` gives the full size.
     """
     if max_pixels <= 0:
         raise ValueError(f"max_pixels must be positive, got {max_pixels}")
@@ -78,6 +92,7 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
                 f"more than the limit of {max_pixels:,} pixels (possible decompression bomb)"
             )
         try:
+            full_size = _draft(image, decode_size) if decode_size is not None else None
             image.load()
             oriented = _apply_exif_orientation(image)
             rgb = _to_rgb(oriented)
@@ -88,7 +103,43 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
             raise ImageDecodeError(
                 f"cannot decode {fmt} image of {width}x{height} ({len(data)} bytes): {_describe(exc)}"
             ) from exc
+        if full_size is not None:
+            rgb.info[DISPLAY_SIZE] = full_size
     return rgb
+
+
+def display_size(image: Image.Image) -> Size:
+    """The size the browser shows: the full size of a draft-decoded image, else the image's own size."""
+    return image.info.get(DISPLAY_SIZE, image.size)
+
+
+def _displayed_size(image: Image.Image) -> Size:
+    """The opened image's size once EXIF orientation is applied (from the header; nothing decoded)."""
+    width, height = image.size
+    try:
+        orientation = image.getexif().get(0x0112, 1)
+    except Exception:  # unreadable EXIF is ignored, as by _apply_exif_orientation
+        return image.size
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def _draft(image: Image.Image, decode_size: Callable[[Size], Size]) -> Size | None:
+    """Have the JPEG decoder scale down by 2, 4 or 8 while the result still covers ``decode_size``.
+
+    Returns the displayed full size when it did (the image is then smaller), None when it did not (not
+    a JPEG, or less than twice the size needed).
+    """
+    if image.format != "JPEG":
+        return None
+    displayed = _displayed_size(image)
+    need_width, need_height = decode_size(displayed)
+    if displayed != image.size:  # EXIF turns the picture: the decoder works on the stored orientation
+        need_width, need_height = need_height, need_width
+    if image.width < 2 * need_width or image.height < 2 * need_height:
+        return None
+    stored = image.size
+    image.draft(image.mode, (need_width, need_height))
+    return displayed if image.size != stored else None
 
 
 def content_kind(data: bytes) -> str:

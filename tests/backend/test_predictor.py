@@ -10,7 +10,7 @@ from backend.labeling import parse_label_config
 from backend.predictor import DEADLINE_PASSED, Predictor
 from model import DetectionParams, GroundingDinoDetector
 from tests.backend.conftest import FakeBucket
-from tests.images import png
+from tests.images import jpeg, png
 
 CONFIG = (
     '<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">'
@@ -64,3 +64,28 @@ def test_a_download_past_the_fetch_deadline_fails_its_task_alone(
     [failure] = outcome.failures
     assert failure.task_id == 1 and "took longer than 2 s in total" in failure.reason
     assert outcome.predictions[0]["result"] == [] and outcome.predictions[1]["result"]
+
+
+def test_draft_decoding_keeps_regions_in_the_displayed_images_frame(
+    tiny_detector: GroundingDinoDetector, fake_bucket: FakeBucket
+) -> None:
+    # Shown 640x480 (stored portrait, EXIF 6); the tiny model's input is 106x80, so the JPEG decoder
+    # hands over 160x120. Label Studio must still be told 640x480, and boxes in percent of it.
+    fake_bucket.objects["/img/phone.jpg"] = jpeg(480, 640, 3, orientation=6)
+    tasks = [{"id": 1, "data": {"image": f"{fake_bucket.url}/img/phone.jpg"}}]
+    target = parse_label_config(CONFIG)
+    exact, draft = Predictor(tiny_detector, batch_size=1), Predictor(tiny_detector, batch_size=1, draft_decode=True)
+    with ImageFetcher(label_studio_url=None, api_key=None, allow=["127.0.0.1"]) as fetcher:
+        regions = {
+            name: predictor.predict(tasks, target, PARAMS, "v1", fetcher).predictions[0]["result"]
+            for name, predictor in (("exact", exact), ("draft", draft))
+        }
+    assert regions["exact"] and regions["draft"]
+    for result in regions.values():
+        assert {(r["original_width"], r["original_height"]) for r in result} == {(640, 480)}
+        assert all(
+            r["value"]["x"] + r["value"]["width"] <= 100 and r["value"]["y"] + r["value"]["height"] <= 100
+            for r in result
+        )
+    spans = [max(r["value"]["x"] + r["value"]["width"] for r in result) for result in regions.values()]
+    assert min(spans) > 25, "boxes span the picture in both, not a quarter of it"

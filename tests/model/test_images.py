@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model.images import ImageDecodeError, decode_image
+from model.images import DISPLAY_SIZE, ImageDecodeError, decode_image, display_size
+from tests.images import scene
 
 BIG = 100_000_000
 RED, WHITE, BLACK = (255, 0, 0), (255, 255, 255), (0, 0, 0)
@@ -249,3 +250,50 @@ def test_result_is_loaded_and_independent_of_the_input_buffer() -> None:
     data[:] = b"\0" * len(data)
     assert image.getpixel((3, 3)) == (1, 2, 3)
     assert image.copy().tobytes() == bytes([1, 2, 3]) * 16
+
+
+# --- draft decoding: large JPEGs decoded at a reduced scale that still covers the model's input ----------
+
+
+def quarter(size: tuple[int, int]) -> tuple[int, int]:
+    """A model input a quarter of the displayed size (what a detector's ``input_size`` answers)."""
+    return size[0] // 4, size[1] // 4
+
+
+def photo_jpeg(width: int, height: int, orientation: int | None = None) -> bytes:
+    """A smooth photo-like JPEG (``tests.images.scene``), with an EXIF Orientation tag if given."""
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[0x0112] = orientation
+    return encode(scene(width, height, 1), "JPEG", quality=92, exif=exif.tobytes())
+
+
+@pytest.mark.parametrize(("orientation", "shown"), [(None, (400, 240)), (6, (240, 400)), (3, (400, 240))])
+def test_draft_decoding_covers_the_input_and_keeps_the_displayed_size(
+    orientation: int | None, shown: tuple[int, int]
+) -> None:
+    data = photo_jpeg(400, 240, orientation)
+    exact = decode_image(data, max_pixels=BIG)
+    draft = decode_image(data, max_pixels=BIG, decode_size=quarter)
+    assert exact.size == shown and display_size(exact) == shown and DISPLAY_SIZE not in exact.info
+    assert draft.size == (shown[0] // 4, shown[1] // 4) and draft.mode == "RGB"  # the DCT's 1/4 scale
+    assert display_size(draft) == shown
+    # The same picture, oriented the same way: compare with the exact decode shrunk to the same size.
+    reference = np.asarray(exact.resize(draft.size, Image.Resampling.BOX), dtype=np.int16)
+    assert np.abs(np.asarray(draft, dtype=np.int16) - reference).mean() < 3
+
+
+def test_draft_decoding_never_goes_below_the_input_nor_touches_other_formats() -> None:
+    # Less than twice the input: decoded whole. A PNG: no draft in its decoder, decoded whole.
+    assert decode_image(photo_jpeg(400, 240), max_pixels=BIG, decode_size=lambda s: (201, 100)).size == (400, 240)
+    assert decode_image(photo_jpeg(400, 240), max_pixels=BIG, decode_size=lambda s: (150, 90)).size == (200, 120)
+    png = decode_image(encode(scene(400, 240, 2), "PNG"), max_pixels=BIG, decode_size=quarter)
+    assert png.size == (400, 240) and DISPLAY_SIZE not in png.info
+
+
+def test_draft_decoding_keeps_the_pixel_limit_and_failures() -> None:
+    data = photo_jpeg(400, 240)
+    with pytest.raises(ImageDecodeError, match="more than the limit"):
+        decode_image(data, max_pixels=400 * 240 - 1, decode_size=quarter)  # the full size counts
+    with pytest.raises(ImageDecodeError, match="truncated or corrupt"):
+        decode_image(data[: len(data) // 2], max_pixels=BIG, decode_size=quarter)
