@@ -11,8 +11,11 @@ the machine it runs on:
    ``GroundingDinoDetector.detect`` (every step on one thread, one after the other) and through
    ``model.pipeline`` (what the service runs: preprocessing on one thread per core, batches stacked
    in pinned memory while the device runs, postprocessing on its own thread); and the pipeline from
-   the JPEG bytes (decoding and EXIF included, on the load threads). Efficiency = end-to-end
-   images/s / pure-forward images/s at the same batch size and precision;
+   the JPEG bytes (decoding and EXIF included, on the load threads), exactly and with draft decoding
+   (``DINOLABEL_IMAGE_DRAFT_DECODE``: JPEGs twice the model input or more decoded at 1/2-1/8 scale).
+   Preprocessing is ``GroundingDinoDetector.preprocess`` (the processor's resize and normalise on a
+   channels-last view). Efficiency = end-to-end images/s / pure-forward images/s at the same batch
+   size and precision; then draft decoding against the exact decode, boxes matched as in 3;
 3. fp16/bf16 against fp32 on the same images: per image, matched boxes' IoU, score difference, boxes
    found and lost; and the raw outputs (sigmoid of the logits, ``pred_boxes``);
 4. GPU memory: peak allocated at each batch size, and per image above the weights;
@@ -63,7 +66,7 @@ from PIL import Image
 from bench.common import ensure_random_checkpoint, machine_info, positive_ints, synthetic_jpeg, write_report
 from model import Detection, DetectionParams, GroundingDinoDetector, create_detector
 from model.devices import resolve_device
-from model.images import decode_image
+from model.images import decode_image, display_size
 from model.pipeline import Pipeline, PipelineStats
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,7 +80,7 @@ BOX_THRESHOLD = 0.8
 PARAMS = DetectionParams(box_threshold=BOX_THRESHOLD, text_threshold=0.25)
 MATCH_IOU = 0.5
 """Two boxes of one phrase in two precisions are the same box when their IoU reaches this."""
-END_TO_END = ("detect", "pipeline", "pipeline_jpeg")
+END_TO_END = ("detect", "pipeline", "pipeline_jpeg", "pipeline_jpeg_draft")
 LOAD_THREADS = 8
 """The service's default ``DINOLABEL_IMAGE_DOWNLOAD_THREADS``; preprocessing takes one thread per core."""
 MAX_PIXELS = 100_000_000
@@ -221,13 +224,21 @@ def end_to_end_detect(detector: GroundingDinoDetector, images: list[Image.Image]
 
 
 def end_to_end_pipeline(
-    detector: GroundingDinoDetector, pipeline: Pipeline, inputs: list[Any], batch: int, *, decode: bool
+    detector: GroundingDinoDetector,
+    pipeline: Pipeline,
+    inputs: list[Any],
+    batch: int,
+    *,
+    decode: bool,
+    draft: bool = False,
 ) -> dict[str, Any]:
-    """The service's path: ``model.pipeline`` over decoded images, or over JPEG bytes (``decode``)."""
+    """The service's path: ``model.pipeline`` over decoded images, or over JPEG bytes (``decode``), these
+    with draft decoding (``draft``, ``DINOLABEL_IMAGE_DRAFT_DECODE=true``) or not."""
     stages = detector.stages(PHRASES, PARAMS)
+    decode_size = detector.input_size if draft else None
 
     def load(item: Any) -> Image.Image:
-        return decode_image(item, max_pixels=MAX_PIXELS) if decode else item
+        return decode_image(item, max_pixels=MAX_PIXELS, decode_size=decode_size) if decode else item
 
     def run(items: list[Any], stats: PipelineStats | None = None) -> list[Any]:
         return [result for _, result in pipeline.run(items, load, stages, batch_size=batch, stats=stats)]
@@ -288,6 +299,43 @@ def image_drift(reference: list[Detection], other: list[Detection]) -> dict[str,
         "min_iou": round(min(ious), 4) if ious else None,
         "mean_score_diff": round(statistics.fmean(diffs), 5) if diffs else None,
         "max_score_diff": round(max(diffs), 5) if diffs else None,
+    }
+
+
+def draft_drift(detector: GroundingDinoDetector, files: list[bytes]) -> dict[str, Any]:
+    """Draft decoding against the exact decode of the same JPEGs, in the detector's precision.
+
+    Only the JPEGs that draft decoding shrinks (at least twice the model input) are compared: the
+    others are decoded exactly either way. Per image, boxes matched by phrase (the reference here is
+    the exact path, reported under the ``*_fp32`` keys of ``image_drift``) and the model inputs' mean
+    and largest difference (normalised units; one grey level is ~0.017).
+    """
+    per_image = []
+    for data in files:
+        draft = decode_image(data, max_pixels=MAX_PIXELS, decode_size=detector.input_size)
+        if draft.size == display_size(draft):
+            continue
+        exact = decode_image(data, max_pixels=MAX_PIXELS)
+        exact_pixels, draft_pixels = detector.preprocess(exact)[0], detector.preprocess(draft)[0]
+        found = detector.detect([exact, draft], PHRASES, PARAMS, batch_size=1)
+        row = image_drift(found[0], found[1])
+        row["image"] = f"{exact.size[0]}x{exact.size[1]} decoded at {draft.size[0]}x{draft.size[1]}"
+        row["input_mean_abs_diff"] = round(float((draft_pixels - exact_pixels).abs().mean()), 5)
+        row["input_max_abs_diff"] = round(float((draft_pixels - exact_pixels).abs().max()), 4)
+        per_image.append(row)
+    ious = [r["mean_iou"] for r in per_image if r["mean_iou"] is not None]
+    return {
+        "precision": detector.precision,
+        "images": len(per_image),
+        "per_image": per_image,
+        "mean_iou": round(statistics.fmean(ious), 4) if ious else None,
+        "min_iou": min((r["min_iou"] for r in per_image if r["min_iou"] is not None), default=None),
+        "max_score_diff": max(
+            (r["max_score_diff"] for r in per_image if r["max_score_diff"] is not None), default=None
+        ),
+        "boxes_exact": sum(r["boxes_fp32"] for r in per_image),
+        "boxes_lost": sum(r["lost"] for r in per_image),
+        "boxes_found": sum(r["found"] for r in per_image),
     }
 
 
@@ -425,6 +473,13 @@ def print_table(report: dict[str, Any]) -> None:
             )
         elif d is not None:
             print(f"drift {precision}: {_why(d)}")
+    d = report.get("draft_drift", {})
+    if "mean_iou" in d:
+        print(
+            f"draft decoding vs exact ({d['images']} images, {d['precision']}): mean IoU {d['mean_iou']}, min IoU "
+            f"{d['min_iou']}, max score diff {d['max_score_diff']}, boxes lost {d['boxes_lost']} found "
+            f"{d['boxes_found']} of {d['boxes_exact']}"
+        )
 
 
 def _why(cell: dict[str, Any]) -> str:
@@ -440,6 +495,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", help="default cuda (smoke: cpu)")
     parser.add_argument("--checkpoint", help="a local folder instead of the random real-size checkpoint")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "dinolabel-bench-cache")
+    parser.add_argument(
+        "--draft-drift-only", action="store_true", help="only draft decoding against exact (runs on a CPU too)"
+    )
     parser.add_argument("--budget-s", type=float, default=390.0, help="cells that would start later are skipped")
     default_out = Path(os.environ["OUT"]) / "gpu_detector.json" if os.environ.get("OUT") else None
     parser.add_argument("--out", type=Path, default=default_out or REPO / "bench" / "out" / "gpu_detector.json")
@@ -474,6 +532,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"loaded {model_label} on {device} after {time.perf_counter() - budget.started:.0f} s", flush=True)
     files, pictures = make_inputs(plan.specs)
     print(f"{len(pictures)} test images decoded after {time.perf_counter() - budget.started:.0f} s", flush=True)
+    if args.draft_drift_only:
+        report = {
+            "benchmark": "gpu_detector --draft-drift-only",
+            "model": model_label,
+            "params": {"box_threshold": PARAMS.box_threshold, "text_threshold": PARAMS.text_threshold},
+            "machine": facts(device, detector),
+            "draft_drift": draft_drift(detector, files),
+            "wall_s": round(time.perf_counter() - budget.started, 1),
+        }
+        print_table({**report, "results": [], "drift": {}})
+        write_report(args.out, report)
+        return 0
     images = cycle(pictures, plan.images)
     processed = [detector.preprocess(p)[0] for p in pictures]
     sizes = {tuple(p.shape[2:]) for p in processed}
@@ -498,6 +568,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             row["pipeline_jpeg"] = guarded(
                 budget, 15, lambda batch=batch: end_to_end_pipeline(detector, pipeline, jpegs, batch, decode=True)
             )
+            row["pipeline_jpeg_draft"] = guarded(
+                budget,
+                15,
+                lambda batch=batch: end_to_end_pipeline(detector, pipeline, jpegs, batch, decode=True, draft=True),
+            )
             fwd = row["forward"].get("images_per_s")
             for name in END_TO_END:
                 rate = row[name].get("images_per_s")
@@ -519,6 +594,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     drift_report = guarded(
         budget, 20, lambda: drift(detector, drift_pictures, torch.cat(cycle(processed, plan.drift_images)))
     )
+    draft_report = guarded(budget, 10, lambda: draft_drift(detector, files))
     report = {
         "benchmark": "gpu_detector",
         "model": model_label,
@@ -531,6 +607,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": facts(device, detector),
         "results": rows,
         "drift": drift_report,
+        "draft_drift": draft_report,
         "wall_s": round(time.perf_counter() - budget.started, 1),
     }
     print_table(report)
