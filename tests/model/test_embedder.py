@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 
 from model import DinoV2Embedder, create_embedder, embedder_version
-from model.images import ImageDecodeError, decode_image
+from model.images import ImageDecodeError, decode_image, display_size
 from model.pipeline import Failed
-from tests.images import png
+from tests.images import png, scene
 from tests.tiny_checkpoints import TINY_DINOV2_ARGS, build_tiny_dinov2
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
@@ -284,3 +284,19 @@ def test_on_a_gpu_embeddings_match_the_cpu_in_fp32(
     vectors = on_gpu.embed(images)
     assert vectors.dtype == np.float32
     assert _cosines(vectors, embedder.embed(images)).min() >= (0.9999 if precision == "fp32" else 0.99)
+
+
+def test_draft_decoding_feeds_the_embedder_what_its_resize_needs(embedder: DinoV2Embedder) -> None:
+    # The resize before the 224 px crop: short side to 224. A 1600x1200 photo is decoded at 1/4
+    # (400x300, still above 299x224); its vectors stay those of the exact decode.
+    assert embedder.input_size((1600, 1200)) == (299, 224) and embedder.input_size((100, 400)) == (224, 896)
+    buffer = io.BytesIO()
+    scene(1600, 1200, 5).save(buffer, "JPEG", quality=92)
+    exact = decode_image(buffer.getvalue(), max_pixels=10**8)
+    draft = decode_image(buffer.getvalue(), max_pixels=10**8, decode_size=embedder.input_size)
+    assert draft.size == (400, 300) and display_size(draft) == exact.size == (1600, 1200)
+    pixels = embedder.preprocess([exact, draft])
+    assert 0 < (pixels[0] - pixels[1]).abs().mean() < 0.02
+    vectors = embedder.embed([exact, draft, scene(1600, 1200, 6)])
+    same, other = _cosines(vectors[[0, 0]], vectors[[1, 2]])
+    assert same > 0.999 and other < same - 0.01, "closer to its exact decode than another picture is"
