@@ -1,16 +1,13 @@
-"""Bulk job bookkeeping in Redis: job records, per-task write marks, live workers.
+"""Bulk job bookkeeping in Redis: job records and live workers.
 
 One machinery serves every kind of job (``JobKind``): a pre-annotation job writes predictions to Label
 Studio, an index job writes vectors to the project's store; both are planned page by page, run in
 batches, counted once per batch, cancelled and followed the same way.
 
 Label Studio is the truth about what a task holds: a job plans the tasks that lack a prediction of the
-model version there (a prediction deleted in Label Studio is predicted again). The *marks* only guard
-work in flight, so that a job run twice, two jobs at once or a worker that dies mid-batch never give a
-task two predictions: before predicting a task a batch claims it (``pending:<worker>``), after Label
-Studio accepted the prediction it marks it ``done:<job>``. A claim held by a live worker is left
-alone. A claim of a worker that is no longer alive is taken over, and a ``done`` mark is claimed too;
-either way the claimer asks Label Studio whether the task now holds a prediction before predicting it.
+model version there (a prediction deleted in Label Studio is predicted again). The per-task write marks
+that guard work in flight (a job run twice, two jobs at once, a worker that dies mid-batch, a
+``/predict`` of the same task) are in ``backend.marks``.
 """
 
 from __future__ import annotations
@@ -19,7 +16,7 @@ import json
 import secrets
 import socket
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any
@@ -30,9 +27,6 @@ from backend.queues import KEY_PREFIX
 
 JOB_TTL = 7 * 24 * 3600
 """Seconds a finished job's record (counts, failures) stays readable."""
-MARKS_TTL = 7 * 24 * 3600
-"""Seconds the write marks of a project and model version are kept after their last change: as long as
-a job planned before a write may still run a batch (a job record's life)."""
 WORKER_TTL = 10
 """Seconds a worker counts as alive after its last heartbeat."""
 MAX_FAILURES_KEPT = 10_000
@@ -480,67 +474,6 @@ class BulkJob:
             "eta_seconds": remaining / rate if running and rate > 0 else None,
             "failures": listed,
             "failures_total": int(self.connection.llen(self.failures_key)),
-        }
-
-
-class Marks:
-    """Per project and model version: which tasks have (or are getting) a prediction from us.
-
-    Pre-annotation only: an index job's writes are upserts of one row per task into the store, which
-    a batch run twice leaves as it was."""
-
-    prefix = KEY_PREFIX + "marks:"
-
-    # Claim a task unless held by a live worker (KEYS: marks hash; ARGV: task, owner, alive prefix).
-    _CLAIM = """
-    local current = redis.call('HGET', KEYS[1], ARGV[1])
-    if not current then redis.call('HSET', KEYS[1], ARGV[1], 'pending:' .. ARGV[2]) return 'claimed' end
-    if string.sub(current, 1, 5) == 'done:' then
-      redis.call('HSET', KEYS[1], ARGV[1], 'pending:' .. ARGV[2])
-      return 'done'
-    end
-    local holder = string.sub(current, 9)
-    if holder == ARGV[2] then return 'claimed' end
-    if redis.call('EXISTS', ARGV[3] .. holder) == 1 then return 'busy' end
-    redis.call('HSET', KEYS[1], ARGV[1], 'pending:' .. ARGV[2])
-    return 'taken'
-    """
-    _RELEASE = """
-    if redis.call('HGET', KEYS[1], ARGV[1]) == 'pending:' .. ARGV[2] then redis.call('HDEL', KEYS[1], ARGV[1]) end
-    return 1
-    """
-
-    def __init__(self, connection: Redis, project: int, model_version: str) -> None:
-        self.connection = connection
-        self.key = f"{self.prefix}{project}:{model_version}"
-
-    def claim(self, task_ids: Iterable[int], owner: str) -> dict[int, str]:
-        """Per task: ``claimed`` (new), ``taken`` (from a dead worker) or ``done`` (written before): all
-        three are now held by ``owner``, the last two to be checked against Label Studio first; or
-        ``busy`` (a live worker holds it)."""
-        out = {
-            t: _text(self.connection.eval(self._CLAIM, 1, self.key, str(t), owner, Workers.prefix)) for t in task_ids
-        }
-        self.connection.expire(self.key, MARKS_TTL)
-        return out
-
-    def finish(self, task_ids: Iterable[int], job_id: str) -> None:
-        ids = [str(t) for t in task_ids]
-        if ids:
-            self.connection.hset(self.key, mapping=dict.fromkeys(ids, f"done:{job_id}"))
-            self.connection.expire(self.key, MARKS_TTL)
-
-    def release(self, task_ids: Iterable[int], owner: str) -> None:
-        for t in task_ids:
-            self.connection.eval(self._RELEASE, 1, self.key, str(t), owner)
-
-    def done_by(self, task_ids: Iterable[int]) -> dict[int, str | None]:
-        """For tasks marked done, the job that wrote them (``predict`` for the interactive path)."""
-        ids = list(task_ids)
-        values = self.connection.hmget(self.key, [str(t) for t in ids]) if ids else []
-        return {
-            t: _text(v)[5:] if v is not None and _text(v).startswith("done:") else None
-            for t, v in zip(ids, values, strict=True)
         }
 
 

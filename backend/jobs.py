@@ -30,9 +30,11 @@ import redis
 from rq import get_current_job
 from rq.job import Job
 
-from backend.bulk import BulkJob, JobKind, JobSpec, Marks, record_batch
+from backend.bulk import BulkJob, JobKind, JobSpec, record_batch
 from backend.labeling import LabelConfigError, parse_label_config
 from backend.ls_client import MAX_IDS_PER_QUERY, PAGE_SIZE, LabelStudioClient, LabelStudioError
+from backend.marks import Marks
+from backend.predictor import DEADLINE_PASSED
 from backend.queues import Queues
 from backend.worker import Runtime, current_runtime
 from backend.writer import Submission
@@ -47,7 +49,8 @@ PLAN_STEP_TIMEOUT = 600
 
 
 def predict_tasks(payload: dict[str, Any]) -> dict[str, Any]:
-    """Predict a few tasks for a waiting ``/predict``: ``{predictions, failures}``.
+    """Predict a few tasks for a waiting ``/predict``: ``{predictions, failures, late}``; ``late``: the
+    ids of the tasks not predicted because the request's deadline passed (the API hands them off).
 
     A config or prompt the model cannot take (a phrase without tokens, one longer than the text
     encoder reads) is the request's fault: ``{refused: reason}``, which the API answers with a 422.
@@ -70,6 +73,7 @@ def predict_tasks(payload: dict[str, Any]) -> dict[str, Any]:
     return {
         "predictions": outcome.predictions,
         "failures": [{"task_id": f.task_id, "reason": f.reason} for f in outcome.failures],
+        "late": [f.task_id for f in outcome.failures if f.reason == DEADLINE_PASSED and f.task_id is not None],
     }
 
 
@@ -235,7 +239,8 @@ def run_batch(job_id: str, number: int) -> dict[str, Any]:
 
     Exactly once per task and model version: the batch claims its tasks (write marks), and stays held
     by this worker until the writer wrote its rows, so a worker that dies meanwhile has its batch re-run
-    by another, which asks Label Studio what it holds first.
+    by another, which asks Label Studio what it holds first. A task that a ``/predict`` answers while its
+    row waits is dropped by the writer and counted as skipped (``backend.marks``).
     """
     runtime = current_runtime()
     job = BulkJob.fetch(runtime.connection, job_id)
@@ -273,18 +278,27 @@ def run_batch(job_id: str, number: int) -> dict[str, Any]:
         raise
     seconds = time.perf_counter() - started
 
+    answered: set[int] = set()  # rows dropped by the writer: a /predict answered their tasks meanwhile
+
+    def keep(ids: list[int]) -> list[int]:
+        kept = marks.keep_for_write(ids, owner)
+        answered.update(set(ids) - set(kept))
+        return kept
+
     def written(ids: list[int], uncertain: list[int], error: str | None) -> None:
-        lost = [(row["task"], error) for row in rows] if error is not None else []
-        marks.finish(ids, job_id)
+        lost = [(row["task"], error) for row in rows if row["task"] not in answered] if error is not None else []
+        marks.wrote(ids + uncertain, job_id)
         _unclaim(marks, owner, job_id, [t for t, _ in failures + lost], claims, writers, uncertain=uncertain)
-        job.finish_batch(number, done=len(ids) + len(done_here), skipped=skipped, failures=failures + lost)
+        job.finish_batch(
+            number, done=len(ids) + len(done_here), skipped=skipped + len(answered), failures=failures + lost
+        )
         keep_planning(Queues.on(runtime.connection), job, runtime.settings.bulk_plan_ahead)
         record_batch(runtime.connection, seconds=seconds, predicted=len(ids), failed=len(failures) + len(lost))
 
     if rows:
         access = runtime.label_studio(spec.project)
         target = (access.url or "", access.api_key, spec.project, spec.model_version)
-        runtime.writer.submit(Submission(target, rows, written))
+        runtime.writer.submit(Submission(target, rows, written, keep))
     else:
         written([], [], None)
     return {"predicted": len(rows), "skipped": skipped, "failed": len(failures), "seconds": round(seconds, 3)}

@@ -11,6 +11,10 @@ call runs, and the next call takes them all.
 A batch is counted (and its tasks marked done) only once its rows are written, by its ``on_written``
 callback; until then the batch stays held by this worker. If the process dies, another worker re-queues
 the batch and asks Label Studio which tasks hold a prediction before predicting them again.
+
+Right before an import call, each batch's ``keep`` says which of its rows may still go: a ``/predict``
+may have answered one of its tasks while the row waited here (``backend.marks``), and Label Studio
+stores that answer itself. Those rows are dropped, never written.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 
@@ -28,6 +32,7 @@ from backend.ls_client import LabelStudioClient, LabelStudioError, WriteUncertai
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 Target = tuple[str, str | None, int, str]
 """Where rows go: Label Studio URL, token, project, model version."""
 
@@ -40,6 +45,8 @@ class Submission:
     rows: list[dict[str, Any]]
     on_written: Callable[[list[int], list[int], str | None], None]
     """Called with the task ids written, those whose write may have gone through, and the error."""
+    keep: Callable[[list[int]], list[int]] | None = None
+    """Called right before the import call with the rows' task ids: those that may still be written."""
     at: float = field(default_factory=time.monotonic)
 
 
@@ -152,6 +159,26 @@ class Writer(threading.Thread):
         return group
 
     def _write(self, group: list[Submission]) -> None:
+        kept = [s for s in group if self._keep(s)]
+        if kept:
+            self._import(kept)
+
+    def _keep(self, submission: Submission) -> bool:
+        """Drop the submission's rows that must not be written any more; False if none is left (then
+        its batch has been told already)."""
+        if submission.keep is None:
+            return True
+        ids = [row["task"] for row in submission.rows]
+        kept = set(self._while_redis_is_down(lambda: submission.keep(ids), f"checking {len(ids)} rows"))
+        if len(kept) < len(ids):
+            log.info("dropped %d rows answered by /predict meanwhile", len(ids) - len(kept))
+            submission.rows = [row for row in submission.rows if row["task"] in kept]
+        if not submission.rows:
+            self._tell(submission, [], [], None)
+            return False
+        return True
+
+    def _import(self, group: list[Submission]) -> None:
         url, key, project, _ = group[0].target
         rows = [row for s in group for row in s.rows]
         error: str | None = None
@@ -166,7 +193,7 @@ class Writer(threading.Thread):
         if error is not None and not uncertain and len(group) > 1:
             # Refused (a task deleted meanwhile, say): one batch's rows must not fail the others'.
             for submission in group:
-                self._write([submission])
+                self._import([submission])
             return
         log.info("wrote %d predictions of %d batches in %.2f s", len(rows), len(group), time.perf_counter() - started)
         for submission in group:
@@ -179,13 +206,18 @@ class Writer(threading.Thread):
     def _tell(self, submission: Submission, written: list[int], uncertain: list[int], error: str | None) -> None:
         """Run a batch's callback; while Redis is unreachable, again with back-off: the rows are in Label
         Studio, only the bookkeeping is left (and it is idempotent)."""
+        self._while_redis_is_down(
+            lambda: submission.on_written(written, uncertain, error), f"recording {len(written)} written rows"
+        )
+
+    @staticmethod
+    def _while_redis_is_down(call: Callable[[], T], what: str) -> T:
+        """``call()``, again with back-off for as long as Redis is unreachable."""
         delay = 0.5
         while True:
             try:
-                submission.on_written(written, uncertain, error)
-                return
+                return call()
             except (redis.ConnectionError, redis.TimeoutError) as exc:
-                log.warning("recording %d written rows: Redis unreachable (%s); again in %.1f s",
-                            len(written), exc, delay)  # fmt: skip
+                log.warning("%s: Redis unreachable (%s); again in %.1f s", what, exc, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 30.0)

@@ -1,10 +1,28 @@
 """The Label Studio ML-backend protocol: ``/health``, ``/setup``, ``/predict``, ``/webhook``.
 
-``/predict`` never runs the model itself: up to ``interactive_max_tasks`` tasks go to the
-interactive queue and the request waits for a worker, at most ``predict_deadline`` seconds. More
-tasks, or a deadline that passes, hand the tasks to a bulk job that writes the predictions through
-Label Studio's API, and the answer comes at once with ``results: []`` (Label Studio logs that the
-backend returned no results and stores nothing; the predictions appear as the workers write them).
+``/predict`` never runs the model itself: the first ``interactive_max_tasks`` tasks go to the
+interactive queue and the request waits for a worker, at most ``predict_deadline`` seconds. The tasks
+past that count, and those the worker did not reach by the deadline, are handed to a bulk job that
+writes their predictions through Label Studio's API; the answer holds ``[]`` in their place.
+
+What Label Studio 1.23 does with the answer (``label_studio/ml/models.py``): "Retrieve predictions"
+(``data_manager/actions/basic.py:24-31``), the Data Manager's automatic predictions
+(``data_manager/api.py:403-418``) and opening a task (``tasks/api.py:335-339``) all end in
+``MLBackend.predict_tasks`` (``ml/models.py:342-366``), which drops the tasks that already hold a
+prediction of the current version and sends the rest in **one** ``/predict`` call (no chunks; its
+time-out is ``ML_TIMEOUT_PREDICT``, 100 s, ``ml/api_connector.py:29``). ``_get_predictions_from_ml_backend``
+(``ml/models.py:292-340``) then matches ``results`` to the tasks **by position**; each entry may be one
+prediction or a list of them, and every item with a ``result`` is stored. So:
+
+- ``results: []`` stores nothing and logs "results field must be a list with at least one item"
+  (``ml/models.py:302-306``);
+- fewer or more results than tasks store nothing (``ml/models.py:311-315, 261-290``), except exactly
+  one result for several tasks, which makes Label Studio ask again task by task;
+- an empty list in a task's place stores nothing for that task, silently, and the others are stored.
+
+Hence one entry per task, in order: the prediction of each task answered in time, ``[]`` for a task
+handed off (or left to a bulk job that is writing it: ``backend.marks``). Label Studio stores the
+answered ones at once; the bulk job writes the others, which show after a reload.
 """
 
 from __future__ import annotations
@@ -25,13 +43,14 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from backend.auth import basic_auth_valid
-from backend.bulk import Marks, Workers
+from backend.bulk import Workers
 from backend.config import Settings
 from backend.deps import MetricsDep, ServiceDep, SettingsDep
 from backend.errors import responses
 from backend.jobs import RESULT_TTL, cancel_if_queued, predict_tasks
 from backend.json_body import StrictJSONRoute, parse_json
 from backend.labeling import LabelConfigError, LabelLimits, LabelTarget, parse_label_config, typed_prompt
+from backend.marks import ANSWER_WINDOW, Marks
 from backend.metrics import Metrics
 from backend.queues import Queues
 from backend.schemas.ls import (
@@ -164,18 +183,79 @@ def _predict(body: PredictRequest, service: Service, settings: Settings, metrics
     version = service.projects.model_version(project.params)
     tasks = [{"id": t.id, "data": t.data} for t in body.tasks]
     number = project_id(body.project)
-    if len(tasks) > settings.interactive_max_tasks:
-        return _hand_off(service, metrics, number, tasks, label_config, version, "too_many_tasks")
+    if number is None and len(tasks) > settings.interactive_max_tasks:
+        raise HTTPException(status_code=422, detail="no project id in the request: cannot write predictions back")
+    marks = Marks(service.connection, number, version) if number is not None else None
     deadline = time.time() + settings.predict_deadline  # the worker stops when this request stops waiting
-    payload = {  # stored in Redis: the project id, never a key (the worker resolves it)
-        "tasks": tasks,
-        "label_config": label_config,
-        "params": asdict(project.params),
-        "model_version": version,
-        "project": number,
-        "context": context,
-        "deadline": deadline,
-    }
+    head = min(len(tasks), settings.interactive_max_tasks)
+    too_many = list(range(head, len(tasks)))  # handed to a bulk job at once
+    ours = _take(marks, tasks, list(range(head)), deadline + ANSWER_WINDOW)
+    answers: dict[int, dict[str, Any]] = {}  # position in the request -> prediction
+    late: list[int] = []  # not predicted in time: handed to a bulk job too
+    if ours:
+        payload = {  # stored in Redis: the project id, never a key (the worker resolves it)
+            "tasks": [tasks[i] for i in ours],
+            "label_config": label_config,
+            "params": asdict(project.params),
+            "model_version": version,
+            "project": number,
+            "context": context,
+            "deadline": deadline,
+        }
+        try:
+            value = _wait_for_worker(service, settings, payload, number)
+        except HTTPException:
+            _untake(marks, tasks, ours)
+            raise
+        if value is None or "refused" in value:
+            _untake(marks, tasks, ours)
+        if value is None:
+            late = ours
+        elif "refused" in value:  # the model cannot take this config or prompt (the worker says why)
+            raise HTTPException(status_code=422, detail=f"the model cannot take this request: {value['refused']}")
+        else:
+            unfinished = set(value.get("late", []))  # a worker of an older version says none
+            late = [i for i in ours if tasks[i]["id"] in unfinished]
+            _untake(marks, tasks, late)
+            predicted = dict(zip(ours, value["predictions"], strict=True))
+            kept = _take(marks, tasks, [i for i in ours if i not in late], time.time() + ANSWER_WINDOW)
+            answers = {i: predicted[i] for i in kept}
+            failed = {f["task_id"] for f in value["failures"]} - unfinished
+            metrics.tasks.labels("failed").inc(sum(1 for i in kept if tasks[i]["id"] in failed))
+            metrics.tasks.labels("ok").inc(sum(1 for i in kept if tasks[i]["id"] not in failed))
+            metrics.boxes.inc(sum(len(p["result"]) for p in answers.values()))
+    job_id = None
+    if too_many or late:
+        handed = sorted(too_many + late)
+        metrics.handed_off.labels("too_many_tasks").inc(len(too_many))
+        metrics.handed_off.labels("deadline").inc(len(late))
+        reason = "deadline" if late else "too_many_tasks"
+        job_id = _hand_off(service, number, [tasks[i] for i in handed], label_config, reason)
+    # One entry per task, in order: Label Studio matches them by position and stores nothing for an
+    # empty list (see the module's docstring).
+    results: list[dict[str, Any] | list[Any]] = [answers.get(i, []) for i in range(len(tasks))]
+    return PredictResponse(results=results, model_version=version, job_id=job_id)
+
+
+def _take(marks: Marks | None, tasks: list[dict[str, Any]], positions: list[int], until: float) -> list[int]:
+    """The positions this request answers (``Marks.answering``): all of them without a project, else
+    those no bulk job is writing or has just written."""
+    if marks is None:
+        return positions
+    ids = [tasks[i]["id"] for i in positions if tasks[i]["id"] is not None]
+    taken = set(marks.answering(ids, until)) if ids else set()
+    return [i for i in positions if tasks[i]["id"] is None or tasks[i]["id"] in taken]
+
+
+def _untake(marks: Marks | None, tasks: list[dict[str, Any]], positions: list[int]) -> None:
+    if marks is not None:
+        marks.unanswer([tasks[i]["id"] for i in positions if tasks[i]["id"] is not None])
+
+
+def _wait_for_worker(
+    service: Service, settings: Settings, payload: dict[str, Any], number: int | None
+) -> dict[str, Any] | None:
+    """Queue the tasks for a worker and wait for its answer until the deadline; None if none came."""
     job = service.queues.interactive.enqueue(
         predict_tasks,
         payload,
@@ -183,24 +263,16 @@ def _predict(body: PredictRequest, service: Service, settings: Settings, metrics
         job_timeout=int(settings.predict_deadline) + 60,
         # RQ's default description is the call with its arguments, logged as the job starts: image
         # URLs there may carry credentials.
-        description=f"predict {len(tasks)} tasks of project {number}",
+        description=f"predict {len(payload['tasks'])} tasks of project {number}",
     )
     result = job.latest_result(timeout=max(1, int(settings.predict_deadline)))
     if result is None:
         cancel_if_queued(job)
-        return _hand_off(service, metrics, number, tasks, label_config, version, "deadline")
+        return None
     if result.type != result.Type.SUCCESSFUL:
         log.error("prediction job %s failed: %s", job.id, result.exc_string)
         raise HTTPException(status_code=500, detail="the prediction failed in the worker; see the service log")
-    value = result.return_value
-    if "refused" in value:  # the model cannot take this config or prompt (the worker says why)
-        raise HTTPException(status_code=422, detail=f"the model cannot take this request: {value['refused']}")
-    if number is not None:  # a bulk job started later skips what Label Studio now stores from us
-        Marks(service.connection, number, version).finish([t["id"] for t in tasks if t["id"] is not None], "predict")
-    metrics.tasks.labels("failed").inc(len(value["failures"]))
-    metrics.tasks.labels("ok").inc(len(tasks) - len(value["failures"]))
-    metrics.boxes.inc(sum(len(p["result"]) for p in value["predictions"]))
-    return PredictResponse(results=value["predictions"], model_version=version)
+    return result.return_value
 
 
 @router.post(
@@ -353,20 +425,16 @@ def _check_task_count(count: int, settings: Settings) -> None:
         )
 
 
-def _hand_off(
-    service: Service, metrics: Metrics, number: int | None, tasks: list[dict[str, Any]], config: str, version: str,
-    reason: str,
-) -> PredictResponse:  # fmt: skip
-    """Give the tasks to a bulk job that writes through Label Studio's API; answer at once."""
+def _hand_off(service: Service, number: int | None, tasks: list[dict[str, Any]], config: str, reason: str) -> str:
+    """Give the tasks to a bulk job that writes through Label Studio's API; its id."""
     if number is None:
         raise HTTPException(status_code=422, detail="no project id in the request: cannot write predictions back")
     try:
         job = service.submit(number, tasks=tasks, label_config=config, source=f"predict:{reason}")
     except NoLabelStudio as exc:
         raise HTTPException(status_code=503, detail=str(exc)) from exc
-    metrics.handed_off.labels(reason).inc(len(tasks))
     log.info("/predict: %d tasks handed to job %s (%s)", len(tasks), job.id, reason)
-    return PredictResponse(results=[], model_version=version, job_id=job.id)
+    return job.id
 
 
 def _parse(label_config: str, settings: Settings) -> LabelTarget:

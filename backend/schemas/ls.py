@@ -129,9 +129,10 @@ class PredictRequest(BaseModel):
 
 
 class PredictResponse(BaseModel):
-    results: list[dict[str, Any]]
+    results: list[dict[str, Any] | list[Any]]
+    """One entry per task, in order: its prediction, or ``[]`` (none now: handed to a bulk job)."""
     model_version: str
-    job_id: str | None = None  # set when the tasks were handed to a bulk job
+    job_id: str | None = None  # set when tasks were handed to a bulk job
 
 
 class WebhookEvent(BaseModel):

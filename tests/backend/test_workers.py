@@ -13,10 +13,11 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from backend.bulk import BulkJob, JobSpec, JobStatus, Marks, Workers
+from backend.bulk import BulkJob, JobSpec, JobStatus, Workers
 from backend.config import Settings
 from backend.jobs import enqueue_batch, enqueue_plan
 from backend.main import create_app
+from backend.marks import Marks
 from backend.queues import Queues
 from tests.backend.conftest import FakeProjectAPI
 from tests.images import png
@@ -116,16 +117,21 @@ def test_deadline_or_too_many_tasks_hand_off_to_a_bulk_job(settings: Settings) -
         started = time.perf_counter()
         body = client.post("/predict", json={"tasks": tasks("img0.png"), "project": "4.1", "label_config": CONFIG})
         assert body.status_code == 200 and time.perf_counter() - started < 5
-        assert body.json()["results"] == [] and body.json()["job_id"]
+        assert body.json()["results"] == [[]] and body.json()["job_id"], "one entry per task: none for it now"
         queues = Queues.on(redis.Redis.from_url(settings.redis_url))
         assert queues.interactive.count == 0, "the waiting interactive job was cancelled"
         job = client.get(f"/v1/jobs/{body.json()['job_id']}").json()
-        assert (job["project"], job["status"], job["source"]) == (4, "planning", "predict:deadline")
-        started = time.perf_counter()
+        assert (job["project"], job["status"], job["source"], job["total"]) == (4, "planning", "predict:deadline", 1)
         many = client.post("/predict", json={"tasks": tasks("a", "b", "c"), "project": "4.1", "label_config": CONFIG})
-        assert many.json()["results"] == [] and time.perf_counter() - started < 1
-        assert client.get(f"/v1/jobs/{many.json()['job_id']}").json()["source"] == "predict:too_many_tasks"
+        assert many.json()["results"] == [[], [], []]
+        job = client.get(f"/v1/jobs/{many.json()['job_id']}").json()
+        assert (job["source"], job["total"]) == ("predict:deadline", 3), "the third at once, the first two late"
         assert queues.plan.count == 2
+    no_wait = settings.model_copy(update={"interactive_max_tasks": 0})
+    with TestClient(create_app(no_wait)) as client:
+        many = client.post("/predict", json={"tasks": tasks("a", "b"), "project": "4.1", "label_config": CONFIG})
+        assert many.json()["results"] == [[], []]
+        assert client.get(f"/v1/jobs/{many.json()['job_id']}").json()["source"] == "predict:too_many_tasks"
 
 
 def test_webhook_tasks_created_needs_the_secret(settings: Settings) -> None:
@@ -162,24 +168,6 @@ def test_jobs_api_cancels_what_has_not_started(settings: Settings) -> None:
         assert cancelled["status"] == "cancelled" and cancelled["finished_at"] is not None
         assert queues.bulk.count == 0
         assert client.delete(f"/v1/jobs/{job.id}").json()["status"] == "cancelled"
-
-
-def test_marks_give_each_task_to_one_writer(redis_url: str) -> None:
-    connection = redis.Redis.from_url(redis_url)
-    marks = Marks(connection, 7, "v1")
-    Workers.beat(connection, "alive-worker", {"state": "ready"})
-    assert marks.claim([1, 2], "alive-worker") == {1: "claimed", 2: "claimed"}
-    assert marks.claim([1, 3], "other") == {1: "busy", 3: "claimed"}  # held by a live worker
-    marks.finish([1], "job-a")
-    assert marks.claim([1], "other") == {1: "done"}, "claimed, to be checked against Label Studio"
-    assert marks.claim([1], "alive-worker") == {1: "taken"}, "'other' never beat: it counts as dead"
-    marks.finish([1], "job-a")
-    # task 3 is held by "other", which never beat: it counts as dead and can be taken over.
-    assert marks.claim([3], "alive-worker") == {3: "taken"}
-    marks.release([3], "someone-else")
-    assert marks.claim([3], "alive-worker") == {3: "claimed"}, "only the holder releases"
-    marks.release([3], "alive-worker")
-    assert marks.done_by([1, 2, 3]) == {1: "job-a", 2: None, 3: None}
 
 
 def test_a_batch_is_counted_once_however_often_it_runs(redis_url: str) -> None:
@@ -248,10 +236,12 @@ def test_waiting_predicts_never_starve_health(settings: Settings) -> None:
         assert time.perf_counter() - started < 1.0, "Label Studio's /health time-out is 1 s"
         assert client.post("/setup", json={"project": "10.1", "schema": CONFIG}).status_code == 200
         answers = [f.result(timeout=60) for f in waiting]
-        assert all(a.status_code == 200 and a.json()["results"] == [] for a in answers), "all handed off"
+        assert all(a.status_code == 200 and a.json()["results"] == [[]] for a in answers), "all handed off"
 
 
-def worker_on(redis_url: str, settings: Settings, project: FakeProjectAPI, log: Path) -> Service:
+def worker_on(
+    redis_url: str, settings: Settings, project: FakeProjectAPI, log: Path, *, write_size: int = 8
+) -> Service:
     """A ``dinolabel worker`` child process that writes to the fake Label Studio ``project``, once ready."""
     env = {
         "DINOLABEL_REDIS_URL": redis_url,
@@ -260,7 +250,7 @@ def worker_on(redis_url: str, settings: Settings, project: FakeProjectAPI, log: 
         "DINOLABEL_LOCAL_FILES_DOCUMENT_ROOT": str(settings.local_files_document_root),
         "DINOLABEL_LABEL_STUDIO_URL": project.url,
         "DINOLABEL_BULK_BATCH_SIZE": "4",
-        "DINOLABEL_BULK_WRITE_SIZE": "8",  # two batches per import call
+        "DINOLABEL_BULK_WRITE_SIZE": str(write_size),  # 8: two batches per import call
         "DINOLABEL_BULK_WRITE_WAIT": "0.2",
     }
     worker = Service(["worker"], env, log).start()
@@ -416,5 +406,70 @@ def test_annotators_do_not_wait_behind_planning_or_label_studio_writes(
             assert finished(job, worker)["done"] == 8
     finally:
         fake_project.listing_gate.set()
+        fake_project.import_gate.set()
+        worker.stop()
+
+
+def label_studio_retrieves(client: TestClient, project: FakeProjectAPI, version: str, ids: list[int]) -> dict:
+    """What Label Studio 1.23 does for "Retrieve predictions" (``ml/models.py:342-366``): one /predict
+    with the tasks lacking a prediction of the version, then each entry of the answer stored for the
+    task at its position (a dict, or each dict of a list: ``[]`` stores nothing)."""
+    held = project.per_task(version)
+    chosen = [t for t in ids if t not in held]
+    sent = [{"id": t, "data": project.tasks[t]} for t in chosen]
+    body = client.post("/predict", json={"tasks": sent, "project": "1.1", "label_config": CONFIG}).json()
+    assert len(body["results"]) == len(chosen), body
+    with project.lock:
+        for task, entry in zip(chosen, body["results"], strict=True):
+            for p in [entry] if isinstance(entry, dict) else entry:
+                project.predictions.append({"task": task, "model_version": p["model_version"], "result": p["result"]})
+    return body
+
+
+def test_predict_racing_a_bulk_job_gives_each_task_one_prediction(
+    settings: Settings, tmp_path: Path, fake_project: FakeProjectAPI
+) -> None:
+    """Label Studio sends a /predict for two tasks of a running bulk job while the job's import call
+    hangs in Label Studio: one task is in that call (left to the job: no answer for it), the other's
+    row waits in the writer (answered; the writer drops the row). Then a /predict that Label Studio
+    chose before the import committed. Every task ends with exactly one prediction of the version."""
+    fake_project.tasks.update({t: {"image": f"/data/local-files/?d=img{t % 4}.png"} for t in range(1, 9)})
+    connection = redis.Redis.from_url(settings.redis_url)
+    queues = Queues.on(connection)
+    worker = worker_on(settings.redis_url, settings, fake_project, tmp_path / "worker.log", write_size=4)
+    try:
+        with TestClient(create_app(settings.model_copy(update={"embedded_worker": False}))) as client:
+            version = client.post("/setup", json={"project": "1.1", "schema": CONFIG}).json()["model_version"]
+            spec = JobSpec(project=1, model_version=version, label_config=CONFIG, params={"box_threshold": 0.3})
+            job = BulkJob.create(connection, spec)
+            listed = [{"id": t, "data": d} for t, d in sorted(fake_project.tasks.items())]
+            job.start([listed[:4], listed[4:]], skipped=0)
+            fake_project.import_gate.clear()  # Label Studio's import hangs until /predict has answered
+            for number in range(2):
+                enqueue_batch(queues, job, number, timeout=60)
+
+            def second_batch_waits_in_the_writer() -> bool:
+                rq_job = queues.bulk.fetch_job(job.rq_jobs().get(1, ""))
+                return rq_job is not None and rq_job.get_status() == "finished"
+
+            wait_for(second_batch_waits_in_the_writer, 60, f"batch 1 handed to the writer\n{worker.log_tail()}")
+            assert len(fake_project.seen("/api/projects")) == 1 and not fake_project.posted, "batch 0's import hangs"
+
+            answer = label_studio_retrieves(client, fake_project, version, [2, 6])
+            assert answer["results"][0] == [], "task 2 is in the import call under way: the job's prediction"
+            assert answer["results"][1]["result"], "task 6 only waited in the writer: the annotator gets boxes"
+            assert "job_id" not in answer, "nothing handed off: task 2 is the job's already"
+
+            fake_project.import_gate.set()
+            summary = wait_for(lambda: (s := job.summary())["status"] == "done" and s, 60, worker.log_tail())
+            assert (summary["done"], summary["skipped"], summary["failed"]) == (7, 1, 0), summary
+            assert [sorted(r["task"] for r in rows) for rows in fake_project.posted] == [[1, 2, 3, 4], [5, 7, 8]]
+
+            # Chosen by Label Studio before the import committed, sent after it: left to the job.
+            late = client.post("/predict", json={"tasks": [{"id": 3, "data": fake_project.tasks[3]}],
+                                                 "project": "1.1", "label_config": CONFIG}).json()  # fmt: skip
+            assert late["results"] == [[]] and "job_id" not in late
+            assert fake_project.per_task(version) == dict.fromkeys(range(1, 9), 1), "every task once, none twice"
+    finally:
         fake_project.import_gate.set()
         worker.stop()

@@ -79,3 +79,26 @@ def test_a_write_whose_answer_is_lost_is_reported_uncertain(
     writer.submit(submission(project, 0, [5, 6], outcomes))
     writer.stop()
     assert outcomes[0][0] == [] and outcomes[0][1] == [5, 6] and "failed" in outcomes[0][2]
+
+
+def test_rows_answered_meanwhile_are_dropped_right_before_the_call(
+    project: FakeProjectAPI, writer: Writer, outcomes: dict
+) -> None:
+    asked: list[list[int]] = []
+
+    def keep(ids: list[int]) -> list[int]:  # what Marks.keep_for_write says: tasks 2 and 5 were answered
+        asked.append(ids)
+        return [t for t in ids if t not in (2, 5)]
+
+    first = submission(project, 0, [1, 2, 3], outcomes)
+    first.keep = keep
+    writer.submit(first)
+    only = submission(project, 1, [5], outcomes)
+    only.keep = keep
+    writer.submit(only)
+    assert writer.flush(timeout=30)
+    assert asked == [[1, 2, 3], [5]], "asked once per batch, right before the call"
+    assert [sorted(r["task"] for r in rows) for rows in project.posted] == [[1, 3]]
+    assert writer.calls == [2], "a batch left without rows makes no call"
+    assert outcomes == {0: ([1, 3], [], None), 1: ([], [], None)}
+    assert project.per_task(VERSION) == {1: 1, 3: 1}
