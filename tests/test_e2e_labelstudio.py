@@ -356,3 +356,35 @@ def test_an_import_whose_answer_is_lost_is_not_written_twice(
     counts = Counter(len(ps) for ps in stored.values())
     assert sorted(stored) == sorted(ids) and counts == {1: 40}, f"predictions per task: {counts}"
     assert "may have gone through" in worker.log.read_text()
+
+
+def test_retrieve_predictions_past_the_interactive_cap_stores_the_first_at_once_and_the_rest_later(
+    label_studio: tuple[LabelStudioServer, LabelStudioAPI], cluster: Cluster
+) -> None:
+    """ "Retrieve predictions" of 20 tasks (cap 16): Label Studio stores the 16 answered ones as the
+    action returns, without logging an error; a bulk job of the other 4 writes those; every task ends
+    with exactly one prediction of the version, and a second "Retrieve predictions" asks for nothing."""
+    server, api = label_studio
+    project = api.create_project("e2e partial answer", CONFIG)["id"]
+    ids = api.import_tasks(project, local_images(server, api, project, 20))
+    version = api.connect_ml_backend(project, cluster.api_url)["model_version"]
+    log_offset = server.log_path.stat().st_size
+
+    api.retrieve_predictions(project, ids)
+    at_once = predictions_by_task(api, project)
+    connection = redis.Redis.from_url(cluster.redis_url)
+    (job,) = [BulkJob(key.decode().removeprefix(BulkJob.prefix), connection)
+              for key in connection.scan_iter(match=f"{BulkJob.prefix}*") if key.count(b":") == 2
+              and connection.hget(key, "project") == str(project).encode()]  # fmt: skip
+    summary = wait_for(lambda: (s := job.summary())["status"] == "done" and s, 120, "the hand-off job to finish")
+    assert (summary["source"], summary["total"], summary["done"]) == ("predict:too_many_tasks", 4, 4), summary
+    assert len(at_once) >= 16 and all(len(ps) == 1 for ps in at_once.values()), "16 stored from the answer"
+    log = server.log_path.read_bytes()[log_offset:].decode(errors="replace")
+    assert "incorrect response" not in log and "Number of tasks and responses are not equal" not in log
+
+    stored = predictions_by_task(api, project)
+    assert sorted(stored) == sorted(ids) and Counter(len(ps) for ps in stored.values()) == {1: 20}
+    assert {p["model_version"] for ps in stored.values() for p in ps} == {version}
+    assert sum(bool(ps[0]["result"]) for ps in stored.values()) >= 16, "boxes, not empty predictions"
+    api.retrieve_predictions(project, ids)
+    assert Counter(len(ps) for ps in predictions_by_task(api, project).values()) == {1: 20}
