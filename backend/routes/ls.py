@@ -159,7 +159,7 @@ def setup(body: SetupRequest, service: ServiceDep, settings: SettingsDep) -> Set
 async def predict(
     body: PredictRequest, request: Request, service: ServiceDep, settings: SettingsDep, metrics: MetricsDep
 ) -> PredictResponse:
-    """One prediction per task, same order; or a hand-off to a bulk job (``results: []``).
+    """One entry per task, same order: its prediction, or ``[]`` where a bulk job writes it instead.
 
     The wait for the worker blocks a thread for up to ``predict_deadline``: those threads come from a
     limiter of their own, so waiting requests never starve ``/health`` and ``/setup`` of the shared pool.
@@ -186,44 +186,16 @@ def _predict(body: PredictRequest, service: Service, settings: Settings, metrics
     if number is None and len(tasks) > settings.interactive_max_tasks:
         raise HTTPException(status_code=422, detail="no project id in the request: cannot write predictions back")
     marks = Marks(service.connection, number, version) if number is not None else None
-    deadline = time.time() + settings.predict_deadline  # the worker stops when this request stops waiting
     head = min(len(tasks), settings.interactive_max_tasks)
-    too_many = list(range(head, len(tasks)))  # handed to a bulk job at once
-    ours = _take(marks, tasks, list(range(head)), deadline + ANSWER_WINDOW)
-    answers: dict[int, dict[str, Any]] = {}  # position in the request -> prediction
-    late: list[int] = []  # not predicted in time: handed to a bulk job too
-    if ours:
-        payload = {  # stored in Redis: the project id, never a key (the worker resolves it)
-            "tasks": [tasks[i] for i in ours],
-            "label_config": label_config,
-            "params": asdict(project.params),
-            "model_version": version,
-            "project": number,
-            "context": context,
-            "deadline": deadline,
-        }
-        try:
-            value = _wait_for_worker(service, settings, payload, number)
-        except HTTPException:
-            _untake(marks, tasks, ours)
-            raise
-        if value is None or "refused" in value:
-            _untake(marks, tasks, ours)
-        if value is None:
-            late = ours
-        elif "refused" in value:  # the model cannot take this config or prompt (the worker says why)
-            raise HTTPException(status_code=422, detail=f"the model cannot take this request: {value['refused']}")
-        else:
-            unfinished = set(value.get("late", []))  # a worker of an older version says none
-            late = [i for i in ours if tasks[i]["id"] in unfinished]
-            _untake(marks, tasks, late)
-            predicted = dict(zip(ours, value["predictions"], strict=True))
-            kept = _take(marks, tasks, [i for i in ours if i not in late], time.time() + ANSWER_WINDOW)
-            answers = {i: predicted[i] for i in kept}
-            failed = {f["task_id"] for f in value["failures"]} - unfinished
-            metrics.tasks.labels("failed").inc(sum(1 for i in kept if tasks[i]["id"] in failed))
-            metrics.tasks.labels("ok").inc(sum(1 for i in kept if tasks[i]["id"] not in failed))
-            metrics.boxes.inc(sum(len(p["result"]) for p in answers.values()))
+    too_many = list(range(head, len(tasks)))  # never sent to a worker: handed to a bulk job
+    payload = {  # stored in Redis: the project id, never a key (the worker resolves it)
+        "label_config": label_config,
+        "params": asdict(project.params),
+        "model_version": version,
+        "project": number,
+        "context": context,
+    }
+    answers, late = _answer_in_time(service, settings, metrics, marks, tasks, list(range(head)), payload)
     job_id = None
     if too_many or late:
         handed = sorted(too_many + late)
@@ -235,6 +207,46 @@ def _predict(body: PredictRequest, service: Service, settings: Settings, metrics
     # empty list (see the module's docstring).
     results: list[dict[str, Any] | list[Any]] = [answers.get(i, []) for i in range(len(tasks))]
     return PredictResponse(results=results, model_version=version, job_id=job_id)
+
+
+def _answer_in_time(
+    service: Service,
+    settings: Settings,
+    metrics: Metrics,
+    marks: Marks | None,
+    tasks: list[dict[str, Any]],
+    positions: list[int],
+    payload: dict[str, Any],
+) -> tuple[dict[int, dict[str, Any]], list[int]]:
+    """Have a worker predict the tasks at ``positions`` by the deadline: the predictions by position,
+    and the positions to hand to a bulk job (not reached in time). Tasks a bulk job is writing, or
+    has just written, are in neither: the job's prediction is theirs (``backend.marks``)."""
+    deadline = time.time() + settings.predict_deadline  # the worker stops when this request stops waiting
+    ours = _take(marks, tasks, positions, deadline + ANSWER_WINDOW)
+    if not ours:
+        return {}, []
+    job = {**payload, "tasks": [tasks[i] for i in ours], "deadline": deadline}
+    try:
+        value = _wait_for_worker(service, settings, job)
+    except HTTPException:
+        _untake(marks, tasks, ours)
+        raise
+    if value is None or "refused" in value:
+        _untake(marks, tasks, ours)
+    if value is None:
+        return {}, ours
+    if "refused" in value:  # the model cannot take this config or prompt (the worker says why)
+        raise HTTPException(status_code=422, detail=f"the model cannot take this request: {value['refused']}")
+    unfinished = set(value.get("late", []))  # a worker of an older version says none
+    late = [i for i in ours if tasks[i]["id"] in unfinished]
+    _untake(marks, tasks, late)
+    predicted = dict(zip(ours, value["predictions"], strict=True))
+    kept = _take(marks, tasks, [i for i in ours if i not in late], time.time() + ANSWER_WINDOW)
+    failed = {f["task_id"] for f in value["failures"]} - unfinished
+    metrics.tasks.labels("failed").inc(sum(1 for i in kept if tasks[i]["id"] in failed))
+    metrics.tasks.labels("ok").inc(sum(1 for i in kept if tasks[i]["id"] not in failed))
+    metrics.boxes.inc(sum(len(predicted[i]["result"]) for i in kept))
+    return {i: predicted[i] for i in kept}, late
 
 
 def _take(marks: Marks | None, tasks: list[dict[str, Any]], positions: list[int], until: float) -> list[int]:
@@ -252,9 +264,7 @@ def _untake(marks: Marks | None, tasks: list[dict[str, Any]], positions: list[in
         marks.unanswer([tasks[i]["id"] for i in positions if tasks[i]["id"] is not None])
 
 
-def _wait_for_worker(
-    service: Service, settings: Settings, payload: dict[str, Any], number: int | None
-) -> dict[str, Any] | None:
+def _wait_for_worker(service: Service, settings: Settings, payload: dict[str, Any]) -> dict[str, Any] | None:
     """Queue the tasks for a worker and wait for its answer until the deadline; None if none came."""
     job = service.queues.interactive.enqueue(
         predict_tasks,
@@ -263,7 +273,7 @@ def _wait_for_worker(
         job_timeout=int(settings.predict_deadline) + 60,
         # RQ's default description is the call with its arguments, logged as the job starts: image
         # URLs there may carry credentials.
-        description=f"predict {len(payload['tasks'])} tasks of project {number}",
+        description=f"predict {len(payload['tasks'])} tasks of project {payload['project']}",
     )
     result = job.latest_result(timeout=max(1, int(settings.predict_deadline)))
     if result is None:
