@@ -16,11 +16,12 @@ prediction of the version, chosen when the request starts, and stores the answer
 predictions. So each side checks the other atomically, right before it commits:
 
 - ``/predict``, as a request arrives and again as it answers (:meth:`Marks.answering`), takes every
-  task whose mark is not ``writing:`` and that no bulk job wrote in the last ``ANSWER_WINDOW``
-  seconds: its mark becomes ``predict:``, and the bulk batch that claimed it drops its row. The
-  annotator gets boxes from the model at once, not after a bulk write and a reload. A task being
-  written, or written since Label Studio chose it, is left to the bulk job: ``/predict`` answers no
-  prediction for it, and the bulk job's is there for Label Studio to show.
+  task whose mark is not ``writing:`` and that no bulk job wrote since Label Studio may have chosen it
+  (``ANSWER_WINDOW`` plus a little per task of the request): its mark becomes ``predict:``, and the
+  bulk batch that claimed it drops its row. The annotator gets boxes from the model at once, not
+  after a bulk write and a reload. A task being written, or written since Label Studio chose it, is
+  left to the bulk job: ``/predict`` answers no prediction for it, and the bulk job's is there for
+  Label Studio to show.
 - The writer, right before an import call (:meth:`Marks.keep_for_write`), writes only the rows whose
   task is still ``pending:`` on its worker, and marks them ``writing:``; a batch counts the others as
   skipped.
@@ -47,10 +48,17 @@ MARKS_TTL = 7 * 24 * 3600
 """Seconds the write marks of a project and model version are kept after their last change: as long as
 a job planned before a write may still run a batch (a job record's life)."""
 ANSWER_WINDOW = 120.0
-"""Seconds Label Studio may take on its side of one ``/predict``: from choosing the tasks (those lacking
-a prediction of the version) to sending them, and from our answer to storing it. Measured with Label
-Studio 1.23.2 on SQLite (``bench/predict_race.py``): at most ~1 s for 1,000 tasks either way; its own
-time-out for the whole call is 100 s (``ML_TIMEOUT_PREDICT``)."""
+"""Seconds Label Studio may take on its side of one ``/predict`` of a few tasks: from choosing them (those
+lacking a prediction of the version) to sending them, and from our answer (at most
+``DINOLABEL_INTERACTIVE_MAX_TASKS`` predictions) to storing it. Measured with Label Studio 1.23.2 on
+SQLite on a 2-core machine under a load of 8-10 (``bench/predict_race.py``): 0.6 s and 5.0 s for 16
+tasks."""
+CHOOSE_SECONDS_PER_TASK = 0.05
+"""What each task of a large request adds to the time between Label Studio choosing the tasks and
+sending them (it serialises them all first): measured 21 s for 1,000 tasks in the same run."""
+MAX_LOOKBACK = 900.0
+"""Seconds a bulk write is remembered for ``/predict`` (and the longest look back): requests of up to
+about 15,000 tasks are covered."""
 
 
 class Marks:
@@ -94,7 +102,7 @@ class Marks:
     return 1
     """
     # /predict takes a task unless a bulk write of it is under way or recent (KEYS: marks hash, written
-    # zset; ARGV: task, until, now, window).
+    # zset; ARGV: task, until, now, look back).
     _ANSWER = """
     local current = redis.call('HGET', KEYS[1], ARGV[1])
     if current and string.sub(current, 1, 8) == 'writing:' then return 0 end
@@ -115,7 +123,7 @@ class Marks:
 
     @property
     def written_key(self) -> str:
-        """Sorted set: task -> when a bulk job last wrote it (kept ``ANSWER_WINDOW`` seconds)."""
+        """Sorted set: task -> when a bulk job last wrote it (kept ``MAX_LOOKBACK`` seconds)."""
         return self.key + ":written"
 
     # -- bulk batches
@@ -153,8 +161,8 @@ class Marks:
         now = time.time()
         with self.connection.pipeline(transaction=True) as pipe:
             pipe.zadd(self.written_key, dict.fromkeys(ids, now))
-            pipe.zremrangebyscore(self.written_key, "-inf", now - ANSWER_WINDOW)
-            pipe.expire(self.written_key, int(2 * ANSWER_WINDOW))
+            pipe.zremrangebyscore(self.written_key, "-inf", now - MAX_LOOKBACK)
+            pipe.expire(self.written_key, int(MAX_LOOKBACK))
             pipe.hset(self.key, mapping=dict.fromkeys(ids, f"done:{job_id}"))
             pipe.expire(self.key, MARKS_TTL)
             pipe.execute()
@@ -174,15 +182,18 @@ class Marks:
 
     # -- /predict
 
-    def answering(self, task_ids: Iterable[int], until: float) -> list[int]:
-        """The tasks a ``/predict`` may answer, now marked ``predict:<until>``: all but those a bulk job
-        is writing or wrote in the last ``ANSWER_WINDOW`` seconds (answer no prediction for those).
+    def answering(self, task_ids: Iterable[int], until: float, *, request_size: int) -> list[int]:
+        """The tasks a ``/predict`` of ``request_size`` tasks may answer, now marked ``predict:<until>``:
+        all but those a bulk job is writing, or wrote since Label Studio may have chosen them (the last
+        ``ANSWER_WINDOW`` seconds, plus ``CHOOSE_SECONDS_PER_TASK`` per task of the request, at most
+        ``MAX_LOOKBACK``): answer no prediction for those.
 
         Called as the request arrives (``until``: its deadline plus the window) and again just before
         it answers (``until``: now plus the window, for Label Studio to store the answer)."""
         now = time.time()
+        lookback = min(ANSWER_WINDOW + CHOOSE_SECONDS_PER_TASK * request_size, MAX_LOOKBACK)
         keys = (self.key, self.written_key)
-        taken = [t for t in task_ids if self.connection.eval(self._ANSWER, 2, *keys, str(t), until, now, ANSWER_WINDOW)]
+        taken = [t for t in task_ids if self.connection.eval(self._ANSWER, 2, *keys, str(t), until, now, lookback)]
         self.connection.expire(self.key, MARKS_TTL)
         return taken
 

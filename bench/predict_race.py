@@ -4,16 +4,18 @@ Label Studio 1.23's "Retrieve predictions" chooses the tasks that lack a predict
 serialises them, posts one ``/predict``, and stores the answer (``ml/models.py:342-366``). A bulk write
 that commits between the choice and the store gives a task two predictions. Our marks close the part
 of that window we see (from the request's arrival to our answer); this script measures the two parts
-only Label Studio sees, against a stub backend that answers at once with one empty prediction per task:
+only Label Studio sees, against a stub backend that answers at once as ours does: an (empty) prediction
+for each of the first ``--answered`` tasks (``DINOLABEL_INTERACTIVE_MAX_TASKS``, 16) and ``[]`` for the
+others:
 
 - *choose -> arrive*: from the action's request to the ``/predict`` reaching the backend (an upper
   bound for the time between Label Studio choosing the tasks and sending them);
 - *answer -> stored*: from the backend's last byte to the action's answer (an upper bound for Label
-  Studio storing the predictions).
+  Studio storing the predictions; it stores one per answered task, nothing for ``[]``).
 
 It starts its own Label Studio (temporary directory; the first start runs migrations, 20-45 s) and
 makes one project per task count. Run from the repository root:
-``.venv/bin/python bench/predict_race.py [--tasks 1,16,1000] [--out bench/out/predict_race.json]``.
+``.venv/bin/python bench/predict_race.py [--tasks 1,16,1000] [--answered 16] [--out bench/out/predict_race.json]``.
 """
 
 from __future__ import annotations
@@ -42,8 +44,9 @@ class Stub(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self) -> None:
+    def __init__(self, answered: int) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
+        self.answered = answered
         self.calls: list[dict[str, Any]] = []
 
 
@@ -72,7 +75,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._answer({"model_version": VERSION})
             return
         tasks = request.get("tasks", [])
-        self._answer({"results": [{"result": [], "score": 0.0, "model_version": VERSION} for _ in tasks]})
+        prediction = {"result": [], "score": 0.0, "model_version": VERSION}
+        self._answer({"results": [prediction if i < self.server.answered else [] for i in range(len(tasks))]})
         self.server.calls.append({"tasks": len(tasks), "arrived": arrived, "answered": time.time()})
 
 
@@ -86,7 +90,7 @@ def measure(api: LabelStudioAPI, stub: Stub, count: int) -> dict[str, Any]:
     ended = time.time()
     calls = stub.calls[before:]
     stored = len(api.get("/api/predictions", project=project))
-    if len(calls) != 1 or calls[0]["tasks"] != count or stored != count:
+    if len(calls) != 1 or calls[0]["tasks"] != count or stored != min(count, stub.answered):
         raise RuntimeError(f"{count} tasks: {len(calls)} /predict calls, {stored} predictions stored")
     call = calls[0]
     return {
@@ -101,17 +105,18 @@ def measure(api: LabelStudioAPI, stub: Stub, count: int) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--tasks", type=positive_ints, default=[1, 16, 1000])
+    parser.add_argument("--answered", type=int, default=16, help="tasks answered with a prediction per call")
     parser.add_argument("--out", type=Path, default=Path("bench/out/predict_race.json"))
     args = parser.parse_args()
     run_started = time.perf_counter()
-    stub = Stub()
+    stub = Stub(args.answered)
     threading.Thread(target=stub.serve_forever, daemon=True).start()
     rows = []
     with tempfile.TemporaryDirectory(prefix="predict-race-") as base:
         server = LabelStudioServer(Path(base), startup_timeout=900)  # migrations take minutes on a busy machine
         server.start()
         try:
-            with LabelStudioAPI(server.url, server.token) as api:
+            with LabelStudioAPI(server.url, server.token, timeout=900) as api:
                 for count in args.tasks:
                     row = measure(api, stub, count)
                     print(
@@ -123,7 +128,7 @@ def main() -> None:
         finally:
             server.stop()
             stub.shutdown()
-    report = {"machine": machine_info(), "label_studio": "1.23.2 (SQLite)", "rows": rows}
+    report = {"machine": machine_info(), "label_studio": "1.23.2 (SQLite)", "answered": args.answered, "rows": rows}
     write_report(args.out, {**report, "wall_s": time.perf_counter() - run_started})
 
 

@@ -255,7 +255,7 @@ def _take(marks: Marks | None, tasks: list[dict[str, Any]], positions: list[int]
     if marks is None:
         return positions
     ids = [tasks[i]["id"] for i in positions if tasks[i]["id"] is not None]
-    taken = set(marks.answering(ids, until)) if ids else set()
+    taken = set(marks.answering(ids, until, request_size=len(tasks))) if ids else set()
     return [i for i in positions if tasks[i]["id"] is None or tasks[i]["id"] in taken]
 
 

@@ -44,10 +44,10 @@ def test_marks_give_each_task_to_one_writer(redis_url: str) -> None:
 
 def test_predict_takes_a_task_a_batch_claimed_and_the_writer_drops_its_row(marks: Marks) -> None:
     assert marks.claim([1, 2, 3], "alive") == dict.fromkeys([1, 2, 3], "claimed")
-    assert marks.answering([2, 4], later()) == [2, 4], "claimed, not yet writing: /predict answers it"
+    assert marks.answering([2, 4], later(), request_size=2) == [2, 4], "claimed, not yet writing: /predict answers it"
     assert marks.keep_for_write([1, 2, 3], "alive") == [1, 3]
     assert marks.keep_for_write([1, 3], "alive") == [1, 3], "the same rows again (a refused call split)"
-    assert marks.answering([1, 3], later()) == [], "in an import call under way: left to the bulk job"
+    assert marks.answering([1, 3], later(), request_size=2) == [], "in an import call under way: left to the bulk job"
     assert marks.claim([4], "alive") == {4: "busy"}, "a fresh /predict mark: a batch starting now skips it"
 
 
@@ -57,15 +57,18 @@ def test_a_write_leaves_its_tasks_to_the_bulk_job_for_the_window_only(marks: Mar
     marks.wrote([1], "job-a")
     marks.release([2], "alive")  # refused by Label Studio: given back
     assert marks.done_by([1, 2]) == {1: "job-a", 2: None}
-    assert marks.answering([1, 2], later()) == [2], "task 1 written since Label Studio chose it, maybe"
-    # Long ago: Label Studio would not have sent task 1 unless its prediction was deleted since.
-    marks.connection.zadd(marks.written_key, {"1": time.time() - ANSWER_WINDOW - 1})
-    assert marks.answering([1], later()) == [1]
+    assert marks.answering([1, 2], later(), request_size=2) == [2], "task 1 written since Label Studio chose it, maybe"
+    # Long ago: Label Studio would not have sent task 1 unless its prediction was deleted since...
+    marks.connection.zadd(marks.written_key, {"1": time.time() - ANSWER_WINDOW - 60})
+    assert marks.answering([1], later(), request_size=1) == [1]
+    # ...unless the request is large: Label Studio serialises 10,000 tasks before it sends them.
+    marks.connection.hset(marks.key, "1", "done:job-a")
+    assert marks.answering([1], later(), request_size=10_000) == []
 
 
 def test_a_stale_predict_mark_counts_as_written_and_unanswer_frees_a_task(marks: Marks) -> None:
-    marks.answering([1, 2, 3], time.time() - 1)  # answered, and Label Studio had its time to store it
-    marks.answering([4], later())
+    marks.answering([1, 2, 3], time.time() - 1, request_size=3)  # answered, and Label Studio had its time to store it
+    marks.answering([4], later(), request_size=1)
     assert marks.done_by([1, 4]) == {1: "predict", 4: "predict"}
     assert marks.claim([1, 4], "alive") == {1: "done", 4: "busy"}, "task 1: ask Label Studio first"
     marks.unanswer([2, 1])  # handed to a bulk job after all (task 1 is the batch's now: kept)
