@@ -141,7 +141,17 @@ def test_health_without_workers_is_degraded(settings: Settings, tmp_path: Path) 
         body = client.get("/health").json()
         assert body["status"] == "DEGRADED" and body["workers"]["live"] == 0
         assert "dinolabel worker" in body["reason"]
-        assert body["queues"] == {"dinolabel-interactive": 0, "dinolabel-plan": 0, "dinolabel-bulk": 0}
+        assert body["queues"] == dict.fromkeys(
+            [
+                "dinolabel-interactive",
+                "dinolabel-embed",
+                "dinolabel-plan",
+                "dinolabel-bulk",
+                "dinolabel-store",
+                "dinolabel-index-plan",
+            ],
+            0,
+        )
 
 
 def test_setup_returns_the_version_predict_uses(client: TestClient) -> None:
