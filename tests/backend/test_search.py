@@ -11,6 +11,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,9 +27,10 @@ from backend.index_cache import IndexCache
 from backend.main import create_app
 from backend.project_vectors import embedder_version_of, open_store
 from indexer import StoredVector, VectorIndex, find_duplicates, image_hashes
-from tests.backend.conftest import LEGACY_TOKEN, FakeLabelStudio
+from tests.backend.conftest import LEGACY_TOKEN, FakeLabelStudio, serving
 from tests.images import scene
 from tests.labelstudio import free_port
+from tests.processes import DINOLABEL
 
 PROJECT = 12
 DIM = 64
@@ -376,3 +379,40 @@ def test_a_restarted_api_loads_the_saved_index_instead_of_rebuilding(
     _scores, ids = loaded.search(planted_vectors()[QUERY], 2)
     assert ids[0].tolist() == [QUERY, 102]
     second.close()
+
+
+# --- the command line ----------------------------------------------------------------------------------------
+
+
+def test_the_cli_prints_similar_tasks_and_writes_the_duplicate_report(
+    tmp_path: Path, redis_url: str, search_ls: FakeLabelStudio
+) -> None:
+    settings = _settings(tmp_path, redis_url, search_ls.url, api_key=SecretStr("cli-key"))
+    fill(settings, planted_vectors())
+    env = {**os.environ, "DINOLABEL_API_KEY": "cli-key"}
+    with serving(create_app(settings)) as url:
+        similar = subprocess.run(
+            [DINOLABEL, "similar", "--project", str(PROJECT), "--task", str(QUERY), "-k", "3", "--api", url],
+            capture_output=True, text=True, env=env, timeout=120,
+        )  # fmt: skip
+        report = tmp_path / "dups.csv"
+        duplicates = subprocess.run(
+            [DINOLABEL, "duplicates", "--project", str(PROJECT), "--format", "csv", "--out", str(report), "--api", url],
+            capture_output=True, text=True, env=env, timeout=120,
+        )  # fmt: skip
+        refused = subprocess.run(
+            [DINOLABEL, "similar", "--project", str(PROJECT), "--task", str(QUERY), "--api", url, "--api-key", "bad"],
+            capture_output=True, text=True, env=env, timeout=120,
+        )  # fmt: skip
+    assert similar.returncode == 0, similar.stderr
+    assert similar.stdout.splitlines() == [
+        f"101\t0.9900\tunlabeled\t{search_ls.url}/data/upload/{PROJECT}/101.png",
+        f"102\t0.9500\tlabeled\t{search_ls.url}/data/upload/{PROJECT}/102.png",
+        f"103\t0.9000\tunlabeled\t{search_ls.url}/data/upload/{PROJECT}/103.png",
+    ]
+    assert duplicates.returncode == 0, duplicates.stderr
+    assert report.read_text().splitlines()[0] == ",".join(
+        ("stage", "group", "task_id", "keeper", "is_keeper", "similarity_to_keeper", "group_min_similarity")
+    )
+    assert refused.returncode == 3
+    assert refused.stderr.startswith(f"dinolabel similar: GET /v1/projects/{PROJECT}/similar: HTTP 401: an API key")
