@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import functools
 import io
+import json
 import logging
 from typing import Annotated, Any, Literal
 
@@ -137,12 +139,21 @@ async def _query(request: Request, project: int, service: Service, settings: Set
             raise HTTPException(status_code=422, detail="image: send the query image as a file part named 'image'")
         data = await upload.read(settings.image_max_bytes + 1)
         _check_image(data, settings)
-        import base64
-
         return {"project": project, "image": base64.b64encode(data).decode("ascii")}
     if kind == "application/json":
         try:
             body = SearchByURL.model_validate(await request.json())
+        except json.JSONDecodeError as exc:  # answered as FastAPI answers a declared body that is not JSON
+            raise RequestValidationError(
+                [
+                    {
+                        "type": "json_invalid",
+                        "loc": ("body", exc.pos),
+                        "msg": "JSON decode error",
+                        "ctx": {"error": exc.msg},
+                    }
+                ]
+            ) from None
         except ValidationError as exc:
             raise RequestValidationError(
                 [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False, include_input=False)]
@@ -215,7 +226,8 @@ def _search_by_image(
     )
     result = job.latest_result(timeout=max(1, int(settings.predict_deadline)))
     if result is None:
-        cancel_if_queued(job)
+        if cancel_if_queued(job):
+            job.delete()  # with the upload it carries
         raise HTTPException(
             status_code=503,
             detail=f"no worker serving the embedder answered within {settings.predict_deadline:g} s "

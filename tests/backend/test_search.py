@@ -416,3 +416,64 @@ def test_the_cli_prints_similar_tasks_and_writes_the_duplicate_report(
     )
     assert refused.returncode == 3
     assert refused.stderr.startswith(f"dinolabel similar: GET /v1/projects/{PROJECT}/similar: HTTP 401: an API key")
+
+
+# --- search by image: what the API refuses before any worker is asked ------------------------------------------
+
+
+def test_search_uploads_and_urls_are_checked_before_a_worker_is_asked(
+    tmp_path: Path, redis_url: str, search_ls: FakeLabelStudio
+) -> None:
+    settings = _settings(
+        tmp_path, redis_url, search_ls.url, image_max_bytes=20_000, image_max_pixels=100_000, predict_deadline=1
+    )
+    fill(settings, planted_vectors())
+    url = f"/v1/projects/{PROJECT}/search"
+    photo = _jpeg(scene(200, 150, seed=1), 80)
+    noise = _png(Image.fromarray(np.random.default_rng(0).integers(0, 256, (150, 200, 3), dtype=np.uint8)))
+    with TestClient(create_app(settings)) as client:
+
+        def refused(status: int, **request: object) -> str:
+            response = client.post(url, **request)
+            assert response.status_code == status, response.text
+            return response.json()["detail"]
+
+        assert "send the query image as multipart/form-data" in refused(
+            415, content=photo, headers={"Content-Type": "image/jpeg"}
+        )
+        assert refused(413, files={"image": ("big.png", noise)}) == (
+            "image: larger than 20,000 bytes (DINOLABEL_IMAGE_MAX_BYTES)"
+        )
+        assert refused(415, files={"image": ("a.pdf", b"%PDF-1.7 not an image")}).startswith("image: ")
+        assert refused(422, files={"image": ("wide.png", _png(Image.new("L", (1000, 101))))}) == (
+            "image: 1000x101 pixels; at most 100,000 (DINOLABEL_IMAGE_MAX_PIXELS)"
+        )
+        assert (
+            refused(422, files={"other": ("a.jpg", photo)})
+            == "image: send the query image as a file part named 'image'"
+        )
+        assert refused(422, json={"url": "http://elsewhere.example/cat.jpg"}).startswith(
+            "url: only images on Label Studio's own origin"
+        )
+        assert refused(422, json={"url": "data:image/png;base64,AAAA"}).startswith("url: only images")
+        assert refused(422, json={"url": "/x.jpg", "extra": 1})[0]["loc"] == ["body", "extra"]
+        assert refused(422, content=b'{"url": NaN}', headers={"Content-Type": "application/json"})
+        assert refused(422, files={"image": ("a.jpg", photo)}, params={"k": settings.search_max_k + 1}).startswith(
+            "k: "
+        )
+        # A valid query that no worker takes: the API says so once its deadline passes, and leaves nothing queued.
+        detail = refused(503, files={"image": ("a.jpg", photo)})
+        assert detail.startswith("no worker serving the embedder answered within 1 s (DINOLABEL_PREDICT_DEADLINE)")
+        assert client.app.state.service.queues.interactive.count == 0
+    assert search_ls.seen("/data/") == []  # nothing was fetched by the API
+
+
+def test_search_by_url_needs_a_known_label_studio(tmp_path: Path, redis_url: str) -> None:
+    settings = _settings(tmp_path, redis_url, None)
+    fill(settings, planted_vectors())
+    with TestClient(create_app(settings)) as client:
+        response = client.post(f"/v1/projects/{PROJECT}/search", json={"url": "/data/upload/12/1.png"})
+        assert response.status_code == 409
+        assert response.json()["detail"].startswith("no Label Studio address for project 12")
+        response = client.post("/v1/projects/77/search", json={"url": "/data/upload/12/1.png"})
+        assert response.status_code == 404
