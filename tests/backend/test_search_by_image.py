@@ -50,9 +50,7 @@ def docs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def settings(
-    redis_url: str, dinov2: Path, docs: Path, tmp_path: Path, fake_ls: FakeLabelStudio
-) -> Iterator[Settings]:
+def settings(redis_url: str, dinov2: Path, docs: Path, tmp_path: Path, fake_ls: FakeLabelStudio) -> Iterator[Settings]:
     settings = Settings(
         redis_url=redis_url,
         worker_models=("embedder",),
@@ -75,7 +73,14 @@ def settings(
         vector = embedder.embed([image])[0]
         records.append(
             StoredVector(
-                task, embedder.version, vector, hashes.sha256, hashes.pixel_hash, hashes.phash, hashes.width, hashes.height
+                task,
+                embedder.version,
+                vector,
+                hashes.sha256,
+                hashes.pixel_hash,
+                hashes.phash,
+                hashes.width,
+                hashes.height,
             )
         )
     with open_store(settings, PROJECT, writer=True) as store:
@@ -121,7 +126,7 @@ def test_an_uploaded_image_and_a_label_studio_url_find_their_own_task_first(
         truncated = (docs / "img4.png").read_bytes()[:400]  # a PNG header, then nothing: the worker cannot decode it
         refused = client.post(url, files={"image": ("broken.png", truncated)})
         assert refused.status_code == 422, refused.text
-        assert refused.json()["detail"].startswith("image: cannot decode image")
+        assert refused.json()["detail"].startswith("image: cannot decode PNG image of 192x120 (400 bytes)")
         missing = client.post(url, json={"url": "/data/local-files/?d=nothing-here.png"})
         assert missing.status_code == 422 and missing.json()["detail"].startswith("image: cannot fetch image")
         assert client.app.state.service.queues.embed.count == 0
