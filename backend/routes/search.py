@@ -217,9 +217,10 @@ def _label_studio_url(url: str, project: int, service: Service) -> str:
 def _search_by_image(
     payload: dict[str, Any], project: int, k: int, service: Service, cache: IndexCache, settings: Settings
 ) -> SearchResponse:
-    job = service.queues.interactive.enqueue(
+    job = service.queues.embed.enqueue(
         embed_query,
         payload,
+        at_front=True,  # before queued index batches: a person is waiting
         result_ttl=RESULT_TTL,
         job_timeout=int(settings.predict_deadline) + 60,
         description=f"embed a query image of project {project}",  # not the arguments: an upload, a URL

@@ -464,7 +464,7 @@ def test_search_uploads_and_urls_are_checked_before_a_worker_is_asked(
         # A valid query that no worker takes: the API says so once its deadline passes, and leaves nothing queued.
         detail = refused(503, files={"image": ("a.jpg", photo)})
         assert detail.startswith("no worker serving the embedder answered within 1 s (DINOLABEL_PREDICT_DEADLINE)")
-        assert client.app.state.service.queues.interactive.count == 0
+        assert client.app.state.service.queues.embed.count == 0
     assert search_ls.seen("/data/") == []  # nothing was fetched by the API
 
 
