@@ -3,8 +3,9 @@
 The store (``indexer.store``, SQLite in WAL mode) is the truth; the index is derived from it. On the first
 search of a project the index is loaded from its last save (``<project dir>/faiss/``) or, when there is
 none or it holds another embedder's vectors, rebuilt from the store and saved, so an API restart on a
-big project costs a file read, not a rebuild. Every later use first applies
-``store.changes_since(seq)``: one indexed SQL query when nothing changed, so a search always sees
+big project costs a file read, not a rebuild. Every later use first compares the store's sequence
+number with the index's (one read) and applies ``store.changes_since(seq)`` when they differ (an
+indexed query over the rows written since), so a search always sees
 what the store's writer committed before it, deletions included. The store is opened read-only here:
 readers never block its one writer.
 
@@ -76,8 +77,8 @@ class IndexCache:
             if entry.index is None or entry.index.info.embedder != version:
                 entry.index, entry.unsaved = self._open(project, store, version), 0
             index = entry.index
-            changes = store.changes_since(index.info.store_seq, version)
-            if len(changes.task_ids) or len(changes.deleted) or changes.seq != index.info.store_seq:
+            if store.seq != index.info.store_seq:  # every write moves seq: equal means nothing to catch up
+                changes = store.changes_since(index.info.store_seq, version)
                 index.apply(changes)
                 entry.unsaved += len(changes.task_ids) + len(changes.deleted)
                 if entry.unsaved >= SAVE_EVERY:
