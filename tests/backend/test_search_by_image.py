@@ -21,7 +21,7 @@ from model import create_embedder
 from model.images import decode_image
 from tests.backend.conftest import LEGACY_TOKEN, FakeLabelStudio
 from tests.images import scene
-from tests.processes import Service
+from tests.processes import Service, wait_for
 from tests.tiny_checkpoints import build_tiny_dinov2
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
@@ -134,3 +134,32 @@ def test_an_uploaded_image_and_a_label_studio_url_find_their_own_task_first(
     assert fake_ls.seen("/data/") == []
     scores = np.array([h["score"] for h in body["results"]])
     assert (scores[1:] < 0.9999).all()
+
+
+CONFIG = (
+    '<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">'
+    '<Label value="cat"/></RectangleLabels></View>'
+)
+
+
+def test_a_search_right_after_an_index_job_sees_its_vectors(
+    settings: Settings, embed_worker: Service, docs: Path, fake_ls: FakeLabelStudio
+) -> None:
+    (docs / "img9.png").write_bytes((docs / "img3.png").read_bytes())  # a new task holding task 3's image
+    fake_ls.tasks[9] = {"image": "/data/local-files/?d=img9.png"}
+    similar = f"/v1/projects/{PROJECT}/similar"
+    with TestClient(create_app(settings)) as client:
+        before = client.get(similar, params={"task_id": 3, "k": 2}).json()  # the cached index, before the job
+        assert 9 not in [hit["task_id"] for hit in before["results"]]
+        assert client.post("/setup", json={"project": f"{PROJECT}.1", "schema": CONFIG}).status_code == 200
+        started = client.post(f"/v1/projects/{PROJECT}/index")
+        assert started.status_code == 202, started.text
+
+        def ended() -> dict | bool:
+            job = client.get(f"/v1/jobs/{started.json()['id']}").json()
+            return job["status"] not in ("planning", "running") and job
+
+        job = wait_for(ended, 180, f"the index job\n{embed_worker.log_tail()}")
+        assert (job["status"], job["done"], job["skipped"]) == ("done", 1, len(TASKS)), job
+        after = client.get(similar, params={"task_id": 3, "k": 2}).json()
+    assert after["results"][0]["task_id"] == 9 and after["results"][0]["score"] == pytest.approx(1.0, abs=1e-4)
