@@ -1,9 +1,22 @@
-"""Optional HTTP basic auth, as Label Studio's model connection settings send it."""
+"""Optional HTTP basic auth, as Label Studio's model connection settings send it, and an optional API key.
+
+Two credentials, two audiences:
+
+- basic auth (``DINOLABEL_BASIC_AUTH_USER``/``_PASS``) is what Label Studio's model connection sends; when
+  set, every route needs it except ``/webhook`` (which checks its own secret);
+- the API key (``DINOLABEL_API_KEY``) is for scripts and the CLI on the ``/v1`` routes (jobs, search,
+  duplicates): when set, a ``/v1`` request needs ``Authorization: Bearer <key>``, or the basic-auth
+  credentials when those are configured too (one header cannot carry both, so either opens ``/v1``).
+  Label Studio's routes (``/predict``, ``/setup``, ``/health``, ``/webhook``) keep the basic-auth rule.
+
+Both are compared as bytes in constant time, and never logged.
+"""
 
 from __future__ import annotations
 
 import base64
 import binascii
+import json
 import secrets
 from collections.abc import Iterable
 
@@ -14,6 +27,8 @@ from backend.config import Settings
 # Label Studio cannot send basic auth with webhooks: /webhook checks its shared secret (or these
 # credentials) itself, and acknowledges other events without either.
 OPEN_PATHS = frozenset({"/webhook"})
+API_PREFIX = "/v1/"
+"""Routes that take the API key."""
 
 
 def basic_auth_valid(settings: Settings, headers: Iterable[tuple[bytes, bytes]]) -> bool:
@@ -41,25 +56,52 @@ def basic_auth_valid(settings: Settings, headers: Iterable[tuple[bytes, bytes]])
     return any([secrets.compare_digest(sent, candidate) for candidate in expected])
 
 
-class BasicAuthMiddleware:
-    """Refuses requests without the configured user and password (401 with a challenge)."""
+def api_key_valid(settings: Settings, headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """True when an API key is configured and ``Authorization: Bearer <key>`` carries it (constant time)."""
+    if settings.api_key is None:
+        return False
+    header = dict(headers).get(b"authorization", b"")
+    scheme, _, sent = header.partition(b" ")
+    if scheme.lower() != b"bearer":
+        return False
+    return secrets.compare_digest(sent.strip(), settings.api_key.get_secret_value().encode())
+
+
+class AuthMiddleware:
+    """Refuses requests without the credentials their route needs (401 with the challenges it accepts)."""
 
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
         self.settings = settings
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or basic_auth_valid(self.settings, scope["headers"]):
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
-        body = b'{"detail":"basic auth required: set the user and password in Label Studio\'s model settings"}'
+        basic = bool(self.settings.basic_auth_user)
+        if scope["path"].startswith(API_PREFIX) and self.settings.api_key is not None:
+            allowed = api_key_valid(self.settings, scope["headers"]) or basic_auth_valid(
+                self.settings, scope["headers"]
+            )
+            challenges = [b'Bearer realm="dinolabel"'] + ([b'Basic realm="dinolabel"'] if basic else [])
+            reason = "an API key is required: send Authorization: Bearer <DINOLABEL_API_KEY>"
+            if basic:
+                reason += ", or this service's basic-auth credentials"
+        else:
+            allowed = not basic or basic_auth_valid(self.settings, scope["headers"])
+            challenges = [b'Basic realm="dinolabel"']
+            reason = "basic auth required: set the user and password in Label Studio's model settings"
+        if allowed:
+            await self.app(scope, receive, send)
+            return
+        body = json.dumps({"detail": reason}).encode()
         await send(
             {
                 "type": "http.response.start",
                 "status": 401,
                 "headers": [
                     (b"content-type", b"application/json"),
-                    (b"www-authenticate", b'Basic realm="dinolabel"'),
+                    *((b"www-authenticate", challenge) for challenge in challenges),
                     (b"content-length", str(len(body)).encode()),
                 ],
             }

@@ -8,11 +8,14 @@
 - ``store-writer``: the one writer of the projects' vector stores, alone (``serve`` runs it by default).
 - ``register-webhook``: make Label Studio send ``TASKS_CREATED`` to us, with our shared secret.
 - ``unprioritize``: remove our ranking from a project (backend/ls_priority.py: the tab, the fields).
+- ``similar``: the tasks most similar to one task, through the API.
+- ``duplicates``: a project's duplicate report (JSON, CSV or an HTML gallery), through the API.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -116,9 +119,16 @@ class ApiGone(ApiError):
     """The API did not answer at all (refused connection, reset, time-out)."""
 
 
-def _api(args: argparse.Namespace) -> httpx.Client:
+def _api(args: argparse.Namespace, *, timeout: float = 30.0) -> httpx.Client:
+    """A client of the dinolabel API: basic auth from ``--user``/``--password``, or the API key as a Bearer
+    token (``--api-key``, else ``DINOLABEL_API_KEY``)."""
     auth = (args.user, args.password) if args.user else None
-    return httpx.Client(base_url=args.api.rstrip("/"), auth=auth, timeout=30.0)
+    key = args.api_key
+    if key is None and auth is None:
+        configured = _settings().api_key
+        key = configured.get_secret_value() if configured is not None else None
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.Client(base_url=args.api.rstrip("/"), auth=auth, headers=headers, timeout=timeout)
 
 
 def _call(client: httpx.Client, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
@@ -291,11 +301,73 @@ def _register_webhook(args: argparse.Namespace) -> int:
     return 0
 
 
-def _api_options(command: argparse.ArgumentParser) -> None:
-    """The options of the commands that start a job through the API and follow it."""
+def _similar(args: argparse.Namespace) -> int:
+    with _api(args) as client:
+        try:
+            found = _call(
+                client, "GET", f"/v1/projects/{args.project}/similar", params={"task_id": args.task, "k": args.k}
+            )
+        except ApiGone as exc:
+            print(f"dinolabel similar: cannot reach the API at {_shown(client)} ({exc})", file=sys.stderr)
+            return EXIT_API
+        except ApiError as exc:
+            print(f"dinolabel similar: {exc}", file=sys.stderr)
+            return EXIT_API
+    if args.json:
+        print(json.dumps(found, indent=2))
+        return 0
+    if found.get("warning"):
+        print(f"note: {found['warning']}", file=sys.stderr)
+    for hit in found["results"]:
+        labeled = {True: "labeled", False: "unlabeled", None: "-"}[hit["labeled"]]
+        print(f"{hit['task_id']}\t{hit['score']:.4f}\t{labeled}\t{hit['image'] or '-'}")
+    return 0
+
+
+def _duplicates(args: argparse.Namespace) -> int:
+    params: dict[str, Any] = {"format": args.format}
+    if args.threshold is not None:
+        params["threshold"] = args.threshold
+    with _api(args, timeout=args.timeout) as client:
+        path = f"/v1/projects/{args.project}/duplicates"
+        try:
+            response = client.get(path, params=params)
+        except httpx.TransportError as exc:
+            print(
+                f"dinolabel duplicates: cannot reach the API at {_shown(client)} ({type(exc).__name__})",
+                file=sys.stderr,
+            )
+            return EXIT_API
+        if response.status_code >= 400:
+            print(
+                f"dinolabel duplicates: GET {path}: HTTP {response.status_code}: {_reason(response)}", file=sys.stderr
+            )
+            return EXIT_API
+    if args.out:
+        with open(args.out, "wb") as out:
+            out.write(response.content)
+    else:
+        sys.stdout.buffer.write(response.content)
+    if args.format == "json":
+        report = response.json()
+        count = len(report.get("duplicate_ids", []))
+        print(f"project {args.project}: {count} images could be removed", file=sys.stderr)
+        if report.get("warning"):
+            print(f"note: {report['warning']}", file=sys.stderr)
+    return 0
+
+
+def _connection_options(command: argparse.ArgumentParser) -> None:
+    """How a command reaches the API: its address and credentials (basic auth, or the API key)."""
     command.add_argument("--api", default="http://127.0.0.1:9090", help="the dinolabel API (default %(default)s)")
     command.add_argument("--user", help="basic auth user of the API")
     command.add_argument("--password", help="basic auth password of the API")
+    command.add_argument("--api-key", help="the API key (default DINOLABEL_API_KEY), sent as a Bearer token")
+
+
+def _api_options(command: argparse.ArgumentParser) -> None:
+    """The options of the commands that start a job through the API and follow it."""
+    _connection_options(command)
     command.add_argument("--interval", type=float, default=1.0, help="seconds between progress polls")
     command.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -383,6 +455,32 @@ def build_parser() -> argparse.ArgumentParser:
     unprioritize.add_argument("--label-studio-url", help="default DINOLABEL_LABEL_STUDIO_URL")
     unprioritize.add_argument("--api-key", help="default DINOLABEL_LABEL_STUDIO_API_KEY")
     unprioritize.set_defaults(run=_unprioritize)
+
+    similar = commands.add_parser(
+        "similar",
+        help="the tasks whose images are most similar to a task's",
+        description="Prints task id, score, labeled state and image URL per line, most similar first. Exit status: "
+        "0 answered, 3 the API was unreachable or refused the request.",
+    )
+    similar.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    similar.add_argument("--task", type=int, required=True, help="the query task id")
+    similar.add_argument("-k", type=int, default=20, help="results (default %(default)s)")
+    similar.add_argument("--json", action="store_true", help="print the API's JSON answer")
+    _connection_options(similar)
+    similar.set_defaults(run=_similar)
+
+    dup = commands.add_parser(
+        "duplicates",
+        help="a project's duplicate images: exact, near-exact (perceptual hash), near (embedding)",
+        description="Exit status: 0 written, 3 the API was unreachable or refused the request.",
+    )
+    dup.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    dup.add_argument("--threshold", type=float, help="embedding cosine for near duplicates (API default 0.9)")
+    dup.add_argument("--format", choices=("json", "csv", "html"), default="json", help="default %(default)s")
+    dup.add_argument("--out", help="write the report to this file (default: standard output)")
+    dup.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the report")
+    _connection_options(dup)
+    dup.set_defaults(run=_duplicates)
     return parser
 
 

@@ -35,6 +35,7 @@ class Settings(BaseSettings):
     basic_auth_pass: SecretStr | None = Field(
         default=None, validation_alias=AliasChoices("DINOLABEL_BASIC_AUTH_PASS", "BASIC_AUTH_PASS")
     )
+    api_key: SecretStr | None = None  # /v1 routes: `Authorization: Bearer <key>` (backend/auth.py)
 
     # Detector
     detector_checkpoint: str = "IDEA-Research/grounding-dino-tiny"
@@ -97,9 +98,12 @@ class Settings(BaseSettings):
     priority_rank_field: str = Field(default="dinolabel_rank", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
     priority_reason_field: str = Field(default="dinolabel_reason", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
+    # Search and duplicates (the read path of the index)
+    search_max_k: int = Field(default=100, ge=1, le=2048)  # most results of one search (faiss GPU caps k at 2048)
+
     @field_validator(
-        "basic_auth_user", "basic_auth_pass", "detector_revision", "redis_url", "webhook_secret", "label_studio_url",
-        "label_studio_api_key", "local_files_document_root", "media_root", mode="before",
+        "basic_auth_user", "basic_auth_pass", "api_key", "detector_revision", "redis_url", "webhook_secret",
+        "label_studio_url", "label_studio_api_key", "local_files_document_root", "media_root", mode="before",
     )  # fmt: skip
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:

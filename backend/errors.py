@@ -18,7 +18,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from backend.index_cache import NotIndexed
 from backend.schemas.errors import ErrorResponse
+from backend.search import TaskNotIndexed
 
 log = logging.getLogger(__name__)
 
@@ -27,13 +29,15 @@ REDIS_DOWN = "Redis is unreachable; nothing was queued, try again when it is bac
 
 _DESCRIPTIONS = {
     400: "The body is not what the route reads (the reason says what).",
-    401: "Basic auth is configured and the request lacks the right credentials.",
-    404: "No such job (unknown, or expired).",
+    401: "Basic auth or an API key is configured and the request lacks the right credentials.",
+    404: "No such job (unknown, or expired), or nothing indexed for the project or task (the reason says which).",
     409: "No Label Studio address is known for the project.",
     413: "The body is larger than DINOLABEL_MAX_REQUEST_BYTES (or, on /webhook without credentials, 1 MiB).",
+    415: "The body is of a type the route does not read (the reason names the types it takes).",
     422: "A malformed request or one past a limit: the reason names the field or the limit (and its setting).",
-    500: "The prediction failed inside the worker; the reason is fixed, the details are in the service log.",
-    503: "Redis is unreachable (nothing was queued); for a /predict hand-off also: no Label Studio address known.",
+    500: "The model failed inside the worker; the reason is fixed, the details are in the service log.",
+    503: "Redis is unreachable (nothing was queued); for a /predict hand-off also: no Label Studio address known; "
+    "for a search by image: no worker serving the embedder answered in time.",
 }
 
 
@@ -56,6 +60,8 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(redis.ConnectionError, _redis_down)
     app.add_exception_handler(redis.TimeoutError, _redis_down)
+    app.add_exception_handler(NotIndexed, _not_found)
+    app.add_exception_handler(TaskNotIndexed, _not_found)
 
 
 async def _invalid_request(request: Request, exc: RequestValidationError) -> SafeJSONResponse:
@@ -74,6 +80,11 @@ def _problem(error: dict[str, Any]) -> dict[str, Any]:
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> SafeJSONResponse:
     return SafeJSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _not_found(request: Request, exc: Exception) -> SafeJSONResponse:
+    """Nothing indexed to search: the reason (ours) names the project or task and what to run."""
+    return SafeJSONResponse({"detail": str(exc)}, status_code=404)
 
 
 async def _redis_down(request: Request, exc: Exception) -> SafeJSONResponse:

@@ -175,6 +175,50 @@ class LabelStudioClient:
         total = int(body.get("total", len(tasks))) if isinstance(body, dict) else len(tasks)
         return [{"id": t["id"], "data": t.get("data") or {}} for t in tasks], total
 
+    def tasks_by_id(self, project_id: int, task_ids: Iterable[int]) -> dict[int, dict[str, Any]]:
+        """``{id: {id, data, is_labeled}}`` of those of ``task_ids`` that exist in the project: one listing
+        per 200 ids (they travel in the URL), never one call per task."""
+        ids = list(dict.fromkeys(task_ids))
+        found: dict[int, dict[str, Any]] = {}
+        for start in range(0, len(ids), MAX_IDS_PER_QUERY):
+            chunk = ids[start : start + MAX_IDS_PER_QUERY]
+            query = {"selectedItems": {"all": False, "included": chunk}}
+            params = {
+                "project": project_id,
+                "page_size": len(chunk),
+                "include": "id,data,is_labeled",
+                "query": json.dumps(query),
+            }
+            body = self.request("GET", "/api/tasks", params=params)
+            for task in body.get("tasks", []) if isinstance(body, dict) else body or []:
+                found[int(task["id"])] = {
+                    "id": int(task["id"]),
+                    "data": task.get("data") or {},
+                    "is_labeled": bool(task.get("is_labeled")),
+                }
+        return found
+
+    def labeled_task_ids(self, project_id: int, *, page_size: int = PAGE_SIZE) -> set[int]:
+        """Every task of the project that Label Studio counts as labeled (``is_labeled``: annotations up
+        to the project's overlap), listed in pages of ``page_size`` after an id cursor (only ``id`` and
+        ``is_labeled`` travel)."""
+        labeled: set[int] = set()
+        after = 0
+        while True:
+            query = {"filters": {"conjunction": "and", "items": [_id_after(after)]}}
+            params = {
+                "project": project_id,
+                "page_size": page_size,
+                "include": "id,is_labeled",
+                "query": json.dumps(query),
+            }
+            body = self.request("GET", "/api/tasks", params=params)
+            tasks = body.get("tasks", []) if isinstance(body, dict) else body or []
+            labeled.update(int(t["id"]) for t in tasks if t.get("is_labeled"))
+            if len(tasks) < page_size:
+                return labeled
+            after = max(int(t["id"]) for t in tasks)
+
     def tasks_holding(self, project_id: int, task_ids: Iterable[int], model_version: str) -> set[int]:
         """Which of ``task_ids`` hold a prediction of ``model_version``: one query per 200 tasks (their
         ids travel in the URL)."""

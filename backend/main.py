@@ -15,11 +15,12 @@ import anyio
 from fastapi import FastAPI, Request, Response
 
 from backend import errors
-from backend.auth import BasicAuthMiddleware
+from backend.auth import AuthMiddleware
 from backend.body_limit import BodyLimitMiddleware
 from backend.config import Settings, get_settings
+from backend.index_cache import IndexCache
 from backend.metrics import Metrics
-from backend.routes import index, jobs, ls, metrics
+from backend.routes import index, jobs, ls, metrics, search
 from backend.state import Service
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         service = Service(settings)
         app.state.service = service
         app.state.predict_limiter = anyio.CapacityLimiter(PREDICT_THREADS)
+        app.state.index_cache = IndexCache(settings)
         if service.embedded is not None and settings.embedded_worker:
             service.start_embedded_worker()
         if settings.store_writer:
@@ -47,6 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "pre-annotated automatically) unless it carries this service's basic-auth credentials"
             )
         yield
+        app.state.index_cache.close()
         service.close()
 
     app = FastAPI(title="dinolabel", version="0.1.0", lifespan=lifespan)
@@ -69,10 +72,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.metrics.observe(route, request.method, response.status_code, time.perf_counter() - started)
         return response
 
-    if settings.basic_auth_user:
-        app.add_middleware(BasicAuthMiddleware, settings=settings)
+    if settings.basic_auth_user or settings.api_key is not None:
+        app.add_middleware(AuthMiddleware, settings=settings)
     app.include_router(ls.router)
     app.include_router(jobs.router)
     app.include_router(index.router)
+    app.include_router(search.router)
     app.include_router(metrics.router)
     return app

@@ -256,13 +256,16 @@ class VectorStore:
         with self._lock:
             self._db.execute("BEGIN")  # one snapshot for rows, tombstones and seq
             try:
+                # No ORDER BY: sorting by task_id makes SQLite scan the whole table (its primary key)
+                # instead of searching the seq index; a reader with nothing to catch up then paid a full scan.
                 rows = self._db.execute(
-                    "SELECT task_id, vector, embedder FROM vectors WHERE seq > ? ORDER BY task_id", (seq,)
+                    "SELECT task_id, vector, embedder FROM vectors WHERE seq > ?", (seq,)
                 ).fetchall()
                 deleted = [r[0] for r in self._db.execute("SELECT task_id FROM tombstones WHERE seq > ?", (seq,))]
                 now = int(self._db.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()[0])
             finally:
                 self._db.execute("COMMIT")
+        rows.sort(key=lambda row: row[0])
         dim = self.dim or 0
         kept = [r for r in rows if r[2] == embedder]
         deleted += [r[0] for r in rows if r[2] != embedder]  # re-embedded by another version: not ours any more

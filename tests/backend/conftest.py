@@ -127,6 +127,7 @@ class FakeLabelStudio(_FakeServer):
     presign_calls: list[tuple[int, str]] = field(default_factory=list)
     predictions: list[dict[str, Any]] = field(default_factory=list)  # rows imported through the API
     tasks: dict[int, dict[str, Any]] = field(default_factory=dict)  # id -> data, for GET /api/tasks
+    labeled: set[int] = field(default_factory=set)  # tasks listed with is_labeled true
     issued: list[str] = field(default_factory=list)
     valid_access: set[str] = field(default_factory=set)
 
@@ -304,8 +305,8 @@ class _LabelStudioHandler(_Handler):
             self.presign(state, int(match.group(1)), seen.query.get("fileuri", [""])[-1])
         elif path == "/api/tasks":  # what bulk jobs list and check
             with state.lock:
-                tasks, predictions = dict(state.tasks), list(state.predictions)
-            self.answer(*task_listing(seen, tasks, predictions))
+                tasks, predictions, labeled = dict(state.tasks), list(state.predictions), set(state.labeled)
+            self.answer(*task_listing(seen, tasks, predictions, labeled))
         elif path == "/api/predictions":  # what bulk jobs ask before writing (?project= or ?task=)
             task = seen.query.get("task", [None])[-1]
             with state.lock:
@@ -384,9 +385,12 @@ class FakeProjectAPI(_FakeServer):
             return counts
 
 
-def task_listing(seen: Seen, tasks: dict[int, dict[str, Any]], predictions: list[dict[str, Any]]) -> tuple[int, bytes]:
+def task_listing(
+    seen: Seen, tasks: dict[int, dict[str, Any]], predictions: list[dict[str, Any]], labeled: set[int] | None = None
+) -> tuple[int, bytes]:
     """``GET /api/tasks`` as Label Studio answers it, for the Data Manager queries the bulk jobs send:
-    ``selectedItems``, filters on id (greater, between) and on model versions (contains), pages."""
+    ``selectedItems``, filters on id (greater, between) and on model versions (contains), pages; the
+    ``is_labeled`` field of the ``labeled`` tasks."""
     query = json.loads(seen.query.get("query", ["{}"])[-1])
     selected = query.get("selectedItems") or {"all": True}
     versions: dict[int, list[str]] = {}
@@ -402,7 +406,7 @@ def task_listing(seen: Seen, tasks: dict[int, dict[str, Any]], predictions: list
     fields = seen.query.get("include", ["id,data,predictions_model_versions"])[-1].split(",")
     listed = []
     for task_id in chosen:
-        task = {"id": task_id, "data": tasks[task_id],
+        task = {"id": task_id, "data": tasks[task_id], "is_labeled": task_id in (labeled or ()),
                 "predictions_model_versions": ",".join(sorted(set(versions.get(task_id, []))))}  # fmt: skip
         listed.append({k: v for k, v in task.items() if k in fields})
     return 200, json.dumps({"total": len(ids), "tasks": listed}).encode()
