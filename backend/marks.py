@@ -69,28 +69,50 @@ class Marks:
 
     prefix = KEY_PREFIX + "marks:"
 
-    # Claim a task for a bulk batch (KEYS: marks hash; ARGV: task, owner, alive prefix, now).
+    # Claim tasks for a bulk batch, all in one call: a batch's claims cost one round trip, not one per
+    # task (KEYS: marks hash; ARGV: owner, alive prefix, now, then the task ids; one state per task).
     _CLAIM = """
-    local current = redis.call('HGET', KEYS[1], ARGV[1])
-    local mine = 'pending:' .. ARGV[2]
-    if not current then redis.call('HSET', KEYS[1], ARGV[1], mine) return 'claimed' end
-    local kind, rest = string.match(current, '^(%a+):(.*)$')
-    if kind == 'done' then redis.call('HSET', KEYS[1], ARGV[1], mine) return 'done' end
-    if kind == 'predict' then
-      if tonumber(rest) > tonumber(ARGV[4]) then return 'busy' end
-      redis.call('HSET', KEYS[1], ARGV[1], mine)
-      return 'done'
+    local mine = 'pending:' .. ARGV[1]
+    local out = {}
+    for i = 4, #ARGV do
+      local task = ARGV[i]
+      local current = redis.call('HGET', KEYS[1], task)
+      local state
+      if not current then
+        redis.call('HSET', KEYS[1], task, mine)
+        state = 'claimed'
+      else
+        local kind, rest = string.match(current, '^(%a+):(.*)$')
+        if kind == 'done' then
+          redis.call('HSET', KEYS[1], task, mine)
+          state = 'done'
+        elseif kind == 'predict' then
+          if tonumber(rest) > tonumber(ARGV[3]) then
+            state = 'busy'
+          else
+            redis.call('HSET', KEYS[1], task, mine)
+            state = 'done'
+          end
+        elseif rest == ARGV[1] then
+          state = 'claimed'
+        elseif redis.call('EXISTS', ARGV[2] .. rest) == 1 then
+          state = 'busy'
+        else
+          redis.call('HSET', KEYS[1], task, mine)
+          state = 'taken'
+        end
+      end
+      out[#out + 1] = state
     end
-    if rest == ARGV[2] then return 'claimed' end
-    if redis.call('EXISTS', ARGV[3] .. rest) == 1 then return 'busy' end
-    redis.call('HSET', KEYS[1], ARGV[1], mine)
-    return 'taken'
+    return out
     """
-    # Give back a task its holder did not write (KEYS: marks hash; ARGV: task, owner).
+    # Give back tasks their holder did not write (KEYS: marks hash; ARGV: owner, then the task ids).
     _RELEASE = """
-    local current = redis.call('HGET', KEYS[1], ARGV[1])
-    if current == 'pending:' .. ARGV[2] or current == 'writing:' .. ARGV[2] then
-      redis.call('HDEL', KEYS[1], ARGV[1])
+    for i = 2, #ARGV do
+      local current = redis.call('HGET', KEYS[1], ARGV[i])
+      if current == 'pending:' .. ARGV[1] or current == 'writing:' .. ARGV[1] then
+        redis.call('HDEL', KEYS[1], ARGV[i])
+      end
     end
     return 1
     """
@@ -132,13 +154,12 @@ class Marks:
         """Per task: ``claimed`` (new), ``taken`` (from a dead worker) or ``done`` (written before): all
         three are now held by ``owner``, the last two to be checked against Label Studio first; or
         ``busy`` (a live worker holds it, or a ``/predict`` is answering it)."""
-        now = time.time()
-        out = {
-            t: _text(self.connection.eval(self._CLAIM, 1, self.key, str(t), owner, Workers.prefix, now))
-            for t in task_ids
-        }
+        ids = list(task_ids)
+        if not ids:
+            return {}
+        states = self.connection.eval(self._CLAIM, 1, self.key, owner, Workers.prefix, time.time(), *map(str, ids))
         self.connection.expire(self.key, MARKS_TTL)
-        return out
+        return {t: _text(state) for t, state in zip(ids, states, strict=True)}
 
     def keep_for_write(self, task_ids: Iterable[int], owner: str) -> list[int]:
         """Right before an import call: the tasks still held by ``owner``, now marked ``writing:``. The
@@ -168,8 +189,10 @@ class Marks:
             pipe.execute()
 
     def release(self, task_ids: Iterable[int], owner: str) -> None:
-        for t in task_ids:
-            self.connection.eval(self._RELEASE, 1, self.key, str(t), owner)
+        """Drop ``owner``'s claims on these tasks (a claim someone else took over stays)."""
+        ids = [str(t) for t in task_ids]
+        if ids:
+            self.connection.eval(self._RELEASE, 1, self.key, owner, *ids)
 
     def done_by(self, task_ids: Iterable[int]) -> dict[int, str | None]:
         """For tasks marked done, the job that wrote them (``predict`` for the interactive path)."""

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import json
 import os
@@ -45,6 +46,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +65,8 @@ LABEL_CONFIG = (
     '<Label value="cat"/><Label value="dog"/></RectangleLabels></View>'
 )
 FOLDER = "bench-100k"
+STUB_PREFIX = "bench:stub:"  # the stub worker's counters in Redis: model time and images, batches, interactive
+STUB_COUNTERS = ("model_s", "models", "images", "batch_s", "batchs", "interactive_s", "interactives")
 
 
 # --- the stub worker (a child process) ----------------------------------------------------------------------
@@ -78,6 +82,16 @@ def stub_worker_main() -> int:
     from backend.queues import connect
 
     seconds = 1.0 / float(os.environ["BENCH_RATE"])
+    counters = redis.Redis.from_url(os.environ["DINOLABEL_REDIS_URL"])
+
+    def model(count: int) -> None:
+        """The model's time for ``count`` images, counted (how busy the model was, in the window)."""
+        time.sleep(seconds * count)
+        with counters.pipeline() as pipe:
+            pipe.incrbyfloat(STUB_PREFIX + "model_s", seconds * count)
+            pipe.incrby(STUB_PREFIX + "models", 1)
+            pipe.incrby(STUB_PREFIX + "images", count)
+            pipe.execute()
 
     import torch
 
@@ -88,20 +102,40 @@ def stub_worker_main() -> int:
         device = torch.device("cpu")
 
         def detect(self, images: Sequence[Any], *args: Any, **kwargs: Any) -> list[list[Any]]:
-            time.sleep(seconds * len(images))
+            model(len(images))
             return [[] for _ in images]
 
         def stages(self, phrases: Sequence[str], params: Any, *, groups: Any = None) -> Any:
             from model.pipeline import Stages
 
             def forward(pixels: Any) -> None:
-                time.sleep(seconds * len(pixels))
+                model(len(pixels))
 
             return Stages(preprocess=lambda image: (torch.zeros((1, 1)), image.size), forward=forward,
                           postprocess=lambda outputs, sizes: [[] for _ in sizes])  # fmt: skip
 
+    import backend.jobs
+
+    def timed(function: Any, name: str) -> Any:
+        """``function``, its wall time added to the ``name`` counters (where a bulk batch's time goes)."""
+
+        @functools.wraps(function)  # the same module and name: RQ queues jobs by the function's name
+        def run(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                with counters.pipeline() as pipe:
+                    pipe.incrbyfloat(f"{STUB_PREFIX}{name}_s", time.perf_counter() - started)
+                    pipe.incrby(f"{STUB_PREFIX}{name}s", 1)
+                    pipe.execute()
+
+        return run
+
     settings = Settings()
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    backend.jobs.run_batch = timed(backend.jobs.run_batch, "batch")  # RQ looks the function up by name
+    backend.jobs.predict_tasks = timed(backend.jobs.predict_tasks, "interactive")
     backend.worker.load_predictor = lambda s: Predictor(Stub(), batch_size=8)  # type: ignore[arg-type]
     backend.worker.run_worker(settings, connect(settings.redis_url or ""))
     return 0
@@ -154,13 +188,81 @@ class Prober(threading.Thread):
         return out
 
 
-def run_version(label: str, code: Path, ls: Any, server: Any, project: int, args: argparse.Namespace,
+@dataclass(frozen=True)
+class Run:
+    """One measured job: a tree (``--code``), the stub's rate and settings that differ from the defaults."""
+
+    code_label: str
+    code: Path
+    rate: float
+    settings: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def label(self) -> str:
+        rate = f"{self.rate:g}"
+        return " ".join([f"{self.code_label}@{rate}", *(f"{k}={v}" for k, v in self.settings)])
+
+    @classmethod
+    def parse(cls, text: str, codes: dict[str, Path]) -> Run:
+        """``LABEL@RATE[:setting=value,...]``, e.g. ``new@100:bulk_write_size=500,bulk_write_wait=2``."""
+        head, _, tail = text.partition(":")
+        label, _, rate = head.partition("@")
+        if label not in codes or not rate:
+            raise argparse.ArgumentTypeError(f"--run {text!r}: expected LABEL@RATE with LABEL one of {sorted(codes)}")
+        settings = tuple(tuple(item.split("=", 1)) for item in tail.split(",") if item)
+        if any(len(item) != 2 for item in settings):
+            raise argparse.ArgumentTypeError(f"--run {text!r}: settings are name=value")
+        return cls(label, codes[label], float(rate), settings)  # type: ignore[arg-type]
+
+
+class CpuMeter:
+    """CPU cores used by each service (its process and children) and by other processes over a span.
+
+    Only the benchmark process uses it: a ``--stub-worker`` imports ``bench.common`` of another tree.
+    """
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        from bench.common import OtherLoad, tree_cpu_seconds
+
+        self.seconds = tree_cpu_seconds
+        self.pids = pids
+        self.started = time.perf_counter()
+        self.start = {name: tree_cpu_seconds(pid) for name, pid in pids.items()}
+        self.others = OtherLoad()
+
+    def cores(self) -> dict[str, float | None]:
+        elapsed = time.perf_counter() - self.started
+        used: dict[str, float | None] = {
+            name: round((self.seconds(pid) - self.start[name]) / elapsed, 2) for name, pid in self.pids.items()
+        }
+        used["other_processes"] = self.others.cores()
+        return used
+
+
+def steady_rate(progress: Sequence[tuple[float, ...]], start: float, end: float) -> tuple[float, int]:
+    """Tasks/s between ``start`` and ``end`` s, and the tasks counted then.
+
+    ``done`` moves in steps (one per import call), so the rate is taken between the first and the last
+    step inside the span: a span that happens to begin just before a step and end just after one would
+    count a whole call too many.
+    """
+    inside = [(t, done) for t, _, done, *_ in progress if start <= t <= end]
+    steps = [inside[i] for i in range(1, len(inside)) if inside[i][1] != inside[i - 1][1]]
+    if len(steps) >= 2 and steps[-1][0] > steps[0][0]:
+        return (steps[-1][1] - steps[0][1]) / (steps[-1][0] - steps[0][0]), steps[-1][1] - steps[0][1]
+    if len(inside) >= 2 and inside[-1][0] > inside[0][0]:
+        return (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0]), inside[-1][1] - inside[0][1]
+    return 0.0, 0
+
+
+def run_version(run: Run, index: int, ls: Any, server: Any, project: int, args: argparse.Namespace,
                 directory: Path) -> dict[str, Any]:  # fmt: skip
+    from backend.bulk import BulkJob
     from tests.labelstudio import free_port
     from tests.processes import RedisServer, health, wait_for
 
-    logs = directory / label
-    logs.mkdir()
+    logs = directory / f"run{index}-{run.code_label}"
+    logs.mkdir(parents=True)
     redis_server = RedisServer(logs).start()
     port = free_port()
     env = {
@@ -173,17 +275,22 @@ def run_version(label: str, code: Path, ls: Any, server: Any, project: int, args
         "DINOLABEL_HOST": "127.0.0.1",
         "DINOLABEL_PORT": str(port),
         "DINOLABEL_DATA_DIR": str(logs / "data"),
-        "PYTHONPATH": str(code),
-        "BENCH_CODE": str(code),
-        "BENCH_RATE": str(args.rate),
+        "PYTHONPATH": str(run.code),
+        "BENCH_CODE": str(run.code),
+        "BENCH_RATE": str(run.rate),
+        **{"DINOLABEL_" + name.upper(): value for name, value in run.settings},
     }
     api_url = f"http://127.0.0.1:{port}"
     # The serve of that tree (not this venv's entry point), and the stub worker running that tree's code.
-    api = spawn([sys.executable, "-m", "backend.cli", "serve"], env, logs / "api.log", code)
-    worker = spawn([sys.executable, str(Path(__file__).resolve()), "--stub-worker"], env, logs / "worker.log", code)
-    report: dict[str, Any] = {"label": label, "code": str(code)}
+    api = spawn([sys.executable, "-m", "backend.cli", "serve"], env, logs / "api.log", run.code)
+    worker = spawn([sys.executable, str(Path(__file__).resolve()), "--stub-worker"], env, logs / "worker.log", run.code)
+    report: dict[str, Any] = {"label": run.label, "code": str(run.code), "rate": run.rate,
+                              "settings": dict(run.settings), "load_average_before": load_average()}  # fmt: skip
+    pids = {"api": api.process.pid, "worker": worker.process.pid, "label_studio": server.process.pid,
+            "redis": redis_server.process.pid}  # fmt: skip
     try:
-        wait_for(lambda: health(api_url).get("status") == "UP", 120, f"{label}: API and worker\n{worker.log_tail()}")
+        up = f"{run.label}: API and worker\n{worker.log_tail()}"
+        wait_for(lambda: health(api_url).get("status") == "UP", 120, up)
         connection = redis.Redis.from_url(redis_server.url)
         first_task = ls.get("/api/tasks", project=project, page_size=1)["tasks"][0]
         prober = Prober(api_url, project, {"id": first_task["id"], "data": first_task["data"]})
@@ -194,14 +301,17 @@ def run_version(label: str, code: Path, ls: Any, server: Any, project: int, args
         with httpx.Client(timeout=60) as client:
             posted = time.perf_counter()
             job = client.post(f"{api_url}/v1/projects/{project}/preannotate").json()
+            job_key = BulkJob.key_for(job["id"])
             peak = {"api_mb": 0.0, "worker_mb": 0.0, "redis_mb": 0.0}
             first_s = planned_s = None
-            window_start: tuple[float, int] | None = None
-            progress: list[tuple[float, int, int, int, str]] = []
+            window: dict[str, Any] = {}
+            progress: list[tuple[float, int, int, int, str, int | None]] = []
             while True:
                 state = client.get(f"{api_url}/v1/jobs/{job['id']}", params={"failures": 0}).json()
                 now = time.perf_counter() - posted
-                progress.append((round(now, 2), state["total"], state["done"], state["skipped"], state["status"]))
+                listed = connection.hget(job_key, "listed")  # the streamed planner's count (absent before)
+                progress.append((round(now, 2), state["total"], state["done"], state["skipped"], state["status"],
+                                 int(listed) if listed is not None else None))  # fmt: skip
                 prober.phase = "planning" if state["status"] == "planning" else "batches"
                 peak["api_mb"] = max(peak["api_mb"], rss_mb(api.process.pid))
                 peak["worker_mb"] = max(peak["worker_mb"], rss_mb(worker.process.pid))
@@ -210,12 +320,33 @@ def run_version(label: str, code: Path, ls: Any, server: Any, project: int, args
                 if planned_s is None and state["status"] != "planning":
                     planned_s = now
                 if first_s is None and state["done"] > 0:
-                    first_s, window_start = now, (now, state["done"])
-                if (window_start and now - window_start[0] >= args.window) or state["status"] in ("done", "failed"):
+                    first_s = now
+                if first_s is not None and not window and now >= first_s + args.settle:
+                    window = {"start": now, "ls_log": server.log_path.stat().st_size,
+                              "worker_log": worker.log.stat().st_size, "cpu": CpuMeter(pids),
+                              "model": stub_counters(connection)}  # fmt: skip
+                if window and now - window["start"] >= args.window:
                     break
-                if now > args.window + 900:
+                if state["status"] in ("done", "failed") or now > args.settle + args.window + args.max_plan:
                     break
                 time.sleep(0.5)
+            window_end = time.perf_counter() - posted
+            cores = window["cpu"].cores() if window else {}
+            if window:  # where the worker's time went in the window (/predict probes included in the model's)
+                span = window_end - window["start"]
+                now_counters = stub_counters(connection)
+                counted = {n: b - a for n, a, b in zip(STUB_COUNTERS, window["model"], now_counters, strict=True)}
+                model_use = {
+                    "model_busy": round(counted["model_s"] / span, 3),
+                    "images_per_s": round(counted["images"] / span, 2),
+                    "bulk_batches": counted["batchs"],
+                    "bulk_batch_ms": round(1000 * counted["batch_s"] / max(counted["batchs"], 1), 1),
+                    "in_bulk_batches": round(counted["batch_s"] / span, 3),
+                    "interactive_requests": counted["interactives"],
+                    "in_interactive": round(counted["interactive_s"] / span, 3),
+                }
+            ls_window = read_from(server.log_path, window.get("ls_log", ls_log_before))
+            worker_window = read_from(worker.log, window.get("worker_log", 0))
             prober.stopped.set()
             cancelled = time.perf_counter()
             client.delete(f"{api_url}/v1/jobs/{job['id']}")
@@ -225,35 +356,72 @@ def run_version(label: str, code: Path, ls: Any, server: Any, project: int, args
             except AssertionError:  # reported, not fatal: the other versions still run
                 cancel_s = None
         prober.join(timeout=130)
-        rate = (progress[-1][2] - window_start[1]) / (progress[-1][0] - window_start[0]) if window_start else 0.0
+        rate, counted = steady_rate(progress, window["start"], window_end) if window else (0.0, 0)
         time.sleep(3)  # writes of batches already running
-        ls_log = server.log_path.read_bytes()[ls_log_before:].decode(errors="replace")
+        ls_log = read_from(server.log_path, ls_log_before)
         sizes = [int(n) for n in re.findall(r"wrote (\d+) predictions", worker.log.read_text(errors="replace"))]
+        window_sizes = [int(n) for n in re.findall(r"wrote (\d+) predictions", worker_window)]
+        planning = [p for p in progress if p[4] == "planning"]
         report.update(
+            status=progress[-1][4],
             total=progress[-1][1],
-            first_prediction_s=first_s,
-            planning_status_s=planned_s,
-            window_s=args.window,
+            first_prediction_s=round(first_s, 2) if first_s is not None else None,
+            planning_status_s=round(planned_s, 2) if planned_s is not None else None,
+            # The old planner lists everything while the status says planning; the streamed one lists a page
+            # ahead of the model, so its listing rate is the model's once the first page is planned.
+            planning_tasks_per_s=(
+                round(progress[-1][1] / planned_s, 1) if planned_s and planning and planning[-1][5] is None else None
+            ),
+            listed_at_end=progress[-1][5],
+            settle_s=args.settle,
+            window_s=round(window_end - window["start"], 1) if window else None,
             tasks_per_s=round(rate, 2),
-            stub_tasks_per_s=args.rate,
-            efficiency=round(rate / args.rate, 3),
+            tasks_counted=counted,
+            stub_tasks_per_s=run.rate,
+            efficiency=round(rate / run.rate, 3),
             # Label Studio 1.23 logs each request twice (two handlers on django.server).
-            ls_import_calls=len(re.findall(r"\] \"POST /api/projects/\d+/import/predictions", ls_log)) // 2,
+            ls_import_calls=len(IMPORT_CALL.findall(ls_log)) // 2,
+            ls_import_calls_in_window=len(IMPORT_CALL.findall(ls_window)) // 2,
             import_sizes=(
                 {"calls": len(sizes), "mean": round(statistics.mean(sizes), 1), "max": max(sizes)}
                 if sizes
                 else "one call per bulk batch"
             ),
+            import_sizes_in_window=(
+                {"calls": len(window_sizes), "mean": round(statistics.mean(window_sizes), 1), "max": max(window_sizes)}
+                if window_sizes
+                else None
+            ),
+            model_in_window=model_use if window else None,
+            cpu_cores_in_window=cores,
             peak=({k: round(v, 1) for k, v in peak.items()}),
             predict_latency=prober.summary(),
             cancel_s=round(cancel_s, 2) if cancel_s is not None else "queues not empty after 300 s",
-            progress=progress[:: max(1, len(progress) // 60)],
+            progress=progress[:: max(1, len(progress) // 120)],
         )
     finally:
         worker.stop()
         api.stop()
         redis_server.stop()
+    report["load_average_after"] = load_average()
     return report
+
+
+def stub_counters(connection: redis.Redis) -> list[float]:
+    return [float(v or 0) for v in connection.mget([STUB_PREFIX + name for name in STUB_COUNTERS])]
+
+
+IMPORT_CALL = re.compile(r"\] \"POST /api/projects/\d+/import/predictions")
+
+
+def read_from(path: Path, offset: int) -> str:
+    with path.open("rb") as file:
+        file.seek(offset)
+        return file.read().decode(errors="replace")
+
+
+def load_average() -> list[float]:
+    return [round(v, 2) for v in os.getloadavg()]
 
 
 def spawn(command: list[str], env: dict[str, str], log: Path, cwd: Path) -> Any:
@@ -308,26 +476,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--stub-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tasks", type=int, default=100_000)
     parser.add_argument("--images", type=int, default=300)
-    parser.add_argument("--rate", type=float, default=40.0, help="the stub detector's tasks/s")
-    parser.add_argument("--window", type=float, default=90.0, help="seconds measured after the first prediction")
+    parser.add_argument("--rate", type=float, default=40.0, help="the stub detector's tasks/s (runs without --run)")
+    parser.add_argument("--settle", type=float, default=30.0, help="seconds after the first prediction not counted")
+    parser.add_argument("--window", type=float, default=90.0, help="seconds measured after --settle")
+    parser.add_argument("--max-plan", type=float, default=1200.0, help="seconds a job may take to its first prediction")
     parser.add_argument("--code", action="append", default=[], help="label=DIR: a tree to run (repeatable)")
+    parser.add_argument("--run", action="append", default=[],
+                        help="LABEL@RATE[:setting=value,...] (repeatable; default: each --code at --rate)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "bulk_100k.json")
+    parser.add_argument("--logs", type=Path, help="keep each run's logs (API, worker, Redis) in this folder")
     args = parser.parse_args(argv)
     if args.stub_worker:
         return stub_worker_main()
-    versions = [(c.split("=", 1)[0], Path(c.split("=", 1)[1]).resolve()) for c in args.code] or [("new", REPO)]
-    reports: dict[str, Any] = {"tasks": args.tasks, "rate": args.rate, "versions": []}
+    from bench.common import machine_info, write_report
+
+    codes = {c.split("=", 1)[0]: Path(c.split("=", 1)[1]).resolve() for c in args.code} or {"new": REPO}
+    try:
+        runs = [Run.parse(text, codes) for text in args.run] or [Run(k, v, args.rate) for k, v in codes.items()]
+    except argparse.ArgumentTypeError as exc:
+        parser.error(str(exc))
+    started = time.perf_counter()
+    reports: dict[str, Any] = {
+        "machine": machine_info(),
+        "tasks": args.tasks,
+        "settle_s": args.settle,
+        "window_s": args.window,
+        "codes": {k: str(v) for k, v in codes.items()},
+        "runs": [],
+    }
     with tempfile.TemporaryDirectory(prefix="bulk-100k-") as tmp, label_studio(Path(tmp)) as (server, ls):
         project, import_s = import_project(ls, server, args.tasks, args.images)
         reports["import_s"] = round(import_s, 1)
         print(f"imported {args.tasks} tasks in {import_s:.1f} s", flush=True)
-        for label, code in versions:
-            report = run_version(label, code, ls, server, project, args, Path(tmp))
-            reports["versions"].append(report)
+        for index, run in enumerate(runs):
+            report = run_version(run, index, ls, server, project, args, args.logs or Path(tmp))
+            reports["runs"].append(report)
             print(json.dumps({k: v for k, v in report.items() if k != "progress"}), flush=True)
+            deleting = time.perf_counter()
             delete_predictions(ls, project)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(reports, indent=2))
+            report["delete_predictions_s"] = round(time.perf_counter() - deleting, 1)
+            reports["wall_s"] = time.perf_counter() - started
+            write_report(args.out, reports)  # after every run: a long run cut short keeps what it measured
     return 0
 
 

@@ -116,11 +116,11 @@ def machine_info() -> dict[str, Any]:
 # --- load from other processes ----------------------------------------------------------------------------
 
 
-def tree_cpu_seconds() -> float:
-    """CPU seconds of this process and all its descendants (the services a benchmark starts).
+def tree_cpu_seconds(root: int | None = None) -> float:
+    """CPU seconds of this process (or ``root``) and all its descendants (the services a benchmark starts).
 
     For benchmarks whose API, Redis and workers are child processes: their CPU is ours, not a
-    neighbour's.
+    neighbour's; with ``root``, what one service and its children used.
     """
     parents: dict[int, int] = {}
     seconds: dict[int, float] = {}
@@ -135,7 +135,7 @@ def tree_cpu_seconds() -> float:
         pid = int(entry.name)
         parents[pid] = int(fields[1])
         seconds[pid] = sum(int(v) for v in fields[11:15]) / ticks  # utime stime cutime cstime
-    ours = {os.getpid()}
+    ours = {os.getpid() if root is None else root}
     while found := {pid for pid, parent in parents.items() if parent in ours} - ours:
         ours |= found
     return sum(seconds.get(pid, 0.0) for pid in ours)
