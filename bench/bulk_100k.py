@@ -240,20 +240,23 @@ class CpuMeter:
         return used
 
 
-def steady_rate(progress: Sequence[tuple[float, ...]], start: float, end: float) -> tuple[float, int]:
-    """Tasks/s between ``start`` and ``end`` s, and the tasks counted then.
+def steady_rate(progress: Sequence[tuple[Any, ...]], start: float, end: float) -> tuple[float, int]:
+    """Tasks/s written between ``start`` and ``end`` s, and the tasks counted then.
 
-    ``done`` moves in steps (one per import call), so the rate is taken between the first and the last
-    step inside the span: a span that happens to begin just before a step and end just after one would
-    count a whole call too many.
+    ``done`` moves in bursts, one per import call (its batches are counted one after another as the
+    call returns), so the rate is taken between the ends of the first and the last burst inside the
+    span; with fewer than two bursts there is no rate (0): the window was shorter than two calls.
     """
     inside = [(t, done) for t, _, done, *_ in progress if start <= t <= end]
-    steps = [inside[i] for i in range(1, len(inside)) if inside[i][1] != inside[i - 1][1]]
-    if len(steps) >= 2 and steps[-1][0] > steps[0][0]:
-        return (steps[-1][1] - steps[0][1]) / (steps[-1][0] - steps[0][0]), steps[-1][1] - steps[0][1]
-    if len(inside) >= 2 and inside[-1][0] > inside[0][0]:
-        return (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0]), inside[-1][1] - inside[0][1]
-    return 0.0, 0
+    changes = [inside[i] for i in range(1, len(inside)) if inside[i][1] != inside[i - 1][1]]
+    ends = [c for i, c in enumerate(changes) if i + 1 == len(changes) or changes[i + 1][0] - c[0] > BURST_S]
+    if len(ends) < 2:
+        return 0.0, 0
+    return (ends[-1][1] - ends[0][1]) / (ends[-1][0] - ends[0][0]), ends[-1][1] - ends[0][1]
+
+
+BURST_S = 3.0
+"""Changes of ``done`` closer than this (seconds) belong to one import call's burst."""
 
 
 def run_version(run: Run, index: int, ls: Any, server: Any, project: int, args: argparse.Namespace,
