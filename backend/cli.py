@@ -7,6 +7,7 @@
 - ``index``: embed a whole project's images for search through the API, with a progress bar.
 - ``store-writer``: the one writer of the projects' vector stores, alone (``serve`` runs it by default).
 - ``register-webhook``: make Label Studio send ``TASKS_CREATED`` to us, with our shared secret.
+- ``prioritize``: rank a project's unlabeled tasks into Label Studio through the API, with progress.
 - ``unprioritize``: remove our ranking from a project (backend/ls_priority.py: the tab, the fields).
 - ``similar``: the tasks most similar to one task, through the API.
 - ``duplicates``: a project's duplicate report (JSON, CSV or an HTML gallery), through the API.
@@ -250,6 +251,47 @@ def _follow(client: httpx.Client, args: argparse.Namespace, job: dict[str, Any])
     return 0 if job["status"] == "done" and job["failed"] == 0 else 1
 
 
+def _prioritize(args: argparse.Namespace) -> int:
+    """Start a prioritize run through the API and follow it to its end."""
+    body: dict[str, Any] | None = {"like_task_ids": args.like_tasks} if args.like_tasks else None
+    with _api(args) as client:
+        try:
+            job = _call(client, "POST", f"/v1/projects/{args.project}/prioritize", json=body)
+            print(f"prioritize job {job['id']} for project {args.project}", file=sys.stderr)
+            shown = None
+            while job["status"] not in ("done", "failed"):
+                if job["status"] != shown and not args.quiet:
+                    print(f"  {job['status']}", file=sys.stderr)
+                    shown = job["status"]
+                time.sleep(args.interval)
+                job = _call(client, "GET", f"/v1/priority-jobs/{job['id']}")
+        except ApiGone as exc:
+            print(f"dinolabel prioritize: cannot reach the API at {_shown(client)} ({exc})", file=sys.stderr)
+            return EXIT_API
+        except ApiError as exc:
+            print(f"dinolabel prioritize: {exc}", file=sys.stderr)
+            return EXIT_API
+    if job["status"] == "failed":
+        print(f"failed: {job['error']}", file=sys.stderr)
+        return 1
+    print(
+        f"done: {job['ranked']} tasks ranked ({job['duplicates']} duplicates last), {job['labeled']} labeled, "
+        f'{job["write_calls"]} Label Studio write calls; tab {job["tab_id"]} "dinolabel priority"'
+    )
+    return 0
+
+
+def _task_ids(text: str) -> list[int]:
+    """``--like-tasks 1,2,3``."""
+    try:
+        ids = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"task ids separated by commas, not {text!r}") from None
+    if not ids or min(ids) < 0:
+        raise argparse.ArgumentTypeError(f"task ids separated by commas, not {text!r}")
+    return ids
+
+
 def _label_studio_access(args: argparse.Namespace, settings: Settings) -> tuple[str, str] | None:
     """Label Studio's URL and key from ``--label-studio-url``/``--api-key`` or the settings; None (and a
     line on stderr) without both. The options stand in for the operator's settings: both come from the
@@ -447,6 +489,17 @@ def build_parser() -> argparse.ArgumentParser:
     hook.add_argument("--label-studio-url", help="default DINOLABEL_LABEL_STUDIO_URL")
     hook.add_argument("--api-key", help="default DINOLABEL_LABEL_STUDIO_API_KEY")
     hook.set_defaults(run=_register_webhook)
+
+    prio = commands.add_parser(
+        "prioritize",
+        help='rank a project\'s unlabeled tasks into Label Studio (tab "dinolabel priority")',
+        description="Needs the project indexed (`dinolabel index`). Exit status: 0 ranked, 1 the run failed, 3 "
+        "the API was unreachable or refused the request.",
+    )
+    prio.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    prio.add_argument("--like-tasks", type=_task_ids, help="example task ids, e.g. 1,2,3: more like these first")
+    _api_options(prio)
+    prio.set_defaults(run=_prioritize)
 
     unprioritize = commands.add_parser(
         "unprioritize", help="remove dinolabel's ranking from a Label Studio project (its tab, its task fields)"

@@ -30,7 +30,8 @@ REDIS_DOWN = "Redis is unreachable; nothing was queued, try again when it is bac
 _DESCRIPTIONS = {
     400: "The body is not what the route reads (the reason says what).",
     401: "Basic auth or an API key is configured and the request lacks the right credentials.",
-    404: "No such job (unknown, or expired), or nothing indexed for the project or task (the reason says which).",
+    404: "No such job (unknown, or expired), or nothing indexed or ranked for the project or task (the reason "
+    "says which).",
     409: "No Label Studio address is known for the project.",
     413: "The body is larger than DINOLABEL_MAX_REQUEST_BYTES (or, on /webhook without credentials, 1 MiB).",
     415: "The body is of a type the route does not read (the reason names the types it takes).",

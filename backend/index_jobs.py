@@ -35,12 +35,13 @@ import numpy as np
 import redis
 from redis import Redis
 
-from backend.bulk import JOB_TTL, BulkJob, NoSuchJob
+from backend.bulk import JOB_TTL, BulkJob, JobStatus, NoSuchJob
 from backend.image_source import ImageFetchError
 from backend.jobs import RESULT_TTL, cancel_queued, enqueue_batch, keep_planning, label_studio_client
 from backend.labeling import image_key
 from backend.ls_client import MAX_IDS_PER_QUERY, PAGE_SIZE
 from backend.predictor import DECODE_MARGIN_S, MissingImage
+from backend.prioritize import after_index_job
 from backend.queues import KEY_PREFIX, Queues
 from backend.worker import STORE_HOLDER, Runtime, current_runtime
 from indexer.hashes import ImageHashes, phash, pixel_hash, sha256_hex
@@ -135,8 +136,9 @@ def plan_index_page(job: BulkJob, state: dict[str, Any], runtime: Runtime, queue
         return {"status": str(job.status())}
     for number in numbers:
         enqueue_batch(queues, job, number, timeout=runtime.settings.batch_timeout)
-    if job.is_final():  # cancelled while this page was queued: take it back
+    if job.is_final():  # cancelled while this page was queued (or every task was skipped): take it back
         cancel_queued(queues, job)
+        _rank_again_when_done(runtime, job)
     log.info("index job %s: planned %d tasks after %d, %d to embed, %d vanished", job.id, len(tasks),
              state["cursor"], len(todo), len(vanished))  # fmt: skip
     return {"tasks": len(tasks), "to_embed": len(todo), "vanished": len(vanished), "last": last}
@@ -305,7 +307,14 @@ def store_index_batch(
         failures=[(int(t), str(reason)) for t, reason in failures] + lost,
     )
     keep_planning(Queues.on(runtime.connection), job, runtime.settings.bulk_plan_ahead)
+    _rank_again_when_done(runtime, job)
     return {"stored": len(records), "deleted_meanwhile": len(gone)}
+
+
+def _rank_again_when_done(runtime: Runtime, job: BulkJob) -> None:
+    """A project prioritized before is ranked again when its index job ends done (``backend.prioritize``)."""
+    if job.status() == JobStatus.DONE:
+        after_index_job(runtime.connection, job.id, job.spec().project)
 
 
 def _record(row: dict[str, Any], version: str) -> StoredVector:

@@ -20,7 +20,7 @@ from backend.body_limit import BodyLimitMiddleware
 from backend.config import Settings, get_settings
 from backend.index_cache import IndexCache
 from backend.metrics import Metrics
-from backend.routes import index, jobs, ls, metrics, search
+from backend.routes import index, jobs, ls, metrics, priority, search
 from backend.state import Service
 
 log = logging.getLogger(__name__)
@@ -78,5 +78,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(index.router)
     app.include_router(search.router)
+    app.include_router(priority.router)
     app.include_router(metrics.router)
     return app

@@ -366,6 +366,9 @@ class FakeProjectAPI(_FakeServer):
     import_seconds: float = 0.0  # how long an import takes before it commits
     listing_gate: threading.Event = field(default_factory=threading.Event)  # cleared: task listings wait
     import_gate: threading.Event = field(default_factory=threading.Event)  # cleared: imports wait
+    labeled: set[int] = field(default_factory=set)  # tasks listed with is_labeled true
+    views: dict[int, dict[str, Any]] = field(default_factory=dict)  # Data Manager tabs by id
+    actions: list[dict[str, Any]] = field(default_factory=list)  # the Data Manager actions' bodies
 
     def __post_init__(self) -> None:
         self.listing_gate.set()
@@ -389,16 +392,13 @@ def task_listing(
     seen: Seen, tasks: dict[int, dict[str, Any]], predictions: list[dict[str, Any]], labeled: set[int] | None = None
 ) -> tuple[int, bytes]:
     """``GET /api/tasks`` as Label Studio answers it, for the Data Manager queries the bulk jobs send:
-    ``selectedItems``, filters on id (greater, between) and on model versions (contains), pages; the
-    ``is_labeled`` field of the ``labeled`` tasks."""
+    ``selectedItems``, filters on id (greater, between), on model versions (contains) and on data fields
+    (regex, equal, contains), pages; the ``is_labeled`` field of the ``labeled`` tasks."""
     query = json.loads(seen.query.get("query", ["{}"])[-1])
-    selected = query.get("selectedItems") or {"all": True}
+    ids = selected_ids(query, tasks, predictions)
     versions: dict[int, list[str]] = {}
     for p in predictions:
         versions.setdefault(p["task"], []).append(p["model_version"])
-    ids = sorted(tasks if selected.get("all") else [t for t in selected["included"] if t in tasks])
-    for item in (query.get("filters") or {}).get("items", []):
-        ids = [t for t in ids if _matches(t, item, versions.get(t, []))]
     page, page_size = int(seen.query.get("page", ["1"])[-1]), int(seen.query.get("page_size", ["100"])[-1])
     chosen = ids[(page - 1) * page_size : page * page_size]
     if page > 1 and not chosen:
@@ -412,8 +412,31 @@ def task_listing(
     return 200, json.dumps({"total": len(ids), "tasks": listed}).encode()
 
 
-def _matches(task_id: int, item: dict[str, Any], versions: list[str]) -> bool:
+def selected_ids(
+    query: dict[str, Any], tasks: dict[int, dict[str, Any]], predictions: list[dict[str, Any]]
+) -> list[int]:
+    """The ids of the tasks a Data Manager query (``selectedItems`` and ``filters``) names, in id order."""
+    selected = query.get("selectedItems") or {"all": True}
+    versions: dict[int, list[str]] = {}
+    for p in predictions:
+        versions.setdefault(p["task"], []).append(p["model_version"])
+    ids = sorted(tasks if selected.get("all") else [t for t in selected["included"] if t in tasks])
+    for item in (query.get("filters") or {}).get("items", []):
+        ids = [t for t in ids if _matches(t, item, versions.get(t, []), tasks[t])]
+    return ids
+
+
+def _matches(task_id: int, item: dict[str, Any], versions: list[str], data: dict[str, Any]) -> bool:
     value = item["value"]
+    if item["filter"].startswith("filter:tasks:data."):
+        held = data.get(item["filter"].removeprefix("filter:tasks:data."))
+        text = "" if held is None else str(held)
+        if item["operator"] == "regex":
+            return held is not None and re.search(value, text) is not None
+        if item["operator"] == "equal":
+            return text == value
+        if item["operator"] == "contains":
+            return value in text
     if item["filter"] == "filter:tasks:id" and item["operator"] == "greater":
         return task_id > value
     if item["filter"] == "filter:tasks:id" and item["operator"] == "in":
@@ -421,6 +444,22 @@ def _matches(task_id: int, item: dict[str, Any], versions: list[str]) -> bool:
     if item["filter"] == "filter:tasks:predictions_model_versions" and item["operator"] == "contains":
         return any(v in version for v in value for version in versions)
     raise AssertionError(f"the fake does not know the filter {item}")
+
+
+def add_data_field(body: dict[str, Any], tasks: dict[int, dict[str, Any]], predictions: list[dict[str, Any]]) -> None:
+    """Label Studio's "Add Or Modify Data Field" action (``data_manager/actions/experimental.py``): a
+    ``String`` sets the value on the selected tasks, ``replace("a", "b")`` is ``str.replace`` on those
+    that hold the field."""
+    for task in selected_ids(body, tasks, predictions):
+        data = tasks[task]
+        if body["value_type"] == "String":
+            data[body["value_name"]] = body["value"]
+            continue
+        command, args = body["value"].split("(", 1)
+        assert command == "replace", body["value"]
+        old, new = json.loads("[" + args.rstrip(")") + "]")
+        if body["value_name"] in data:
+            data[body["value_name"]] = str(data[body["value_name"]]).replace(old, new)
 
 
 class _ProjectHandler(_Handler):
@@ -432,14 +471,19 @@ class _ProjectHandler(_Handler):
         fault = state.next_fault()
         if self.fail_before(state, fault):
             return
+        if seen.path == "/api/dm/views" and seen.query.get("project") == [str(state.project)]:
+            with state.lock:
+                views = [{"id": i, "project": state.project, "data": d} for i, d in sorted(state.views.items())]
+            self.answer(200, json.dumps(views).encode())
+            return
         if seen.path != "/api/tasks" or seen.query.get("project") != [str(state.project)]:
             self.answer(404, b'{"detail": "Not found."}')
             return
         if seen.query.get("include") == ["id,data"]:
             state.listing_gate.wait(30)
         with state.lock:
-            tasks, predictions = dict(state.tasks), list(state.predictions)
-        status, body = task_listing(seen, tasks, predictions)
+            tasks, predictions, labeled = dict(state.tasks), list(state.predictions), set(state.labeled)
+        status, body = task_listing(seen, tasks, predictions, labeled)
         if status != 200:
             self.answer(status, body)
             return
@@ -456,6 +500,18 @@ class _ProjectHandler(_Handler):
         fault = state.next_fault()
         if self.fail_before(state, fault):
             return
+        if seen.path == "/api/dm/actions" and seen.query.get("id") == ["add_data_field"]:
+            with state.lock:
+                state.actions.append(rows)
+                add_data_field(rows, state.tasks, state.predictions)
+            self.finish_with(state, fault, b'{"processed_items": 0}')
+            return
+        if seen.path == "/api/dm/views":
+            with state.lock:
+                number = max(state.views, default=0) + 1
+                state.views[number] = rows["data"]
+            self.finish_with(state, fault, json.dumps({"id": number, **rows}).encode())
+            return
         if seen.path != f"/api/projects/{state.project}/import/predictions":
             self.answer(404, b'{"detail": "Not found."}')
             return
@@ -469,6 +525,27 @@ class _ProjectHandler(_Handler):
             state.posted.append(rows)
             state.predictions.extend(rows)
         self.finish_with(state, fault, json.dumps({"created": len(rows)}).encode())
+
+    def do_PATCH(self) -> None:
+        """A tab's update (``PATCH /api/dm/views/{id}``)."""
+        state: FakeProjectAPI = self.server.state
+        seen = state.record(self)
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+        number = int(seen.path.rsplit("/", 1)[-1]) if seen.path.startswith("/api/dm/views/") else None
+        with state.lock:
+            if number not in state.views:
+                self.answer(404, b'{"detail": "Not found."}')
+                return
+            state.views[number] = body["data"]
+        self.answer(200, json.dumps({"id": number, **body}).encode())
+
+    def do_DELETE(self) -> None:
+        state: FakeProjectAPI = self.server.state
+        seen = state.record(self)
+        number = int(seen.path.rsplit("/", 1)[-1]) if seen.path.startswith("/api/dm/views/") else None
+        with state.lock:
+            found = state.views.pop(number, None) if number is not None else None  # type: ignore[arg-type]
+        self.answer(204 if found is not None else 404)
 
     def fail_before(self, state: FakeProjectAPI, fault: str | None) -> bool:
         """Faults that answer before any work is done; True when one did."""

@@ -1,0 +1,249 @@
+"""Prioritize runs: rank a project's unlabeled tasks from its stored vectors and write the ranking into
+Label Studio (``backend.ls_priority``), as a background job whose status a GET reads.
+
+A run needs the project's store, so it runs on the store writer (``Queues.store``, the queue only that
+role takes): the vectors of the current embedder version, the labeled task ids listed from Label Studio
+(``is_labeled``, in pages of ``PAGE_SIZE``: never one call per task), duplicates (``find_duplicates`` over the store's
+hashes and vectors), ``indexer.priority.rank``, then ``write_priority``. The job record (a Redis hash)
+holds the status (queued, running, done, failed), the counts, the tab id and, on failure, a reason
+that names no secret. The last ranking's head, with each task's explanation, and its HTML report are
+kept per project for ``GET /v1/projects/{id}/priority``.
+
+A project prioritized once is ranked again when one of its index jobs ends (``after_index_job``), so new
+and re-embedded tasks get their places. Tasks labeled since the last ranking keep their old rank until
+then: Label Studio's labeling stream skips labeled tasks anyway, and the next ranking clears their rank
+(``write_priority`` empties the fields of tasks no longer ranked).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from redis import Redis
+
+from backend.bulk import JOB_TTL
+from backend.jobs import RESULT_TTL
+from backend.ls_client import LabelStudioClient, LabelStudioError
+from backend.ls_priority import PriorityFields, PriorityFieldTaken, write_priority
+from backend.project_vectors import embedder_version_of
+from backend.queues import KEY_PREFIX, Queues
+from backend.worker import current_runtime
+from indexer.duplicates import find_duplicates
+from indexer.index import VectorIndex
+from indexer.priority import DUPLICATE, rank
+from indexer.priority_report import render_priority_html
+
+log = logging.getLogger(__name__)
+
+RUN_TIMEOUT = 3600
+"""Seconds one run may take on the store writer (listing, ranking and writing 100k tasks fit easily)."""
+HEAD_KEPT = 200
+"""Explanations of the queue's head kept for ``GET .../priority`` (and as many pushed-back duplicates)."""
+QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
+FINAL = frozenset({DONE, FAILED})
+PRIORITIZED_KEY = KEY_PREFIX + "prioritized-projects"
+"""Projects prioritized at least once: their index jobs re-rank them when they end."""
+_JOB = KEY_PREFIX + "priority-job:"
+_LAST = KEY_PREFIX + "priority-last:"
+_HTML = KEY_PREFIX + "priority-html:"
+_AFTER = KEY_PREFIX + "priority-after-index:"
+
+
+class NoSuchPriorityJob(LookupError):
+    """No prioritize job with that id (never existed, or expired)."""
+
+
+def submit(
+    connection: Redis,
+    project: int,
+    *,
+    like_task_ids: Sequence[int] = (),
+    uncertainty_weight: float | None = None,
+    source: str = "api",
+) -> dict[str, Any]:
+    """Record a prioritize job and queue it on the store writer; returns its record."""
+    job_id = uuid.uuid4().hex
+    record = {
+        "id": job_id, "project": project, "status": QUEUED, "source": source, "created_at": time.time(),
+        "like_task_ids": json.dumps(list(like_task_ids)),
+        "uncertainty_weight": "" if uncertainty_weight is None else repr(float(uncertainty_weight)),
+    }  # fmt: skip
+    key = _JOB + job_id
+    with connection.pipeline() as pipe:
+        pipe.hset(key, mapping=record)
+        pipe.expire(key, JOB_TTL)
+        pipe.sadd(PRIORITIZED_KEY, str(project))
+        pipe.execute()
+    Queues.on(connection).store.enqueue(
+        run_prioritize,
+        job_id,
+        job_timeout=RUN_TIMEOUT,
+        result_ttl=RESULT_TTL,
+        description=f"prioritize project {project}",
+    )
+    return read_job(connection, job_id)
+
+
+def read_job(connection: Redis, job_id: str) -> dict[str, Any]:
+    """The job's record as JSON-friendly values (numbers as numbers, absent ones as None)."""
+    raw = connection.hgetall(_JOB + job_id)
+    if not raw:
+        raise NoSuchPriorityJob(f"no prioritize job {job_id!r} (unknown, or expired)")
+    data = {k.decode(): v.decode() for k, v in raw.items()}
+
+    def number(name: str, kind: type = int) -> Any:
+        value = data.get(name)
+        return kind(value) if value not in (None, "") else None
+
+    return {
+        "id": data["id"],
+        "project": int(data["project"]),
+        "status": data["status"],
+        "source": data.get("source", "api"),
+        "created_at": float(data["created_at"]),
+        "started_at": number("started_at", float),
+        "finished_at": number("finished_at", float),
+        "like_task_ids": json.loads(data.get("like_task_ids") or "[]"),
+        "uncertainty_weight": number("uncertainty_weight", float),
+        "embedder": data.get("embedder") or None,
+        "vectors": number("vectors"),
+        "labeled": number("labeled"),
+        "ranked": number("ranked"),
+        "duplicates": number("duplicates"),
+        "write_calls": number("write_calls"),
+        "tab_id": number("tab_id"),
+        "error": data.get("error") or None,
+    }
+
+
+def last_ranking(connection: Redis, project: int) -> dict[str, Any] | None:
+    """The head of the project's last ranking with explanations, or None when it was never ranked."""
+    raw = connection.get(_LAST + str(project))
+    return json.loads(raw) if raw else None
+
+
+def last_report(connection: Redis, project: int) -> str | None:
+    raw = connection.get(_HTML + str(project))
+    return raw.decode() if raw else None
+
+
+def prioritized(connection: Redis, project: int) -> bool:
+    return bool(connection.sismember(PRIORITIZED_KEY, str(project)))
+
+
+def after_index_job(connection: Redis, job_id: str, project: int) -> None:
+    """An index job of ``project`` ended: re-rank the project if it was prioritized before (once per job)."""
+    if prioritized(connection, project) and connection.set(_AFTER + job_id, "1", nx=True, ex=JOB_TTL):
+        submit(connection, project, source=f"index job {job_id}")
+        log.info("project %d: index job %s ended, ranking again", project, job_id)
+
+
+# --- the run (store writer) -------------------------------------------------------------------------------
+
+
+def run_prioritize(job_id: str) -> dict[str, Any]:
+    """Rank the project and write the ranking; the job ends done, or failed with a reason."""
+    runtime = current_runtime()
+    connection = runtime.connection
+    key = _JOB + job_id
+    job = read_job(connection, job_id)
+    project = job["project"]
+    connection.hset(key, mapping={"status": RUNNING, "started_at": time.time()})
+    try:
+        outcome = _prioritize(runtime, job)
+    except (LabelStudioError, PriorityFieldTaken, _Refused) as exc:  # our own messages: no secret in them
+        reason = str(exc)
+    except Exception as exc:  # a bug, a broken store: the details go to the log only
+        log.exception("prioritize job %s of project %d failed", job_id, project)
+        reason = f"ranking failed: {type(exc).__name__} (see the service log)"
+    else:
+        connection.hset(key, mapping={**outcome, "status": DONE, "finished_at": time.time()})
+        return {"status": DONE, **outcome}
+    log.warning("prioritize job %s of project %d failed: %s", job_id, project, reason)
+    connection.hset(key, mapping={"status": FAILED, "error": reason[:500], "finished_at": time.time()})
+    return {"status": FAILED}
+
+
+class _Refused(Exception):
+    """The run cannot go on for a reason the user can act on (the message says which)."""
+
+
+def _prioritize(runtime: Any, job: dict[str, Any]) -> dict[str, Any]:
+    settings = runtime.settings
+    project = job["project"]
+    if not runtime.has_store(project):
+        raise _Refused(f"project {project} has no vectors: index it first (dinolabel index --project {project})")
+    version = embedder_version_of(settings)
+    store = runtime.store(project)
+    ids, vectors = store.load_vectors(version)
+    if not len(ids):
+        raise _Refused(f"project {project} has no vectors of the current embedder {version}: index it first")
+    access = runtime.label_studio(project)
+    if not access.url:
+        raise _Refused(f"no Label Studio address for project {project}")
+    like = None
+    if job["like_task_ids"]:
+        wanted = np.asarray(job["like_task_ids"], dtype=np.int64)
+        found = np.isin(wanted, ids)
+        if not found.all():
+            missing = wanted[~found][:10].tolist()
+            raise _Refused(f"like_task_ids without a vector of the current embedder (not indexed?): {missing}")
+        like = _rows(ids, vectors, wanted)
+    fields = PriorityFields(settings.priority_rank_field, settings.priority_reason_field)
+    with LabelStudioClient(access.url, access.api_key, retries=settings.label_studio_retries) as client:
+        labeled = sorted(client.labeled_task_ids(project))
+        report = find_duplicates(
+            store.hash_table(),
+            labeled=labeled,
+            index=VectorIndex.build(ids, vectors, embedder=version),
+            vector_blocks=[(ids, vectors)],
+        )
+        options: dict[str, Any] = {}
+        if job["uncertainty_weight"] is not None:
+            options["uncertainty_weight"] = job["uncertainty_weight"]
+        ranking = rank(ids, vectors, labeled, duplicates=report, like=like, **options)
+        written = write_priority(client, project, ranking.ranks(), fields)
+    _keep(runtime.connection, project, job["id"], ranking, version)
+    return {
+        "embedder": version,
+        "vectors": len(ids),
+        "labeled": len(labeled),
+        "ranked": len(ranking),
+        "duplicates": int((ranking.reason == DUPLICATE).sum()),
+        "write_calls": written.calls,
+        "tab_id": written.tab_id,
+    }
+
+
+def _rows(ids: np.ndarray, vectors: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    position = {int(task): i for i, task in enumerate(ids.tolist())}
+    return vectors[[position[int(task)] for task in wanted.tolist()]]
+
+
+def _keep(connection: Redis, project: int, job_id: str, ranking: Any, version: str) -> None:
+    """Keep the ranking's head (explanations) and its HTML report for the GET route."""
+    is_dup = ranking.reason == DUPLICATE
+    head = [p for p in range(len(ranking)) if not is_dup[p]][:HEAD_KEPT]
+    pushed = np.flatnonzero(is_dup)[:HEAD_KEPT].tolist()
+    summary = {
+        "project": project,
+        "job_id": job_id,
+        "ranked_at": time.time(),
+        "embedder": version,
+        "ranked": len(ranking),
+        "labeled": len(ranking.labeled),
+        "duplicates": int(is_dup.sum()),
+        "head": [ranking.explain(p) for p in head],
+        "pushed_back": [ranking.explain(p) for p in pushed],
+    }
+    html = render_priority_html(ranking, {}, title=f"Labeling priority of project {project}")
+    with connection.pipeline() as pipe:
+        pipe.set(_LAST + str(project), json.dumps(summary))
+        pipe.set(_HTML + str(project), html)
+        pipe.execute()

@@ -1,0 +1,155 @@
+"""Prioritize runs end to end: the API with its store writer thread, real Redis, a store filled directly
+with synthetic clustered vectors, and the fake Label Studio project (tasks, annotations, the Data
+Manager's "Add Or Modify Data Field" action and tabs) that the ranking is written into."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from backend.config import Settings
+from backend.ls_priority import TAB_TITLE
+from backend.main import create_app
+from backend.prioritize import after_index_job
+from backend.project_vectors import embedder_version_of
+from backend.queues import Queues
+from indexer.duplicates import find_duplicates
+from indexer.index import VectorIndex
+from indexer.priority import rank
+from indexer.store import StoredVector, VectorStore
+from tests.backend.conftest import FakeProjectAPI
+from tests.indexer.vectors import clustered
+from tests.processes import wait_for
+
+pytestmark = pytest.mark.redis
+
+TASKS = 60  # tasks 1..60; 57..60 are exact copies of tasks 1..4
+COPIES = {57: 1, 58: 2, 59: 3, 60: 4}
+LABELED = {1, 2, 5, 9}
+
+
+@pytest.fixture
+def settings(redis_url: str, tmp_path: Path, fake_project: FakeProjectAPI) -> Settings:
+    return Settings(redis_url=redis_url, data_dir=tmp_path, label_studio_url=fake_project.url)
+
+
+def fill_store(settings: Settings) -> tuple[np.ndarray, np.ndarray]:
+    """Vectors in 6 clusters, hashes unique except the exact copies (same bytes as their originals)."""
+    vectors = clustered(TASKS, 32, clusters=6, seed=3)
+    for copy, original in COPIES.items():
+        vectors[copy - 1] = vectors[original - 1]
+    ids = np.arange(1, TASKS + 1, dtype=np.int64)
+    version = embedder_version_of(settings)
+    with VectorStore(settings.index_dir, 1, writer=True) as store:
+        store.upsert(
+            StoredVector(
+                task_id=int(task),
+                embedder=version,
+                vector=vectors[task - 1],
+                sha256=f"sha-{COPIES.get(int(task), int(task))}",
+                pixel_hash=f"px-{COPIES.get(int(task), int(task))}",
+                phash=(int(task) * 0x9E3779B97F4A7C15) % 2**64,
+                width=64,
+                height=48,
+            )
+            for task in ids
+        )
+    return ids, vectors
+
+
+def expected_ranking(settings: Settings, ids: np.ndarray, vectors: np.ndarray, **options: object):
+    with VectorStore(settings.index_dir, 1) as store:
+        table = store.hash_table()
+    index = VectorIndex.build(ids, vectors, embedder=embedder_version_of(settings))
+    report = find_duplicates(table, labeled=sorted(LABELED), index=index, vector_blocks=[(ids, vectors)])
+    return rank(ids, vectors, sorted(LABELED), duplicates=report, **options)
+
+
+def run(client: TestClient, project: int, body: dict | None = None) -> dict:
+    started = client.post(f"/v1/projects/{project}/prioritize", json=body)
+    assert started.status_code == 202, started.text
+    assert started.json()["status"] == "queued"
+
+    def ended() -> dict | bool:
+        job = client.get(f"/v1/priority-jobs/{started.json()['id']}").json()
+        return job["status"] in ("done", "failed") and job
+
+    return wait_for(ended, 120, "the prioritize job to end")
+
+
+def written_ranks(project: FakeProjectAPI) -> dict[int, tuple[int, str]]:
+    return {
+        task: (int(data["dinolabel_rank"]), str(data["dinolabel_reason"]))
+        for task, data in project.tasks.items()
+        if data.get("dinolabel_rank")
+    }
+
+
+def test_the_ranks_written_into_label_studio_are_the_rankings(settings: Settings, fake_project: FakeProjectAPI) -> None:
+    fake_project.tasks.update({t: {"image": f"/data/local-files/?d=img{t}.png"} for t in range(1, TASKS + 1)})
+    fake_project.labeled.update(LABELED)
+    ids, vectors = fill_store(settings)
+    expected = expected_ranking(settings, ids, vectors)
+    with TestClient(create_app(settings)) as client:
+        nothing = client.post("/v1/projects/2/prioritize")
+        assert nothing.status_code == 404 and "index it first" in nothing.json()["detail"]
+        assert client.get("/v1/projects/1/priority").status_code == 404, "never ranked"
+
+        job = run(client, 1)
+        assert job["status"] == "done", job
+        assert (job["vectors"], job["labeled"], job["ranked"]) == (TASKS, len(LABELED), TASKS - len(LABELED))
+        assert job["error"] is None and job["tab_id"] is not None
+
+        ranks = written_ranks(fake_project)
+        assert ranks == expected.ranks(), "what rank() makes of the same vectors, labeled tasks and duplicates"
+        assert not LABELED & set(ranks), "labeled tasks are seeds: no rank"
+        assert all(fake_project.tasks[t].get("dinolabel_rank") in (None, "") for t in LABELED)
+        assert ranks[57][1] == ranks[58][1] == "duplicate", "copies of labeled tasks are pushed back"
+        pushed = min(ranks[57][0], ranks[58][0])
+        assert all(why == "duplicate" for r, why in ranks.values() if r > pushed), "among the duplicates, at the end"
+        tab = fake_project.views[job["tab_id"]]
+        assert tab["title"] == TAB_TITLE and tab["ordering"] == ["tasks:data.dinolabel_rank"]
+        # Labeled tasks were listed in pages (one here), never one call per task.
+        assert len([s for s in fake_project.seen("/api/tasks") if s.query["include"] == ["id,is_labeled"]]) == 1
+
+        head = client.get("/v1/projects/1/priority").json()
+        assert [t["task_id"] for t in head["head"]] == [int(t) for t in expected.task_ids[: len(head["head"])]]
+        assert head["head"][0] == expected.explain(0)
+        assert {t["task_id"] for t in head["pushed_back"]} == {t for t, (_, why) in ranks.items() if why == "duplicate"}
+        page = client.get("/v1/projects/1/priority", params={"format": "html"})
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert "Labeling priority of project 1" in page.text
+
+        # Annotations submitted since: the next ranking seeds with them and clears their rank.
+        first = int(expected.task_ids[0])
+        fake_project.labeled.add(first)
+        LABELED.add(first)
+        try:
+            again = run(client, 1, {"like_task_ids": [30]})
+            assert again["status"] == "done", again
+            assert written_ranks(fake_project) == expected_ranking(settings, ids, vectors, like=vectors[[29]]).ranks()
+            assert "dinolabel_rank" in fake_project.tasks[first] and not fake_project.tasks[first]["dinolabel_rank"]
+        finally:
+            LABELED.discard(first)
+
+        failed = run(client, 1, {"like_task_ids": [999]})
+        assert failed["status"] == "failed" and "[999]" in failed["error"]
+        refused = client.post("/v1/projects/1/prioritize", json={"uncertainty_weight": 1.5})
+        assert refused.status_code == 422
+
+
+def test_an_index_job_ending_ranks_a_prioritized_project_again_once(settings: Settings, redis_url: str) -> None:
+    import redis
+
+    connection = redis.Redis.from_url(redis_url)
+    queues = Queues.on(connection)
+    after_index_job(connection, "index-job-a", 7)
+    assert queues.store.count == 0, "project 7 was never prioritized: nothing to redo"
+    connection.sadd("dinolabel:prioritized-projects", "7")
+    after_index_job(connection, "index-job-a", 7)
+    after_index_job(connection, "index-job-a", 7)  # the job's end seen twice (a batch stored again)
+    assert queues.store.count == 1
+    assert queues.store.jobs[0].func_name == "backend.prioritize.run_prioritize"
