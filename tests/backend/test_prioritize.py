@@ -4,6 +4,7 @@ Manager's "Add Or Modify Data Field" action and tabs) that the ranking is writte
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +21,9 @@ from indexer.duplicates import find_duplicates
 from indexer.index import VectorIndex
 from indexer.priority import rank
 from indexer.store import StoredVector, VectorStore
-from tests.backend.conftest import FakeProjectAPI
+from tests.backend.conftest import FakeProjectAPI, serving
 from tests.indexer.vectors import clustered
-from tests.processes import wait_for
+from tests.processes import DINOLABEL, wait_for
 
 pytestmark = pytest.mark.redis
 
@@ -153,3 +154,29 @@ def test_an_index_job_ending_ranks_a_prioritized_project_again_once(settings: Se
     after_index_job(connection, "index-job-a", 7)  # the job's end seen twice (a batch stored again)
     assert queues.store.count == 1
     assert queues.store.jobs[0].func_name == "backend.prioritize.run_prioritize"
+
+
+def test_the_command_line_follows_the_run_to_its_counts(settings: Settings, fake_project: FakeProjectAPI) -> None:
+    fake_project.tasks.update({t: {"image": f"/data/local-files/?d=img{t}.png"} for t in range(1, TASKS + 1)})
+    fake_project.labeled.update(LABELED)
+    fill_store(settings)
+    with serving(create_app(settings)) as url:
+
+        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            command = [DINOLABEL, "prioritize", "--api", url, "--interval", "0.2", *args]
+            return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+        done = cli("--project", "1", "--like-tasks", "30,31")
+        assert done.returncode == 0, done.stderr
+        ranked = TASKS - len(LABELED)
+        assert f"done: {ranked} tasks ranked" in done.stdout and f"{len(LABELED)} labeled" in done.stdout
+        assert "queued" in done.stderr or "running" in done.stderr, "progress"
+        assert len(written_ranks(fake_project)) == ranked
+        assert written_ranks(fake_project)[30][0] == 0, "the example itself is the best match"
+
+        failed = cli("--project", "1", "--like-tasks", "999")
+        assert failed.returncode == 1 and "[999]" in failed.stderr
+        unindexed = cli("--project", "2")
+        assert unindexed.returncode == 3 and "index it first" in unindexed.stderr
+        malformed = cli("--project", "1", "--like-tasks", "1,x")
+        assert malformed.returncode == 2 and "separated by commas" in malformed.stderr
