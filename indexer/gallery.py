@@ -66,12 +66,7 @@ def render_html(
     sizes = sizes or {}
     labeled = set(labeled)
     parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; img-src data:; '
-        "style-src 'unsafe-inline'\">",
-        f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>",
-        f"<h1>{html.escape(title)}</h1>",
+        *page_head(title, _STYLE),
         f"<p>{_count(len(report.duplicate_ids), 'image')} could be removed; the suggested keeper of each group is "
         "framed in green (already labeled first, then the larger image, then the lower task id).</p>",
     ]
@@ -138,3 +133,16 @@ def _similarity_text(stage: str, similarity: float) -> str:
         bits = round((1.0 - similarity) * 64)
         return f"{similarity:.3f} ({bits} of 64 bits differ)"
     return f"{similarity:.3f}"
+
+
+def page_head(title: str, style: str) -> list[str]:
+    """The opening of a self-contained report page: no script, nothing fetched (a CSP that allows only
+    inline styles and data: images), so a report opened from disk or served by the API shows the same."""
+    return [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; img-src data:; '
+        "style-src 'unsafe-inline'\">",
+        f"<title>{html.escape(title)}</title><style>{style}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+    ]

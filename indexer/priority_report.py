@@ -13,6 +13,7 @@ import html
 from collections.abc import Mapping
 
 from indexer.gallery import _STYLE as GALLERY_STYLE
+from indexer.gallery import page_head
 from indexer.priority import DUPLICATE, Ranking
 
 __all__ = ["render_priority_html"]
@@ -42,12 +43,7 @@ def render_priority_html(
     queue = [p for p in range(len(ranking)) if not is_dup[p]][:head]
     pushed = [p for p in range(len(ranking)) if is_dup[p]]
     parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; img-src data:; '
-        "style-src 'unsafe-inline'\">",
-        f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>",
-        f"<h1>{html.escape(title)}</h1>",
+        *page_head(title, _STYLE),
         f"<p>{len(ranking)} unlabeled tasks ranked ({len(ranking.labeled)} labeled); the first "
         f"{ranking.exact_head} by exact farthest-first, {int(is_dup.sum())} pushed to the end as duplicates.</p>",
         f'<section class="queue"><h2>Head of the queue: the first {len(queue)} tasks</h2><div class="tiles">',
