@@ -67,6 +67,7 @@ def predict_tasks(payload: dict[str, Any]) -> dict[str, Any]:
             fetcher,
             payload.get("context"),
             deadline=payload.get("deadline"),  # when the waiting request gives up: work past it is wasted
+            interactive=True,  # the model's next pass is this one's, whatever bulk batch is running
         )
     except (LabelConfigError, PromptError) as exc:
         return {"refused": str(exc)}

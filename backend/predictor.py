@@ -15,7 +15,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,7 +89,7 @@ class Predictor:
         self.decode_size = detector.input_size if draft_decode else None
         # Kept for the predictor's life: threads per call would start on every request.
         self.pipeline = Pipeline(detector.device, load_threads=download_threads, preprocess_threads=preprocess_threads)
-        self._model_lock = threading.Lock()
+        self._turns = ModelTurns()
 
     def predict(
         self,
@@ -101,16 +102,18 @@ class Predictor:
         *,
         deadline: float | None = None,
         stats: PipelineStats | None = None,
+        interactive: bool = False,
     ) -> PredictOutcome:
         """Detect the project's labels (or the annotator's typed prompt) in every task's image.
 
         ``deadline`` (epoch seconds): once past it, no further batch goes to the model; the tasks not
         yet predicted fail with :data:`DEADLINE_PASSED` and their downloads that have not started are
         cancelled. A forward pass already running finishes first. ``stats``, if given, receives where
-        the time went (``bench/pipeline_efficiency.py`` reads it).
+        the time went (``bench/pipeline_efficiency.py`` reads it). An ``interactive`` call (an annotator
+        waiting) gets the model before bulk calls running on other threads, at their next batch.
         """
         prompt = _prompt_for(target, context)
-        stages = self._stages(prompt, params)
+        stages = self._stages(prompt, params, interactive)
         results: list[Any] = [None] * len(tasks)
         stats = stats if stats is not None else PipelineStats()
         for index, result in self.pipeline.run(
@@ -142,13 +145,15 @@ class Predictor:
             log.debug("task %s: %d boxes", task.get("id"), len(regions))
         return outcome
 
-    def _stages(self, prompt: _Prompt, params: DetectionParams) -> Stages[Image.Image, Size, tuple[Detections, Size]]:
-        """The detector's stages, with one forward pass at a time and each image's size kept with its
-        boxes (regions are percentages of it)."""
+    def _stages(
+        self, prompt: _Prompt, params: DetectionParams, interactive: bool
+    ) -> Stages[Image.Image, Size, tuple[Detections, Size]]:
+        """The detector's stages, with one forward pass at a time (interactive ones first) and each
+        image's size kept with its boxes (regions are percentages of it)."""
         stages = self.detector.stages(prompt.phrases, params, groups=prompt.groups)
 
         def forward(pixels: torch.Tensor) -> Any:
-            with self._model_lock:
+            with self._turns.turn(interactive=interactive):
                 return stages.forward(pixels)
 
         def postprocess(outputs: Any, sizes: Sequence[Size]) -> list[tuple[Detections, Size]]:
@@ -162,6 +167,41 @@ class Predictor:
             raise MissingImage(f"task data has no image under {target.value_key!r}")
         data = fetcher.fetch(value, task_id=task.get("id"))
         return decode_image(data, max_pixels=self.max_pixels, decode_size=self.decode_size)
+
+
+class ModelTurns:
+    """One forward pass at a time; a waiting interactive pass goes before waiting bulk passes.
+
+    A plain lock is not fair: a bulk batch releasing it between two passes could take it again at once,
+    and an annotator's request would wait for the whole bulk batch instead of one pass.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._busy = False
+        self._interactive_waiting = 0
+
+    @property
+    def interactive_waiting(self) -> int:
+        """Interactive passes waiting for their turn."""
+        return self._interactive_waiting
+
+    @contextmanager
+    def turn(self, *, interactive: bool) -> Iterator[None]:
+        with self._cond:
+            self._interactive_waiting += int(interactive)
+            try:
+                while self._busy or (not interactive and self._interactive_waiting):
+                    self._cond.wait()
+            finally:
+                self._interactive_waiting -= int(interactive)
+            self._busy = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
 
 
 def _prompt_for(target: LabelTarget, context: Mapping[str, Any] | None) -> _Prompt:

@@ -13,9 +13,11 @@ A Redis outage of any length, even one that breaks RQ's own handling of the job 
 end the process: it waits for Redis and goes on under a new name, so that the job cut short is
 re-queued and checked against Label Studio like one of a dead worker (``recover``).
 
-The models' thread takes interactive requests and batches only: plan steps run on a planner
-thread and Label Studio writes on a writer thread, so an annotator's ``/predict`` waits at most for
-the batch the model is running.
+The models' thread takes embedding and detection batches only: on a worker serving the detector,
+``/predict`` requests run on a thread of their own and take the model's next forward pass before the
+bulk batch's (``predictor.ModelTurns``), plan steps run on a planner thread and Label Studio writes on a
+writer thread, so an annotator's ``/predict`` waits at most for the forward pass under way, not for a
+bulk batch, a page listing or an import.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from backend.image_source import ImageFetcher
 from backend.ls_credentials import LabelStudioAccess
 from backend.predictor import Predictor
 from backend.project_vectors import open_store
-from backend.queues import DETECTOR, EMBEDDER, KEY_PREFIX, Queues
+from backend.queues import DETECTOR, EMBEDDER, INTERACTIVE, KEY_PREFIX, PLAN, Queues
 from backend.state import ProjectStore
 from backend.writer import Writer
 from indexer.store import STORE_FILE, VectorStore, project_dir
@@ -348,7 +350,7 @@ def run_worker(
     heartbeat = Heartbeat(connection, name, state, settings.batch_timeout)
     heartbeat.start()
     runtime: Runtime | None = None
-    planner: Planner | None = None
+    side: list[QueueThread] = []
     try:
         started = time.perf_counter()
         try:
@@ -365,9 +367,14 @@ def run_worker(
         log.info("worker %s ready on %s", name, state["device"])
         queues = Queues.on(connection)
         listen = queues.for_models(runtime.models)
-        if not burst:  # plan steps on a thread of their own: the models' thread only runs them
-            planner = Planner(runtime, settings.log_level.upper())
-            planner.start()
+        if not burst:  # plan steps and /predict on threads of their own: the models' thread runs batches
+            level = settings.log_level.upper()
+            side = [Planner(runtime, level)]
+            if runtime.predictor is not None:
+                side.append(Interactive(runtime, level))
+                listen = [q for q in listen if q.name != INTERACTIVE]
+            for thread in side:
+                thread.start()
         while not (stop and stop.is_set()):
             worker: PredictionWorker | None = None
             try:
@@ -392,9 +399,10 @@ def run_worker(
                 break
             recover(connection, runtime, heartbeat, state, stop)
     finally:
-        if planner is not None:
-            planner.stop.set()
-            planner.join(timeout=POLL_SECONDS + 10)
+        for thread in side:
+            thread.stop.set()
+        for thread in side:
+            thread.join(timeout=POLL_SECONDS + 10)
         if runtime is not None:
             runtime.writer.stop(timeout=SHUTDOWN_WRITES)
         heartbeat.stopped.set()
@@ -427,14 +435,14 @@ def wait_for_redis(connection: Redis, stop: threading.Event | None, who: str) ->
             delay = min(delay * 2, 30.0)
 
 
-class Planner(threading.Thread):
-    """Plan steps on a thread of the worker process, off the model's thread: listing and checking a
-    page of a big project takes Label Studio a second or more, which an annotator's ``/predict``
-    must not wait behind. An RQ worker of its own on the plan queue, sharing the process's runtime."""
+class QueueThread(threading.Thread):
+    """An RQ worker of its own on one queue, on a thread of the worker process, sharing its runtime:
+    what it runs never waits behind the model's thread, nor that thread behind it."""
 
-    def __init__(self, runtime: Runtime, log_level: str) -> None:
-        super().__init__(name="dinolabel-planner", daemon=True)
+    def __init__(self, runtime: Runtime, queue: str, log_level: str) -> None:
+        super().__init__(name=f"dinolabel-{queue}", daemon=True)
         self.runtime = runtime
+        self.queue = queue
         self.log_level = log_level
         self.stop = threading.Event()
 
@@ -444,18 +452,44 @@ class Planner(threading.Thread):
         while not self.stop.is_set():
             worker: PredictionWorker | None = None
             try:
-                worker = PredictionWorker([Queues.on(connection).plan], connection=connection,
-                                          name=f"{self.runtime.name}.plan.{int(time.time())}",
+                queue = Queue(self.queue, connection=connection, serializer=JSONSerializer)
+                worker = PredictionWorker([queue], connection=connection,
+                                          name=f"{self.runtime.name}.{self.queue}.{int(time.time())}",
                                           serializer=JSONSerializer, worker_ttl=30, stop=self.stop)  # fmt: skip
                 worker.work(logging_level=self.log_level)
-            except Exception as exc:  # Redis gone mid-step: the step is queued again once Redis is back
-                log.error("planner of %s: the work loop failed (%s: %s)", self.runtime.name, type(exc).__name__, exc)
+            except Exception as exc:  # Redis gone mid-job
+                log.error("%s of %s: the work loop failed (%s: %s)", self.queue, self.runtime.name,
+                          type(exc).__name__, exc)  # fmt: skip
                 _stop_pubsub(worker)
             if self.stop.is_set():
                 return
-            wait_for_redis(connection, self.stop, f"planner of {self.runtime.name}")
-            with contextlib.suppress(redis.RedisError):
-                restart_plan_steps_of(connection, self.runtime.name)
+            wait_for_redis(connection, self.stop, f"{self.queue} of {self.runtime.name}")
+            self.after_outage()
+
+    def after_outage(self) -> None:
+        """Redis is back after the work loop broke."""
+
+
+class Planner(QueueThread):
+    """Plan steps, off the model's thread: listing and checking a page of a big project takes Label
+    Studio a second or more, which an annotator's ``/predict`` must not wait behind."""
+
+    def __init__(self, runtime: Runtime, log_level: str) -> None:
+        super().__init__(runtime, PLAN, log_level)
+
+    def after_outage(self) -> None:
+        """A step cut short by the outage is queued again (it resumes at the job's cursor)."""
+        with contextlib.suppress(redis.RedisError):
+            restart_plan_steps_of(self.runtime.connection, self.runtime.name)
+
+
+class Interactive(QueueThread):
+    """``/predict`` requests, off the model's thread that runs bulk batches: a request waits for the
+    model's current pass only (``ModelTurns`` gives it the next one), not for the whole bulk batch, nor
+    for the batch's bookkeeping. A request that fails with an outage is answered by the API's time-out."""
+
+    def __init__(self, runtime: Runtime, log_level: str) -> None:
+        super().__init__(runtime, INTERACTIVE, log_level)
 
 
 def restart_plan_steps_of(connection: Redis, worker: str) -> int:

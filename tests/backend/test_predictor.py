@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
 from backend.image_source import ImageFetcher
 from backend.labeling import parse_label_config
-from backend.predictor import DEADLINE_PASSED, Predictor
+from backend.predictor import DEADLINE_PASSED, ModelTurns, Predictor
 from model import DetectionParams, GroundingDinoDetector
 from tests.backend.conftest import FakeBucket
 from tests.images import jpeg, png
+from tests.processes import wait_for
 
 CONFIG = (
     '<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">'
@@ -89,3 +91,26 @@ def test_draft_decoding_keeps_regions_in_the_displayed_images_frame(
         )
     spans = [max(r["value"]["x"] + r["value"]["width"] for r in result) for result in regions.values()]
     assert min(spans) > 25, "boxes span the picture in both, not a quarter of it"
+
+
+def test_a_waiting_interactive_pass_goes_before_the_bulk_pass_that_just_ended() -> None:
+    """The bulk batch's thread ends a pass and asks for the next one at once (as its pipeline does when
+    the next batch is ready): the annotator's pass waiting meanwhile goes first. With a plain lock the
+    thread that releases it takes it again."""
+    turns = ModelTurns()
+    order: list[str] = []
+
+    def annotator() -> None:
+        with turns.turn(interactive=True):
+            order.append("interactive")
+
+    with turns.turn(interactive=False):
+        waiting = threading.Thread(target=annotator)
+        waiting.start()
+        wait_for(lambda: turns.interactive_waiting == 1, 30, "the annotator's pass to wait")
+        order.append("bulk 1")
+    with turns.turn(interactive=False):
+        order.append("bulk 2")
+    waiting.join(30)
+    assert order == ["bulk 1", "interactive", "bulk 2"]
+    assert turns.interactive_waiting == 0

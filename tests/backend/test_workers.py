@@ -19,7 +19,7 @@ from backend.jobs import enqueue_batch, enqueue_plan
 from backend.main import create_app
 from backend.marks import Marks
 from backend.queues import Queues
-from tests.backend.conftest import FakeProjectAPI
+from tests.backend.conftest import FakeBucket, FakeProjectAPI
 from tests.images import png
 from tests.processes import RedisServer, Service, wait_for
 
@@ -240,9 +240,10 @@ def test_waiting_predicts_never_starve_health(settings: Settings) -> None:
 
 
 def worker_on(
-    redis_url: str, settings: Settings, project: FakeProjectAPI, log: Path, *, write_size: int = 8
+    redis_url: str, settings: Settings, project: FakeProjectAPI, log: Path, *, write_size: int = 8, **extra: str
 ) -> Service:
-    """A ``dinolabel worker`` child process that writes to the fake Label Studio ``project``, once ready."""
+    """A ``dinolabel worker`` child process that writes to the fake Label Studio ``project``, once ready
+    (``extra``: more environment)."""
     env = {
         "DINOLABEL_REDIS_URL": redis_url,
         "DINOLABEL_DETECTOR_CHECKPOINT": settings.detector_checkpoint,
@@ -252,6 +253,7 @@ def worker_on(
         "DINOLABEL_BULK_BATCH_SIZE": "4",
         "DINOLABEL_BULK_WRITE_SIZE": str(write_size),  # 8: two batches per import call
         "DINOLABEL_BULK_WRITE_WAIT": "0.2",
+        **extra,
     }
     worker = Service(["worker"], env, log).start()
     connection = redis.Redis.from_url(redis_url)
@@ -472,4 +474,33 @@ def test_predict_racing_a_bulk_job_gives_each_task_one_prediction(
             assert fake_project.per_task(version) == dict.fromkeys(range(1, 9), 1), "every task once, none twice"
     finally:
         fake_project.import_gate.set()
+        worker.stop()
+
+
+def test_predict_is_answered_while_a_bulk_batch_waits_between_model_passes(
+    settings: Settings, tmp_path: Path, fake_project: FakeProjectAPI, fake_bucket: FakeBucket
+) -> None:
+    """One worker; its bulk batch of four has predicted task 1 and waits for task 2's image (a server
+    that sends one byte a second): the model is free, and an annotator's /predict is answered from it
+    then, not after the batch."""
+    fake_project.tasks.update({t: {"image": f"/data/local-files/?d=img{t % 4}.png"} for t in (1, 3, 4)})
+    fake_project.tasks[2] = {"image": f"{fake_bucket.url}/trickle"}
+    connection = redis.Redis.from_url(settings.redis_url)
+    worker = worker_on(settings.redis_url, settings, fake_project, tmp_path / "worker.log",
+                       DINOLABEL_FETCH_ALLOW="127.0.0.1", DINOLABEL_IMAGE_TOTAL_TIMEOUT="120")  # fmt: skip
+    request = {"tasks": tasks("img1.png"), "project": "1.1", "label_config": CONFIG}
+    try:
+        with TestClient(create_app(settings.model_copy(update={"embedded_worker": False}))) as client:
+            job = project_job(connection, fake_project)
+            enqueue_plan(Queues.on(connection), job)
+            wait_for(lambda: fake_bucket.seen("/trickle"), 60, f"the batch to fetch task 2\n{worker.log_tail()}")
+            answer = client.post("/predict", json=request)
+            assert answer.status_code == 200 and answer.json()["results"][0]["result"], answer.text
+            assert job.summary()["done"] == 0 and not fake_project.posted, "the batch was still running"
+            fake_bucket.release.set()  # the trickle ends short of what it promised: task 2 fails alone
+            summary = finished(job, worker)
+            assert (summary["done"], summary["failed"]) == (3, 1)
+            assert fake_project.per_task("v1") == {1: 1, 3: 1, 4: 1}
+    finally:
+        fake_bucket.release.set()
         worker.stop()
