@@ -144,7 +144,8 @@ class PredictionWorker(SimpleWorker):
     """A non-forking worker. With ``stop`` it runs off the main thread (the embedded worker): no
     signal handlers, and it polls the queues in short waits so that setting ``stop`` ends it.
 
-    The job it is running goes into ``published["busy"]`` (the state the heartbeat publishes), so ``/health``
+    The job it is running goes into ``published[busy_key]`` (the state the heartbeat publishes: ``busy``
+    for the model's thread, ``busy_<queue>`` for a ``QueueThread``), so ``/health``
     can tell a worker stuck in one job past its time-out: RQ's timer raises its exception in the
     job's thread only when that thread next runs Python code, never inside a blocking wait.
     """
@@ -152,11 +153,17 @@ class PredictionWorker(SimpleWorker):
     death_penalty_class = TimerDeathPenalty  # signal-free job time-outs: works in any thread
 
     def __init__(
-        self, *args: Any, stop: threading.Event | None = None, published: dict[str, Any] | None = None, **kwargs: Any
+        self,
+        *args: Any,
+        stop: threading.Event | None = None,
+        published: dict[str, Any] | None = None,
+        busy_key: str = "busy",
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.stop = stop
         self.published = published if published is not None else {}  # RQ's own ``state`` is its status
+        self.busy_key = busy_key
         self.lost_redis = False
 
     def handle_exception(self, job: Any, *exc_info: Any) -> None:
@@ -167,7 +174,7 @@ class PredictionWorker(SimpleWorker):
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         timeout = job.timeout or queue.DEFAULT_TIMEOUT
-        self.published["busy"] = {
+        self.published[self.busy_key] = {
             "job": job.id,
             "function": job.func_name,  # not the description: it holds the arguments (tokens)
             "since": time.time(),
@@ -176,7 +183,7 @@ class PredictionWorker(SimpleWorker):
         try:
             super().execute_job(job, queue)
         finally:
-            self.published["busy"] = None
+            self.published[self.busy_key] = None
         if self.lost_redis:  # Redis came back before RQ noticed: end the loop all the same, to recover
             raise redis.ConnectionError(f"job {job.id} lost Redis while it ran")
 
@@ -369,9 +376,9 @@ def run_worker(
         listen = queues.for_models(runtime.models)
         if not burst:  # plan steps and /predict on threads of their own: the models' thread runs batches
             level = settings.log_level.upper()
-            side = [Planner(runtime, level)]
+            side = [Planner(runtime, level, state)]
             if runtime.predictor is not None:
-                side.append(Interactive(runtime, level))
+                side.append(Interactive(runtime, level, state))
                 listen = [q for q in listen if q.name != INTERACTIVE]
             for thread in side:
                 thread.start()
@@ -439,11 +446,12 @@ class QueueThread(threading.Thread):
     """An RQ worker of its own on one queue, on a thread of the worker process, sharing its runtime:
     what it runs never waits behind the model's thread, nor that thread behind it."""
 
-    def __init__(self, runtime: Runtime, queue: str, log_level: str) -> None:
+    def __init__(self, runtime: Runtime, queue: str, log_level: str, state: dict[str, Any]) -> None:
         super().__init__(name=f"dinolabel-{queue}", daemon=True)
         self.runtime = runtime
         self.queue = queue
         self.log_level = log_level
+        self.state = state  # the worker's published state: the job under way goes in ``busy_<queue>``
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -455,7 +463,8 @@ class QueueThread(threading.Thread):
                 queue = Queue(self.queue, connection=connection, serializer=JSONSerializer)
                 worker = PredictionWorker([queue], connection=connection,
                                           name=f"{self.runtime.name}.{self.queue}.{int(time.time())}",
-                                          serializer=JSONSerializer, worker_ttl=30, stop=self.stop)  # fmt: skip
+                                          serializer=JSONSerializer, worker_ttl=30, stop=self.stop,
+                                          published=self.state, busy_key=f"busy_{self.queue}")  # fmt: skip
                 worker.work(logging_level=self.log_level)
             except Exception as exc:  # Redis gone mid-job
                 log.error("%s of %s: the work loop failed (%s: %s)", self.queue, self.runtime.name,
@@ -474,8 +483,8 @@ class Planner(QueueThread):
     """Plan steps, off the model's thread: listing and checking a page of a big project takes Label
     Studio a second or more, which an annotator's ``/predict`` must not wait behind."""
 
-    def __init__(self, runtime: Runtime, log_level: str) -> None:
-        super().__init__(runtime, PLAN, log_level)
+    def __init__(self, runtime: Runtime, log_level: str, state: dict[str, Any]) -> None:
+        super().__init__(runtime, PLAN, log_level, state)
 
     def after_outage(self) -> None:
         """A step cut short by the outage is queued again (it resumes at the job's cursor)."""
@@ -488,8 +497,8 @@ class Interactive(QueueThread):
     model's current pass only (``ModelTurns`` gives it the next one), not for the whole bulk batch, nor
     for the batch's bookkeeping. A request that fails with an outage is answered by the API's time-out."""
 
-    def __init__(self, runtime: Runtime, log_level: str) -> None:
-        super().__init__(runtime, INTERACTIVE, log_level)
+    def __init__(self, runtime: Runtime, log_level: str, state: dict[str, Any]) -> None:
+        super().__init__(runtime, INTERACTIVE, log_level, state)
 
 
 def restart_plan_steps_of(connection: Redis, worker: str) -> int:

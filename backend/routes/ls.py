@@ -119,17 +119,19 @@ def health(service: ServiceDep) -> JSONResponse:
 
 
 def _stuck(worker: dict[str, Any], now: float) -> str | None:
-    """Why a worker counts as stuck (busy on one job past its time-out), or None."""
-    busy = worker.get("busy")
-    if not isinstance(busy, dict) or not busy.get("timeout"):
-        return None
-    seconds = now - float(busy.get("since") or now)
-    if seconds <= busy["timeout"]:
-        return None
-    return (
-        f"worker {worker.get('name')} has been busy on job {busy.get('job')} for {seconds:.0f} s, "
-        f"past its time-out of {busy['timeout']} s"
-    )
+    """Why a worker counts as stuck (one of its threads busy on one job past its time-out: ``busy`` for
+    the model's thread, ``busy_<queue>`` for the threads taking /predict and plan steps), or None."""
+    for key in sorted(k for k in worker if k == "busy" or k.startswith("busy_")):
+        busy = worker[key]
+        if not isinstance(busy, dict) or not busy.get("timeout"):
+            continue
+        seconds = now - float(busy.get("since") or now)
+        if seconds > busy["timeout"]:
+            return (
+                f"worker {worker.get('name')} has been busy on job {busy.get('job')} for {seconds:.0f} s, "
+                f"past its time-out of {busy['timeout']} s"
+            )
+    return None
 
 
 @router.post("/setup", response_model=SetupResponse, responses=responses(422, 503))
