@@ -119,15 +119,18 @@ def test_index_job_stores_the_embedders_vectors_once_and_follows_the_project(
     settings: Settings, embed_worker: Service, detector_worker: Service, docs: Path, project: FakeProjectAPI
 ) -> None:
     hook = {"X-Dinolabel-Secret": SECRET}
-    # Each worker listens only to its models' queues (and the plan queue, on its planner thread).
+    # Each worker listens only to its models' queues (and the plan queue, on its planner thread; the
+    # detector's interactive queue on a thread of its own): one RQ worker per thread.
     connection = redis.Redis.from_url(settings.redis_url or "")
-    pids = {detector_worker.process.pid, embed_worker.process.pid}
+    threads = {detector_worker.process.pid: 3, embed_worker.process.pid: 2}
 
     def listening() -> dict[int, set[str]] | bool:
         workers: dict[int, set[str]] = {}
+        counts: dict[int, int] = {}
         for worker in Worker.all(connection=connection):
             workers.setdefault(worker.pid, set()).update(worker.queue_names())
-        return pids <= set(workers) and workers
+            counts[worker.pid] = counts.get(worker.pid, 0) + 1
+        return all(counts.get(pid, 0) >= n for pid, n in threads.items()) and workers
 
     queues = wait_for(listening, 120, f"both workers\n{detector_worker.log_tail()}\n{embed_worker.log_tail()}")
     assert queues[detector_worker.process.pid] == {INTERACTIVE, BULK, PLAN}, "never embedding work"
