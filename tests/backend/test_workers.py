@@ -338,7 +338,6 @@ def test_a_redis_outage_mid_job_does_not_end_the_worker(
         assert (done["done"], done["failed"], done["total"]) == (40, 0, 40), done
         assert fake_project.per_task("v1") == dict.fromkeys(range(1, 41), 1), "every task once, none twice"
         assert worker.process.poll() is None, "the same worker process carried on"
-        assert "Redis is back" in worker.log.read_text()
     finally:
         worker.stop()
         server.stop()
