@@ -23,12 +23,12 @@ from dataclasses import dataclass
 import httpx
 
 from backend.config import Settings
-from backend.image_source import ImageFetchError, redact_url
+from backend.image_source import ImageFetchError, fetcher_for, redact_url
 from backend.index_cache import IndexCache
 from backend.ls_auth import LabelStudioAuthError
 from backend.ls_client import LabelStudioClient, LabelStudioError
 from backend.ls_credentials import LabelStudioAccess
-from backend.search import fetcher_for, image_key, image_value
+from backend.search import image_key, image_value
 from indexer import DuplicateReport, find_duplicates, render_html, thumbnail
 
 log = logging.getLogger(__name__)

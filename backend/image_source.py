@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import TYPE_CHECKING, Self
 from urllib.parse import (
     parse_qs,
     parse_qsl,
@@ -40,6 +40,10 @@ import httpx
 
 from backend.fetch_network import AddressPolicy, AddressRefused, GuardedTransport, fetch_deadline, time_left
 from backend.ls_auth import LabelStudioAuth, LabelStudioAuthError, same_origin
+
+if TYPE_CHECKING:
+    from backend.config import Settings
+    from backend.ls_credentials import LabelStudioAccess
 
 __all__ = ["ImageFetchError", "ImageFetcher", "redact_url"]
 
@@ -531,3 +535,18 @@ def _where(current: str, display: str) -> str:
 
 def _too_large(what: str, limit: int) -> str:
     return f"too large: {what}; the limit is {limit:,} bytes (DINOLABEL_IMAGE_MAX_BYTES)"
+
+
+def fetcher_for(settings: Settings, access: LabelStudioAccess) -> ImageFetcher:
+    """An image fetcher for one Label Studio and key under the configured rules (address policy, the key
+    only to Label Studio's file routes, size and time limits): the workers and the API build theirs here."""
+    return ImageFetcher(
+        label_studio_url=access.url,
+        api_key=access.api_key,
+        document_root=settings.local_files_document_root,
+        media_root=settings.media_root,
+        timeout=settings.image_timeout,
+        total_timeout=settings.image_total_timeout,
+        max_bytes=settings.image_max_bytes,
+        allow=settings.fetch_allow,
+    )

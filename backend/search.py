@@ -22,7 +22,7 @@ import httpx
 import numpy as np
 
 from backend.config import Settings
-from backend.image_source import ImageFetcher, ImageFetchError, redact_url
+from backend.image_source import ImageFetchError, redact_url
 from backend.index_cache import IndexCache
 from backend.ls_auth import LabelStudioAuthError
 from backend.ls_client import LabelStudioClient, LabelStudioError
@@ -149,21 +149,6 @@ def image_url(data: dict[str, Any], key: str | None, base: str) -> str | None:
     if value.startswith("/") and not value.startswith("//"):
         return base.rstrip("/") + value
     return value
-
-
-def fetcher_for(settings: Settings, access: LabelStudioAccess) -> ImageFetcher:
-    """An image fetcher under the workers' rules (address policy, key only to Label Studio's file routes,
-    size and time limits); close it after use."""
-    return ImageFetcher(
-        label_studio_url=access.url,
-        api_key=access.api_key,
-        document_root=settings.local_files_document_root,
-        media_root=settings.media_root,
-        timeout=settings.image_timeout,
-        total_timeout=settings.image_total_timeout,
-        max_bytes=settings.image_max_bytes,
-        allow=settings.fetch_allow,
-    )
 
 
 # --- in the worker -----------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from rq.timeouts import TimerDeathPenalty
 
 from backend.bulk import BulkJob, Workers
 from backend.config import Settings
-from backend.image_source import ImageFetcher
+from backend.image_source import ImageFetcher, fetcher_for
 from backend.ls_credentials import LabelStudioAccess
 from backend.predictor import Predictor
 from backend.project_vectors import open_store
@@ -111,19 +111,9 @@ class Runtime:
 
     def fetcher(self, access: LabelStudioAccess) -> ImageFetcher:
         """One image fetcher (and connection pool) per Label Studio and key, kept for the process."""
-        s = self.settings
         with self._lock:
             if access not in self._fetchers:
-                self._fetchers[access] = ImageFetcher(
-                    label_studio_url=access.url,
-                    api_key=access.api_key,
-                    document_root=s.local_files_document_root,
-                    media_root=s.media_root,
-                    timeout=s.image_timeout,
-                    total_timeout=s.image_total_timeout,
-                    max_bytes=s.image_max_bytes,
-                    allow=s.fetch_allow,
-                )
+                self._fetchers[access] = fetcher_for(self.settings, access)
             return self._fetchers[access]
 
 

@@ -27,7 +27,7 @@ from backend.json_body import StrictJSONRoute
 from backend.ls_auth import same_origin
 from backend.schemas.search import DuplicatesResponse, SearchByURL, SearchHit, SearchResponse
 from backend.schemas.tasks import MAX_ID
-from backend.search import Found, embed_query, nearest, task_vector, vector_of, with_label_studio
+from backend.search import Hit, embed_query, nearest, task_vector, vector_of, with_label_studio
 from backend.state import Service
 from indexer.duplicates import DEFAULT_EMBEDDING_THRESHOLD, DEFAULT_PHASH_DISTANCE, MAX_PHASH_DISTANCE
 
@@ -80,7 +80,12 @@ def _check_k(k: int, settings: Settings) -> None:
         )
 
 
-def _answer(project: int, task_id: int | None, k: int, cache: IndexCache, found: Found) -> SearchResponse:
+def _answer(
+    service: Service, settings: Settings, cache: IndexCache, project: int, task_id: int | None, k: int, hits: list[Hit]
+) -> SearchResponse:
+    """The hits with their image URLs and labeled state, from one Label Studio listing."""
+    record = service.projects.get(project)
+    found = with_label_studio(hits, project, service.projects.label_studio(project), record.label_config, settings)
     return SearchResponse(
         project=project,
         task_id=task_id,
@@ -106,9 +111,7 @@ def similar(
     does not answer: ``label_studio`` and ``warning`` say so)."""
     _check_k(k, settings)
     hits = nearest(cache, project, task_vector(cache, project, task_id), k, exclude=task_id)
-    record = service.projects.get(project)
-    found = with_label_studio(hits, project, service.projects.label_studio(project), record.label_config, settings)
-    return _answer(project, task_id, k, cache, found)
+    return _answer(service, settings, cache, project, task_id, k, hits)
 
 
 @router.post(
@@ -249,9 +252,7 @@ def _search_by_image(
         )
     _, index = cache.get(project)
     hits = nearest(cache, project, vector_of(value["vector"], index.info.dim), k)
-    record = service.projects.get(project)
-    found = with_label_studio(hits, project, service.projects.label_studio(project), record.label_config, settings)
-    return _answer(project, None, k, cache, found)
+    return _answer(service, settings, cache, project, None, k, hits)
 
 
 @router.get(
