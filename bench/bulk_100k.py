@@ -510,7 +510,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         reports["import_s"] = round(import_s, 1)
         print(f"imported {args.tasks} tasks in {import_s:.1f} s", flush=True)
         for index, run in enumerate(runs):
-            report = run_version(run, index, ls, server, project, args, args.logs or Path(tmp))
+            report = run_version(run, index, ls, server, project, args, (args.logs or Path(tmp)).resolve())
             reports["runs"].append(report)
             print(json.dumps({k: v for k, v in report.items() if k != "progress"}), flush=True)
             reports["wall_s"] = time.perf_counter() - started
