@@ -275,6 +275,7 @@ def run_version(run: Run, index: int, ls: Any, server: Any, project: int, args: 
         "DINOLABEL_LABEL_STUDIO_API_KEY": server.token,
         "DINOLABEL_LOCAL_FILES_DOCUMENT_ROOT": str(server.document_root),
         "DINOLABEL_EMBEDDED_WORKER": "false",
+        "DINOLABEL_WORKER_MODELS": "detector",  # the stub stands in for the detector only
         # A model version of its own per run: no run finds another's predictions, and none is deleted in
         # between (deleting 100k tasks' predictions holds Label Studio's SQLite database for minutes).
         "DINOLABEL_DETECTOR_CHECKPOINT": f"stub-run{index}",
@@ -460,10 +461,11 @@ def import_project(ls: Any, server: Any, tasks: int, images: int) -> tuple[int, 
 
 
 @contextlib.contextmanager
-def label_studio(directory: Path) -> Iterator[tuple[Any, Any]]:
+def label_studio(directory: Path, extra_env: dict[str, str]) -> Iterator[tuple[Any, Any]]:
     from tests.labelstudio import LabelStudioAPI, LabelStudioServer
 
-    server = LabelStudioServer(directory / "label-studio", startup_timeout=900)  # a busy 2-core machine: minutes
+    # startup_timeout: a busy 2-core machine takes minutes
+    server = LabelStudioServer(directory / "label-studio", startup_timeout=900, extra_env=extra_env)
     server.start()
     try:
         with LabelStudioAPI(server.url, server.token, timeout=600) as ls:
@@ -486,6 +488,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="LABEL@RATE[:setting=value,...] (repeatable; default: each --code at --rate)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "bulk_100k.json")
     parser.add_argument("--logs", type=Path, help="keep each run's logs (API, worker, Redis) in this folder")
+    parser.add_argument("--ls-env", action="append", default=[],
+                        help="KEY=VALUE for Label Studio's environment (repeatable): a feature flag")  # fmt: skip
     args = parser.parse_args(argv)
     if args.stub_worker:
         return stub_worker_main()
@@ -496,16 +500,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = [Run.parse(text, codes) for text in args.run] or [Run(k, v, args.rate) for k, v in codes.items()]
     except argparse.ArgumentTypeError as exc:
         parser.error(str(exc))
+    ls_env = dict(item.split("=", 1) for item in args.ls_env)
     started = time.perf_counter()
     reports: dict[str, Any] = {
         "machine": machine_info(),
+        "label_studio_env": ls_env,
         "tasks": args.tasks,
         "settle_s": args.settle,
         "window_s": args.window,
         "codes": {k: str(v) for k, v in codes.items()},
         "runs": [],
     }
-    with tempfile.TemporaryDirectory(prefix="bulk-100k-") as tmp, label_studio(Path(tmp)) as (server, ls):
+    with (
+        tempfile.TemporaryDirectory(prefix="bulk-100k-") as tmp,
+        label_studio(Path(tmp), ls_env) as (
+            server,
+            ls,
+        ),
+    ):
         project, import_s = import_project(ls, server, args.tasks, args.images)
         reports["import_s"] = round(import_s, 1)
         print(f"imported {args.tasks} tasks in {import_s:.1f} s", flush=True)
