@@ -43,9 +43,10 @@ from backend.ls_client import MAX_IDS_PER_QUERY, PAGE_SIZE
 from backend.predictor import DECODE_MARGIN_S, MissingImage
 from backend.prioritize import after_index_job
 from backend.queues import KEY_PREFIX, Queues
+from backend.shared_images import SharedImages
 from backend.worker import STORE_HOLDER, Runtime, current_runtime
 from indexer.hashes import ImageHashes, phash, pixel_hash, sha256_hex
-from indexer.store import StoredVector
+from indexer.store import StoredVector, VectorStore
 from model.images import ImageDecodeError, decode_image
 from model.pipeline import Failed
 
@@ -111,16 +112,7 @@ def plan_index_page(job: BulkJob, state: dict[str, Any], runtime: Runtime, queue
             cursor, last = (tasks[-1]["id"] if tasks else state["cursor"]), len(tasks) < PAGE_SIZE
     store = runtime.store(spec.project)
     sync = bool(spec.params.get("sync"))
-    todo: list[dict[str, Any]] = []
-    held = 0
-    for task in tasks:
-        row = store.get(task["id"])
-        current = row is not None and row.embedder == spec.model_version
-        if current and not sync:
-            held += 1
-            continue
-        image = (task.get("data") or {}).get(key)
-        todo.append({"id": task["id"], "image": image, "key": key, "known": row.sha256 if current and row else None})
+    todo, held = index_todo(store, tasks, key, spec.model_version, sync=sync)
     vanished: list[int] = []
     if sync and not state["restricted"]:
         stored = store.task_ids(after=state["cursor"], upto=_LAST_ID if last else cursor)
@@ -138,10 +130,28 @@ def plan_index_page(job: BulkJob, state: dict[str, Any], runtime: Runtime, queue
         enqueue_batch(queues, job, number, timeout=runtime.settings.batch_timeout)
     if job.is_final():  # cancelled while this page was queued (or every task was skipped): take it back
         cancel_queued(queues, job)
-        _rank_again_when_done(runtime, job)
+        rank_again_when_done(runtime, job)
     log.info("index job %s: planned %d tasks after %d, %d to embed, %d vanished", job.id, len(tasks),
              state["cursor"], len(todo), len(vanished))  # fmt: skip
     return {"tasks": len(tasks), "to_embed": len(todo), "vanished": len(vanished), "last": last}
+
+
+def index_todo(
+    store: VectorStore, tasks: list[dict[str, Any]], key: str, version: str, *, sync: bool
+) -> tuple[list[dict[str, Any]], int]:
+    """The batch entries of the listed ``tasks`` to embed, and how many already hold a vector of ``version``
+    (a sync re-checks those: their entry carries the sha256 the vector was made from)."""
+    todo: list[dict[str, Any]] = []
+    held = 0
+    for task in tasks:
+        row = store.get(task["id"])
+        current = row is not None and row.embedder == version
+        if current and not sync:
+            held += 1
+            continue
+        image = (task.get("data") or {}).get(key)
+        todo.append({"id": task["id"], "image": image, "key": key, "known": row.sha256 if current and row else None})
+    return todo, held
 
 
 def remove_vectors(runtime: Runtime, project: int, task_ids: Sequence[int]) -> int:
@@ -179,7 +189,13 @@ def enqueue_delete(queues: Queues, project: int, task_ids: Sequence[int]) -> Non
 def run_index_batch(job_id: str, number: int) -> dict[str, Any]:
     """Fetch, hash and embed one batch; its vectors go to the store writer, which counts the batch."""
     runtime = current_runtime()
-    job = BulkJob.fetch(runtime.connection, job_id)
+    return embed_batch(runtime, BulkJob.fetch(runtime.connection, job_id), number)
+
+
+def embed_batch(runtime: Runtime, job: BulkJob, number: int, shared: SharedImages | None = None) -> dict[str, Any]:
+    """Embed batch ``number`` of an index job and send its vectors to the store writer. ``shared``: the
+    images a detection batch loaded already, taken from it instead of fetched again (``backend.combined``)."""
+    job_id = job.id
     if job.is_final() or job.batch_finished(number):
         return {"status": "skipped"}
     job.hold(number, runtime.name)
@@ -187,7 +203,7 @@ def run_index_batch(job_id: str, number: int) -> dict[str, Any]:
     tasks = job.batch_tasks(number)
     started = time.perf_counter()
     try:
-        rows, failures, unchanged = _embed(runtime, spec.project, spec.model_version, tasks)
+        rows, failures, unchanged = _embed(runtime, spec.project, spec.model_version, tasks, shared)
     except Exception as exc:  # a time-out, a bug: the batch ends with the reason, the job goes on
         log.exception("index job %s batch %d failed", job_id, number)
         reason = f"batch failed: {type(exc).__name__}"
@@ -216,7 +232,7 @@ def run_index_batch(job_id: str, number: int) -> dict[str, Any]:
 
 
 def _embed(
-    runtime: Runtime, project: int, version: str, tasks: list[dict[str, Any]]
+    runtime: Runtime, project: int, version: str, tasks: list[dict[str, Any]], shared: SharedImages | None = None
 ) -> tuple[list[dict[str, Any]], list[tuple[int, str]], int]:
     """The store rows of the tasks embedded, the failures with reasons, and how many were unchanged."""
     embedder = runtime.embedder
@@ -233,6 +249,10 @@ def _embed(
     max_pixels = runtime.settings.image_max_pixels
 
     def load(task: dict[str, Any]) -> Any:
+        kept = shared.take(task["id"]) if shared is not None else None
+        if kept is not None:  # loaded for the detector: its pixels preprocessed for us, or why it failed
+            hashes[task["id"]] = kept.hashes
+            return kept.pixels
         value = task.get("image")
         if not isinstance(value, str) or not value:
             raise MissingImage(f"task data has no image under {task.get('key')!r}")
@@ -247,10 +267,11 @@ def _embed(
     rows: list[dict[str, Any]] = []
     failures: list[tuple[int, str]] = []
     unchanged = 0
+    stages = embedder.stages()
     for index, result in embedder.pipeline.run(
         tasks,
         load,
-        embedder.stages(),
+        shared.embedder_stages(stages) if shared is not None else stages,
         batch_size=embedder.batch_size,
         item_errors=(ImageFetchError, ImageDecodeError, MissingImage, Unchanged),
         item_timeout=fetcher.total_timeout + DECODE_MARGIN_S,
@@ -307,11 +328,11 @@ def store_index_batch(
         failures=[(int(t), str(reason)) for t, reason in failures] + lost,
     )
     keep_planning(Queues.on(runtime.connection), job, runtime.settings.bulk_plan_ahead)
-    _rank_again_when_done(runtime, job)
+    rank_again_when_done(runtime, job)
     return {"stored": len(records), "deleted_meanwhile": len(gone)}
 
 
-def _rank_again_when_done(runtime: Runtime, job: BulkJob) -> None:
+def rank_again_when_done(runtime: Runtime, job: BulkJob) -> None:
     """A project prioritized before is ranked again when its index job ends done (``backend.prioritize``)."""
     if job.status() == JobStatus.DONE:
         after_index_job(runtime.connection, job.id, job.spec().project)

@@ -36,6 +36,7 @@ from backend.ls_client import MAX_IDS_PER_QUERY, PAGE_SIZE, LabelStudioClient, L
 from backend.marks import Marks
 from backend.predictor import DEADLINE_PASSED
 from backend.queues import Queues
+from backend.shared_images import SharedImages
 from backend.worker import Runtime, current_runtime
 from backend.writer import Submission
 from model import DetectionParams, PromptError
@@ -173,7 +174,7 @@ def plan_job(job_id: str) -> dict[str, Any]:
 
                 outcome = plan_index_page(job, state, runtime, queues)
             else:
-                outcome = _plan_page(job, state, runtime, queues)
+                outcome = plan_detect_page(job, state, runtime, queues)
         except redis.RedisError:
             raise  # the worker recovers; a new step starts where this one stopped
         except (LabelStudioError, LabelConfigError) as exc:
@@ -196,7 +197,7 @@ def keep_planning(queues: Queues, job: BulkJob, plan_ahead: int) -> bool:
     return request_plan_step(queues, job)
 
 
-def _plan_page(job: BulkJob, state: dict[str, Any], runtime: Runtime, queues: Queues) -> dict[str, Any]:
+def plan_detect_page(job: BulkJob, state: dict[str, Any], runtime: Runtime, queues: Queues) -> dict[str, Any]:
     """List one page after the cursor, check it against Label Studio, record and queue its batches."""
     spec = job.spec()
     with label_studio_client(spec) as client:
@@ -236,15 +237,21 @@ def _plan_page(job: BulkJob, state: dict[str, Any], runtime: Runtime, queues: Qu
 
 
 def run_batch(job_id: str, number: int) -> dict[str, Any]:
-    """Predict one batch and hand its rows to the worker's writer; the batch is counted once written.
+    """Predict one batch and hand its rows to the worker's writer; the batch is counted once written."""
+    runtime = current_runtime()
+    return detect_batch(runtime, BulkJob.fetch(runtime.connection, job_id), number)
+
+
+def detect_batch(runtime: Runtime, job: BulkJob, number: int, shared: SharedImages | None = None) -> dict[str, Any]:
+    """Predict batch ``number`` of a pre-annotation job and hand its rows to the worker's writer.
 
     Exactly once per task and model version: the batch claims its tasks (write marks), and stays held
     by this worker until the writer wrote its rows, so a worker that dies meanwhile has its batch re-run
     by another, which asks Label Studio what it holds first. A task that a ``/predict`` answers while its
-    row waits is dropped by the writer and counted as skipped (``backend.marks``).
+    row waits is dropped by the writer and counted as skipped (``backend.marks``). ``shared``: the
+    images are loaded through it, which keeps what the embedder needs of them (``backend.combined``).
     """
-    runtime = current_runtime()
-    job = BulkJob.fetch(runtime.connection, job_id)
+    job_id = job.id
     if job.is_final() or job.batch_finished(number):
         return {"status": "skipped"}
     owner = runtime.name
@@ -269,7 +276,7 @@ def run_batch(job_id: str, number: int) -> dict[str, Any]:
             done_here = [t for t in held if writers[t] == job_id or claims[t] == "taken"]
             skipped += len(held) - len(done_here)
             todo = [t for t in todo if t not in held]
-        rows, failures = _predict(runtime, spec, [tasks[t] for t in todo])
+        rows, failures = _predict(runtime, spec, [tasks[t] for t in todo], shared)
     except Exception as exc:  # a time-out, Label Studio gone for good...: the batch ends, the job goes on
         log.exception("job %s batch %d failed", job_id, number)
         reason = f"batch failed: {type(exc).__name__}: {exc}"
@@ -325,14 +332,20 @@ def _unclaim(
 
 
 def _predict(
-    runtime: Runtime, spec: JobSpec, tasks: list[dict[str, Any]]
+    runtime: Runtime, spec: JobSpec, tasks: list[dict[str, Any]], shared: SharedImages | None = None
 ) -> tuple[list[dict[str, Any]], list[tuple[int, str]]]:
     """Predict ``tasks``: the import rows of those that succeeded, and the failures with reasons."""
     if not tasks:
         return [], []
     target = parse_label_config(spec.label_config)
     fetcher = runtime.fetcher(runtime.label_studio(spec.project))
-    outcome = runtime.detector().predict(tasks, target, DetectionParams(**spec.params), spec.model_version, fetcher)
+    params, detector = DetectionParams(**spec.params), runtime.detector()
+    if shared is None:
+        outcome = detector.predict(tasks, target, params, spec.model_version, fetcher)
+    else:
+        outcome = detector.predict(
+            tasks, target, params, spec.model_version, fetcher, load=shared.loader(fetcher, target.value_key)
+        )
     failed = {f.task_id: f.reason for f in outcome.failures}
     rows = [{"task": t["id"], **p} for t, p in zip(tasks, outcome.predictions, strict=True) if t["id"] not in failed]
     return rows, list(failed.items())

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -103,6 +103,7 @@ class Predictor:
         deadline: float | None = None,
         stats: PipelineStats | None = None,
         interactive: bool = False,
+        load: Callable[[Mapping[str, Any]], Image.Image] | None = None,
     ) -> PredictOutcome:
         """Detect the project's labels (or the annotator's typed prompt) in every task's image.
 
@@ -111,6 +112,8 @@ class Predictor:
         cancelled. A forward pass already running finishes first. ``stats``, if given, receives where
         the time went (``bench/pipeline_efficiency.py`` reads it). An ``interactive`` call (an annotator
         waiting) gets the model before bulk calls running on other threads, at their next batch.
+        ``load`` replaces the fetch and decode of a task's image (``backend.shared_images`` keeps what
+        the embedder needs of it on the way); it raises what the fetch and decode raise.
         """
         prompt = _prompt_for(target, context)
         stages = self._stages(prompt, params, interactive)
@@ -118,7 +121,7 @@ class Predictor:
         stats = stats if stats is not None else PipelineStats()
         for index, result in self.pipeline.run(
             tasks,
-            lambda task: self._load_image(task, target, fetcher),
+            load or (lambda task: self._load_image(task, target, fetcher)),
             stages,
             batch_size=self.batch_size,
             item_errors=(ImageFetchError, ImageDecodeError, MissingImage),
