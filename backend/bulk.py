@@ -256,6 +256,27 @@ class BulkJob:
         value = self.connection.hget(self.key, "kind")
         return JobKind(_text(value)) if value is not None else JobKind.PREANNOTATE
 
+    def pair_with(self, index_job: BulkJob) -> None:
+        """Link this pre-annotation job with an index job over the same tasks (a webhook's): the index job's
+        plan steps plan both, and a batch of tasks that both need runs as one (``backend.combined``)."""
+        with self.connection.pipeline() as pipe:
+            pipe.hset(self.key, "partner", index_job.id)
+            pipe.hset(index_job.key, "partner", self.id)
+            pipe.execute()
+
+    def partner(self) -> BulkJob | None:
+        """The job this one is paired with (``pair_with``), while its record exists."""
+        value = self.connection.hget(self.key, "partner")
+        if value is None:
+            return None
+        other = BulkJob(_text(value), self.connection)
+        return other if self.connection.exists(other.key) else None
+
+    def plan_leader(self) -> BulkJob:
+        """The job whose plan steps plan this one: its index partner when paired, else itself."""
+        partner = self.partner()
+        return partner if partner is not None and self.kind() != JobKind.INDEX else self
+
     def set_label_config(self, label_config: str) -> None:
         """Planning read the config from Label Studio (the job was started without one)."""
         spec = json.loads(_text(self.connection.hget(self.key, "spec")))

@@ -10,7 +10,9 @@ writer (it reads the store) and its batches on embedder workers (``backend.index
   prediction of the model version, queues the others in batches, and asks for the next step while
   fewer than ``bulk_plan_ahead`` tasks are in flight (a finishing batch asks too): Redis holds per job
   what is in flight, not the project. Planning is streamed:
-  the first batches run seconds after the request, whatever the project's size.
+  the first batches run seconds after the request, whatever the project's size. A pre-annotation job
+  paired with an index job over the same tasks (a webhook's) is planned by the index job's steps, and
+  their batches of the same tasks run as one (``backend.combined``).
 - ``run_batch``: predicts one batch and hands the predictions to the worker's writer thread, which
   writes those of many batches in one call to Label Studio's API (``backend.writer``).
 
@@ -94,7 +96,9 @@ def enqueue_plan(
 
 
 def request_plan_step(queues: Queues, job: BulkJob) -> bool:
-    """Queue the job's next plan step unless one is queued or running; True if queued now."""
+    """Queue the job's next plan step unless one is queued or running; True if queued now. A job paired
+    with an index job is planned by that job's steps (``backend.combined``)."""
+    job = job.plan_leader()
     rq_id = uuid.uuid4().hex
     if not job.claim_plan_step(f"queued:{rq_id}"):
         return False
@@ -160,29 +164,37 @@ def plan_job(job_id: str) -> dict[str, Any]:
     step = get_current_job()
     if not job.plan_step_running(step.id if step else "", runtime.name):
         return {"status": "stale step"}
-    if job.is_final():
+    partner = job.partner() if job.plan_leader() is job else None  # a paired job's steps are its index job's
+    live = [j for j in (job, partner) if j is not None and not j.is_final()]
+    if not live:
         job.end_plan_step(runtime.name)
         return {"status": str(job.status())}
-    for number in job.unqueued_batches():  # recorded by a planner that died before it queued them
-        enqueue_batch(queues, job, number, timeout=runtime.settings.batch_timeout)
-    state = job.plan_state()
+    for planned in live:  # batches recorded by a planner that died before it queued them
+        for number in planned.unqueued_batches():
+            enqueue_batch(queues, planned, number, timeout=runtime.settings.batch_timeout)
     outcome: dict[str, Any] = {}
-    if not state["plan_done"] and state["in_flight"] < runtime.settings.bulk_plan_ahead:
+    if _wants_plan(live, runtime.settings.bulk_plan_ahead):
         try:
-            if job.kind() == JobKind.INDEX:
+            if partner is not None:
+                from backend.combined import plan_pair_page
+
+                outcome = plan_pair_page(job, partner, runtime, queues)
+            elif job.kind() == JobKind.INDEX:
                 from backend.index_jobs import plan_index_page
 
-                outcome = plan_index_page(job, state, runtime, queues)
+                outcome = plan_index_page(job, job.plan_state(), runtime, queues)
             else:
-                outcome = plan_detect_page(job, state, runtime, queues)
+                outcome = plan_detect_page(job, job.plan_state(), runtime, queues)
         except redis.RedisError:
             raise  # the worker recovers; a new step starts where this one stopped
         except (LabelStudioError, LabelConfigError) as exc:
-            job.fail(f"planning failed: {exc}")
+            for failed in live:
+                failed.fail(f"planning failed: {exc}")
             outcome = {"status": "failed", "reason": str(exc)}
         except Exception as exc:  # whatever it is, planning ends, and the job says so
             log.exception("job %s: planning failed", job_id)
-            job.fail(f"planning failed: {type(exc).__name__}")
+            for failed in live:
+                failed.fail(f"planning failed: {type(exc).__name__}")
             outcome = {"status": "failed", "reason": type(exc).__name__}
     job.end_plan_step(runtime.name)
     keep_planning(queues, job, runtime.settings.bulk_plan_ahead)
@@ -190,11 +202,19 @@ def plan_job(job_id: str) -> dict[str, Any]:
 
 
 def keep_planning(queues: Queues, job: BulkJob, plan_ahead: int) -> bool:
-    """Ask for the next plan step if the job still has tasks to plan and fewer than ``plan_ahead`` in flight."""
-    state = job.plan_state()
-    if state["plan_done"] or state["in_flight"] >= plan_ahead or job.is_final():
+    """Ask for the next plan step if the job (or the job it is paired with: they are planned together)
+    still has tasks to plan and fewer than ``plan_ahead`` in flight."""
+    leader = job.plan_leader()
+    live = [j for j in (leader, leader.partner()) if j is not None and not j.is_final()]
+    if not _wants_plan(live, plan_ahead):
         return False
-    return request_plan_step(queues, job)
+    return request_plan_step(queues, leader)
+
+
+def _wants_plan(jobs: Sequence[BulkJob], plan_ahead: int) -> bool:
+    """Whether one of these jobs (not final) has tasks left to plan, and none has ``plan_ahead`` in flight."""
+    states = [j.plan_state() for j in jobs]
+    return any(not s["plan_done"] for s in states) and all(s["in_flight"] < plan_ahead for s in states)
 
 
 def plan_detect_page(job: BulkJob, state: dict[str, Any], runtime: Runtime, queues: Queues) -> dict[str, Any]:
@@ -352,12 +372,22 @@ def _predict(
 
 
 def cancel_queued(queues: Queues, job: BulkJob) -> int:
-    """Remove a cancelled job's batches that have not started, and its queued plan step, from the queues."""
+    """Remove a cancelled job's batches that have not started, and its queued plan step, from the queues.
+
+    While the job it is paired with goes on, what they share stays: the combined batches (the partner's
+    part runs, this job's is skipped) and the plan steps (they plan the partner too).
+    """
     ids = list(job.rq_jobs().values())
+    partner = job.partner()
+    shared = partner is not None and not partner.is_final()
+    if shared and partner is not None:
+        theirs = set(partner.rq_jobs().values())
+        ids = [i for i in ids if i not in theirs]
     step = job.pending_plan_step()
-    if step.startswith("queued:"):
+    if step.startswith("queued:") and not shared:
         ids.append(step.removeprefix("queued:"))
     fetch = Job.fetch_many(ids, connection=queues.bulk.connection, serializer=queues.bulk.serializer)
     cancelled = sum(cancel_if_queued(rq_job) for rq_job in fetch if rq_job is not None)
-    job.end_plan_step()
+    if not shared:
+        job.end_plan_step()
     return cancelled

@@ -2,7 +2,8 @@
 
 A worker listens only to the queues of the models it serves (``Queues.for_models``), interactive work
 first: the detector's interactive requests (an annotator waiting on ``/predict``), then embedding
-(batches of index jobs, and interactive embeds, which are queued at the front), then detection
+(batches of index jobs, and interactive embeds, which are queued at the front), then batches that
+both detect and embed the same tasks (``backend.combined``: any worker takes them), then detection
 batches. Embedding goes before detection batches because an interactive embed shares its queue, and an
 image costs the embedder a fraction of what it costs the detector. Plan steps of pre-annotation jobs
 run on each worker's planner thread. The store writer (``backend.store_writer``, a thread of
@@ -36,6 +37,7 @@ BULK = "dinolabel-bulk"
 EMBED = "dinolabel-embed"
 INDEX_PLAN = "dinolabel-index-plan"
 STORE = "dinolabel-store"
+COMBINED = "dinolabel-combined"
 DETECTOR = "detector"
 EMBEDDER = "embedder"
 
@@ -99,6 +101,7 @@ class Queues:
     embed: Queue
     index_plan: Queue
     store: Queue
+    combined: Queue
 
     @classmethod
     def on(cls, connection: Redis) -> Queues:
@@ -112,17 +115,26 @@ class Queues:
             embed=make(EMBED),
             index_plan=make(INDEX_PLAN),
             store=make(STORE),
+            combined=make(COMBINED),
         )
 
     def for_models(self, models: Iterable[str]) -> list[Queue]:
-        """The queues a worker serving ``models`` takes jobs from, in order (plan steps not included)."""
+        """The queues a worker serving ``models`` takes jobs from, in order (plan steps not included).
+
+        Combined batches (``backend.combined``) go to every worker: one serving a single model runs its
+        part and hands the other on."""
         served = set(models)
-        wanted = ((self.interactive, DETECTOR), (self.embed, EMBEDDER), (self.bulk, DETECTOR))
-        return [queue for queue, model in wanted if model in served]
+        wanted = (
+            (self.interactive, {DETECTOR}),
+            (self.embed, {EMBEDDER}),
+            (self.combined, {DETECTOR, EMBEDDER}),
+            (self.bulk, {DETECTOR}),
+        )
+        return [queue for queue, needs in wanted if needs & served]
 
     def in_listen_order(self) -> list[Queue]:
         """The workers' queues, in the order a worker serving every model takes them (plan steps before batches)."""
-        return [self.interactive, self.embed, self.plan, self.bulk]
+        return [self.interactive, self.embed, self.plan, self.combined, self.bulk]
 
     def for_store_writer(self) -> list[Queue]:
         """What the store writer takes: vectors to store first (they free batches), then index plan steps."""

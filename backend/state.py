@@ -224,6 +224,31 @@ class Service:
         enqueue_plan(self.queues, job, task_ids=task_ids)
         return job
 
+    def submit_pair(
+        self,
+        project_number: int,
+        *,
+        tasks: list[dict[str, Any]],
+        label_config: str | None = None,
+        source: str = "webhook",
+        rejected: Sequence[Rejection] = (),
+    ) -> tuple[BulkJob, BulkJob]:
+        """Pre-annotate and index the same tasks: two jobs, each with its own record, planned together so
+        that a worker serving both models fetches each image once (``backend.combined``)."""
+        from backend.jobs import request_plan_step
+
+        detect_spec = self.projects.job_spec(project_number, label_config=label_config, source=source)
+        index_spec = self.projects.index_spec(project_number, label_config=label_config, source=source, sync=False)
+        detect = BulkJob.create(self.connection, detect_spec, rejected=[(r.task_id, r.reason) for r in rejected])
+        index = BulkJob.create(self.connection, index_spec)
+        detect.pair_with(index)
+        self.connection.sadd(INDEXED_KEY, str(project_number))
+        ids = [t["id"] for t in tasks]
+        detect.restrict_to(ids)
+        index.restrict_to(ids)
+        request_plan_step(self.queues, index)
+        return detect, index
+
     def indexed(self, project_number: int) -> bool:
         """Whether an index job was ever started for the project: its new tasks are then indexed too."""
         return bool(self.connection.sismember(INDEXED_KEY, str(project_number)))

@@ -255,9 +255,13 @@ def _holder_alive(connection: Redis, holder: str) -> bool:
 
 
 def _restart_plan_step(connection: Redis, job: BulkJob) -> int:
-    """Queue a job's plan step again when the worker running it is gone, or its queued RQ job vanished."""
+    """Queue a job's plan step again when the worker running it is gone, or its queued RQ job vanished.
+
+    A job paired with an index job is planned by that job's steps, which go on after the index job ended
+    (``backend.combined``): those are the steps looked at."""
     from backend.jobs import request_plan_step
 
+    job = job.plan_leader()
     step = job.pending_plan_step()
     kind, _, who = step.partition(":")
     if not step or (kind == "running" and Workers.alive(connection, who)):
@@ -496,7 +500,7 @@ def restart_plan_steps_of(connection: Redis, worker: str) -> int:
     from backend.jobs import request_plan_step
 
     count = 0
-    for job in BulkJob.active(connection):
+    for job in (active.plan_leader() for active in BulkJob.active(connection)):
         if job.pending_plan_step() == f"running:{worker}":
             job.end_plan_step(worker)
             count += int(request_plan_step(Queues.on(connection), job))

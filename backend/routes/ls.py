@@ -316,7 +316,8 @@ async def webhook(
     secret: str | None = Header(default=None, alias=SECRET_HEADER),
 ) -> WebhookResponse:
     """``TASKS_CREATED`` queues pre-annotation of the new tasks (and their indexing, when the project is
-    indexed); ``TASKS_DELETED`` removes the tasks' vectors; other events are acknowledged only.
+    indexed: two jobs planned together, so that each image is fetched once, ``backend.combined``);
+    ``TASKS_DELETED`` removes the tasks' vectors; other events are acknowledged only.
 
     Label Studio cannot send basic auth with webhooks, and it posts every event of a project to
     ``<backend>/webhook`` once the model is connected. So the route is open, but ``TASKS_CREATED``
@@ -350,24 +351,15 @@ async def webhook(
     if not checked.tasks:
         reasons = "; ".join(r.reason for r in checked.rejected[:3])
         raise HTTPException(status_code=422, detail=f"TASKS_CREATED without a usable task: {reasons}")
+    number, config, tasks, rejected = event.project_number, event.label_config, checked.tasks, checked.rejected
+    index_job = None
     try:
-        job = service.submit(
-            event.project_number,
-            tasks=checked.tasks,
-            label_config=event.label_config,
-            source="webhook",
-            rejected=checked.rejected,
-        )
+        if settings.index_new_tasks or service.indexed(number):
+            job, index_job = service.submit_pair(number, tasks=tasks, label_config=config, rejected=rejected)
+        else:
+            job = service.submit(number, tasks=tasks, label_config=config, source="webhook", rejected=rejected)
     except NoLabelStudio as exc:
         raise HTTPException(status_code=409, detail=str(exc)) from exc
-    index_job = None
-    if settings.index_new_tasks or service.indexed(event.project_number):
-        index_job = service.submit_index(
-            event.project_number,
-            task_ids=[t["id"] for t in checked.tasks],
-            label_config=event.label_config,
-            source="webhook",
-        )
     log.info(
         "webhook: %d new tasks of project %s -> job %s, index job %s (%d refused)",
         len(checked.tasks), event.project_number, job.id, index_job.id if index_job else None, len(checked.rejected),

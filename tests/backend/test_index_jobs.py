@@ -5,7 +5,9 @@ Local Files on disk."""
 from __future__ import annotations
 
 import subprocess
+from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -19,11 +21,11 @@ from rq import Worker
 from backend.config import Settings
 from backend.main import create_app
 from backend.project_vectors import embedder_version_of
-from backend.queues import BULK, EMBED, INTERACTIVE, PLAN, Queues
+from backend.queues import BULK, COMBINED, EMBED, INTERACTIVE, PLAN, Queues
 from indexer.store import VectorStore
 from model import create_embedder
 from model.images import decode_image
-from tests.backend.conftest import FakeProjectAPI, serving
+from tests.backend.conftest import FakeBucket, FakeProjectAPI, serving
 from tests.images import png
 from tests.processes import DINOLABEL, Service, wait_for
 from tests.tiny_checkpoints import build_tiny_dinov2
@@ -72,6 +74,7 @@ def settings(redis_url: str, dinov2: Path, docs: Path, tmp_path: Path, project: 
         label_studio_url=project.url,
         bulk_batch_size=3,
         webhook_secret=SecretStr(SECRET),
+        fetch_allow=("127.0.0.1",),  # the image server of the one-fetch tests
     )
 
 
@@ -83,6 +86,7 @@ def worker_env(settings: Settings, models: str) -> dict[str, str]:
         "DINOLABEL_DEVICE": "cpu",
         "DINOLABEL_LOCAL_FILES_DOCUMENT_ROOT": str(settings.local_files_document_root),
         "DINOLABEL_LABEL_STUDIO_URL": settings.label_studio_url or "",
+        "DINOLABEL_FETCH_ALLOW": ",".join(settings.fetch_allow),
     }
 
 
@@ -133,8 +137,9 @@ def test_index_job_stores_the_embedders_vectors_once_and_follows_the_project(
         return all(counts.get(pid, 0) >= n for pid, n in threads.items()) and workers
 
     queues = wait_for(listening, 120, f"both workers\n{detector_worker.log_tail()}\n{embed_worker.log_tail()}")
-    assert queues[detector_worker.process.pid] == {INTERACTIVE, BULK, PLAN}, "never embedding work"
-    assert queues[embed_worker.process.pid] == {EMBED, PLAN}
+    # Batches that both detect and embed go to both: each runs its part and hands the other on.
+    assert queues[detector_worker.process.pid] == {INTERACTIVE, BULK, PLAN, COMBINED}, "never embedding work"
+    assert queues[embed_worker.process.pid] == {EMBED, PLAN, COMBINED}
     with serving(create_app(settings)) as url, httpx.Client(base_url=url, timeout=30) as client:
         assert wait_for(lambda: client.get("/health").json()["store_writers"], 30, "the store writer") == 1
         assert client.post("/setup", json={"project": "1.1", "schema": CONFIG}).status_code == 200
@@ -205,3 +210,104 @@ def test_cancel_leaves_nothing_queued(settings: Settings) -> None:
         cancelled = client.delete(f"/v1/jobs/{job['id']}").json()
         assert cancelled["status"] == "cancelled"
         assert (queues.embed.count, queues.index_plan.count, queues.store.count) == (0, 0, 0)
+
+
+# --- a webhook's new tasks, pre-annotated and indexed with one fetch of each image (backend.combined) ---------
+
+
+@pytest.fixture
+def served(project: FakeProjectAPI, fake_bucket: FakeBucket, docs: Path) -> FakeProjectAPI:
+    """The project's images on a web server that counts the requests for each: task 7's image is a copy of
+    task 3's (a search finds it), task 8's is not an image."""
+    for t in range(1, BROKEN + 1):
+        fake_bucket.objects[f"/img{t}.png"] = (docs / f"img{t if t != 7 else 3}.png").read_bytes()
+    project.tasks.update({t: {"image": f"{fake_bucket.url}/img{t}.png"} for t in range(1, BROKEN + 1)})
+    return project
+
+
+@pytest.fixture
+def both_worker(settings: Settings, tiny_checkpoint: Path, tmp_path: Path) -> Iterator[Service]:
+    env = {**worker_env(settings, "detector,embedder"), "DINOLABEL_DETECTOR_CHECKPOINT": str(tiny_checkpoint)}
+    service = Service(["worker"], env, tmp_path / "both.log").start()
+    yield service
+    service.stop()
+
+
+@contextmanager
+def indexing_api(settings: Settings) -> Iterator[httpx.Client]:
+    """The API (with its store writer) where ``TASKS_CREATED`` indexes every project's new tasks."""
+    app = create_app(settings.model_copy(update={"index_new_tasks": True}))
+    with serving(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        yield client
+
+
+def webhook_jobs(client: httpx.Client, project: FakeProjectAPI, *workers: Service) -> tuple[dict, dict]:
+    """TASKS_CREATED for every task of the indexed project: its pre-annotation and index jobs, ended."""
+    assert wait_for(lambda: client.get("/health").json()["store_writers"], 30, "the store writer") == 1
+    assert client.post("/setup", json={"project": "1.1", "schema": CONFIG}).status_code == 200
+    tasks = [{"id": t, "data": data} for t, data in sorted(project.tasks.items())]
+    event = {"action": "TASKS_CREATED", "project": {"id": 1}, "tasks": tasks}
+    created = client.post("/webhook", headers={"X-Dinolabel-Secret": SECRET}, json=event)
+    assert created.status_code == 200, created.text
+    detect = finished(client, created.json()["job_id"], workers[0])
+    index = finished(client, created.json()["index_job_id"], workers[-1])
+    outcomes = [(job["kind"], job["status"], job["done"], job["failed"]) for job in (detect, index)]
+    assert outcomes == [("preannotate", "done", 7, 1), ("index", "done", 7, 1)], [w.log_tail() for w in workers]
+    return detect, index
+
+
+def test_a_worker_with_both_models_fetches_each_new_image_once(
+    settings: Settings, served: FakeProjectAPI, fake_bucket: FakeBucket, both_worker: Service
+) -> None:
+    with indexing_api(settings) as client:
+        detect, index = webhook_jobs(client, served, both_worker)
+        hits = client.get("/v1/projects/1/similar", params={"task_id": 7, "k": 3}).json()["results"]
+    fetched = Counter(seen.path for seen in fake_bucket.seen())
+    assert fetched == {f"/img{t}.png": 1 for t in range(1, BROKEN + 1)}, "each image once, the broken one too"
+    # The broken image fails its task in both jobs, with the same reason.
+    failures = [[(f["task_id"], f["reason"]) for f in job["failures"]] for job in (detect, index)]
+    assert failures[0] == failures[1] and failures[0][0][0] == BROKEN and "decode" in failures[0][0][1]
+    # One prediction per task (the detector's version) and one vector per task (the embedder's).
+    assert served.per_task(detect["model_version"]) == dict.fromkeys(range(1, BROKEN), 1)
+    ids, vectors = stored(settings, index["model_version"])
+    assert ids == list(range(1, BROKEN))
+    # The vectors made from the images loaded for the detector are the embedder's own.
+    images = [decode_image(fake_bucket.objects[f"/img{t}.png"], max_pixels=10**8) for t in ids]
+    cosines = np.sum(vectors * create_embedder(settings.embedder_model, device="cpu").embed(images), axis=1)
+    assert cosines.min() >= 0.9999, cosines
+    # Searchable at once: task 7's image is task 3's.
+    assert hits[0]["task_id"] == 3 and hits[0]["score"] >= 0.9999, hits
+
+
+def test_workers_with_one_model_each_do_their_part_of_a_combined_batch(
+    settings: Settings, served: FakeProjectAPI, fake_bucket: FakeBucket, detector_worker: Service,
+    embed_worker: Service,
+) -> None:  # fmt: skip
+    with indexing_api(settings) as client:
+        detect, index = webhook_jobs(client, served, detector_worker, embed_worker)
+    # Each model fetched each image once: nothing lost, nothing done twice.
+    fetched = Counter(seen.path for seen in fake_bucket.seen())
+    assert fetched == {f"/img{t}.png": 2 for t in range(1, BROKEN + 1)}
+    assert served.per_task(detect["model_version"]) == dict.fromkeys(range(1, BROKEN), 1)
+    assert stored(settings, index["model_version"])[0] == list(range(1, BROKEN))
+    failures = [[(f["task_id"], f["reason"]) for f in job["failures"]] for job in (detect, index)]
+    assert [f[0] for f in failures[0]] == [f[0] for f in failures[1]] == [BROKEN]
+    queues = Queues.on(redis.Redis.from_url(settings.redis_url or ""))
+    assert (queues.combined.count, queues.bulk.count, queues.embed.count) == (0, 0, 0)
+
+
+def test_cancelling_one_job_of_the_pair_leaves_the_others_batches(settings: Settings, served: FakeProjectAPI) -> None:
+    queues = Queues.on(redis.Redis.from_url(settings.redis_url or ""))
+    with TestClient(create_app(settings.model_copy(update={"index_new_tasks": True}))) as client:  # no worker
+        client.post("/setup", json={"project": "1.1", "schema": CONFIG})
+        tasks = [{"id": t, "data": data} for t, data in sorted(served.tasks.items())]
+        event = {"action": "TASKS_CREATED", "project": {"id": 1}, "tasks": tasks}
+        created = client.post("/webhook", headers={"X-Dinolabel-Secret": SECRET}, json=event).json()
+        wait_for(lambda: queues.combined.count == 3, 60, "8 tasks in 3 combined batches")
+        assert (queues.bulk.count, queues.embed.count) == (0, 0), "no batch queued twice"
+        detect = client.delete(f"/v1/jobs/{created['job_id']}").json()
+        assert detect["status"] == "cancelled"
+        assert queues.combined.count == 3, "the index job's part of each batch is still to run"
+        assert client.get(f"/v1/jobs/{created['index_job_id']}").json()["status"] == "running"
+        assert client.delete(f"/v1/jobs/{created['index_job_id']}").json()["status"] == "cancelled"
+        assert (queues.combined.count, queues.bulk.count, queues.embed.count, queues.index_plan.count) == (0, 0, 0, 0)

@@ -146,6 +146,7 @@ def test_health_without_workers_is_degraded(settings: Settings, tmp_path: Path) 
                 "dinolabel-interactive",
                 "dinolabel-embed",
                 "dinolabel-plan",
+                "dinolabel-combined",
                 "dinolabel-bulk",
                 "dinolabel-store",
                 "dinolabel-index-plan",
