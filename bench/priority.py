@@ -7,13 +7,15 @@ and quality that only a measurement on the same data against a baseline can back
 
 1. **Time** (``--sizes``): synthetic 384-d unit vectors in ``n / 100`` clusters of Zipf-like sizes
    (cosine ~0.8 within one), the first 20 in import order labeled. ``indexer.priority.rank`` with its default exact
-   head, the full exact order (``exact_head=None``) up to ``--exact-max``, and the naive O(N^2)
-   farthest-first (every pick updates every remaining vector with one matrix-vector product, float32)
-   up to ``--naive-max``; the naive order is checked against ours (share of equal ranks, and the worst
-   score gap of our picks under the naive state).
+   head (``exact_head_for(n)``: 5000 up to 20k tasks, 1000 from 100k on), the full exact order
+   (``exact_head=None``) up to ``--exact-max``, and the naive O(N^2) farthest-first (every pick updates
+   every remaining vector with one matrix-vector product, float32) up to ``--naive-max``; the naive
+   order is checked against ours (share of equal ranks, and the worst score gap of our picks under the
+   naive state).
 2. **Coverage** (``--coverage-sizes``): mean cosine distance of every unlabeled vector to its nearest
-   pick or labeled vector after k picks, for our ranking (exact head + approximate tail), the fully
-   exact order, random order and import order, on the same data.
+   pick or labeled vector after k picks, for our ranking (default exact head + approximate tail), the same
+   with the exact heads of ``--coverage-heads``, the fully exact order (up to ``--exact-max``), random
+   order and import order, on the same data.
 3. **Duplicates** (``--generated``): the offline duplicate benchmark's images
    (bench/near_duplicates_eval.py: scikit-image's pictures and generated scenes as bases, each keeping 0-4
    of its 14 edited copies at random), shuffled into a random import order. The project's passes as
@@ -25,7 +27,8 @@ and quality that only a measurement on the same data against a baseline can back
 Run from the repository root::
 
     .venv/bin/python bench/priority.py [--sizes 10000,100000,1000000] [--naive-max 10000]
-        [--exact-max 10000] [--coverage-sizes 10000,100000] [--generated 40] [--out bench/out/priority.json]
+        [--exact-max 10000] [--coverage-sizes 10000,100000] [--coverage-heads 100,1000,5000]
+        [--generated 40] [--out bench/out/priority.json]
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 
 from bench.common import OtherLoad, busy, machine_info, positive_ints, process_cpu_seconds, write_report
-from indexer.priority import DEFAULT_EXACT_HEAD, rank
+from indexer.priority import DEFAULT_EXACT_HEAD, exact_head_for, rank
 
 DIM = 384
 
@@ -129,7 +132,7 @@ def timed(fn, *args, **kwargs) -> tuple[Any, float, float | None]:
 LAST_CPU_S = 0.0
 
 
-def timing(sizes: list[int], naive_max: int, exact_max: int, exact_head: int) -> list[dict[str, Any]]:
+def timing(sizes: list[int], naive_max: int, exact_max: int, exact_head: int | str) -> list[dict[str, Any]]:
     rows = []
     for n in sizes:
         ids, vectors, labeled = synthetic(n)
@@ -172,18 +175,20 @@ def timing(sizes: list[int], naive_max: int, exact_max: int, exact_head: int) ->
     return rows
 
 
-def coverage_table(n: int, exact_max: int, ks: list[int]) -> dict[str, Any]:
+def coverage_table(n: int, exact_max: int, ks: list[int], heads: list[int]) -> dict[str, Any]:
     ids, vectors, labeled = synthetic(n, seed=1)
     seeds = np.array(labeled)
     unlabeled = np.setdiff1d(ids, seeds)
-    orders = {
-        "ranked": rank(ids, vectors, labeled).task_ids,
-        "import order": unlabeled,
-        "random order": np.random.default_rng(0).permutation(unlabeled),
-    }
+    default = exact_head_for(len(unlabeled))
+    orders = {f"ranked (exact head {default})": rank(ids, vectors, labeled).task_ids}
+    for head in heads:
+        if head != default and head < len(unlabeled):
+            orders[f"exact head {head}"] = rank(ids, vectors, labeled, exact_head=head).task_ids
+    orders["import order"] = unlabeled
+    orders["random order"] = np.random.default_rng(0).permutation(unlabeled)
     if n <= exact_max:
         orders["exact throughout"] = rank(ids, vectors, labeled, exact_head=None).task_ids
-    out: dict[str, Any] = {"n": n, "exact_head": DEFAULT_EXACT_HEAD, "k": ks, "mean_distance": {}}
+    out: dict[str, Any] = {"n": n, "exact_head": default, "k": ks, "mean_distance": {}}
     for name, order in orders.items():
         values = coverage_curve(vectors, order, seeds, ks)
         out["mean_distance"][name] = values
@@ -288,16 +293,25 @@ def _is_copy(source: np.ndarray, order: np.ndarray) -> np.ndarray:
     return out
 
 
+def _head(text: str) -> int | str:
+    return text if text == "auto" else int(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=positive_ints, default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--naive-max", type=int, default=10_000, help="largest n for the naive loop (10000)")
     parser.add_argument("--exact-max", type=int, default=10_000, help="largest n for the whole order exact")
-    parser.add_argument("--exact-head", type=int, default=DEFAULT_EXACT_HEAD, help="exact picks in the timed rank")
+    parser.add_argument(
+        "--exact-head", type=_head, default="auto", help="exact picks in the timed rank (auto: the default for n)"
+    )
     parser.add_argument("--skip-coverage", action="store_true")
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--coverage-sizes", type=positive_ints, default=[10_000, 100_000], help="n of coverage tables")
     parser.add_argument("--coverage-k", type=positive_ints, default=[100, 1000, 3000, 5000, 7000, 9000])
+    parser.add_argument(
+        "--coverage-heads", type=positive_ints, default=[100, 1000, 5000], help="exact heads compared with the default"
+    )
     parser.add_argument("--generated", type=int, default=40, help="generated scenes in the duplicate set (-1: skip)")
     parser.add_argument("--first", type=positive_ints, default=[100, 200, 500, 1000])
     parser.add_argument("--model", help="embedder for the duplicate set (default: random ViT-S/14)")
@@ -306,11 +320,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/out/priority.json"))
     args = parser.parse_args()
     started = time.perf_counter()
-    report: dict[str, Any] = {"machine": machine_info(), "dim": DIM, "default_exact_head": DEFAULT_EXACT_HEAD}
+    report: dict[str, Any] = {"machine": machine_info(), "dim": DIM, "max_exact_head": DEFAULT_EXACT_HEAD}
     if not args.skip_timing:
         report["timing"] = timing(args.sizes, args.naive_max, args.exact_max, args.exact_head)
     if not args.skip_coverage:
-        report["coverage"] = [coverage_table(n, args.exact_max, args.coverage_k) for n in args.coverage_sizes]
+        report["coverage"] = [
+            coverage_table(n, args.exact_max, args.coverage_k, args.coverage_heads) for n in args.coverage_sizes
+        ]
     if args.generated >= 0:
         report["duplicates"] = duplicates_run(args.generated, args.model, args.image_size, args.first, args.seed)
     report["wall_s"] = time.perf_counter() - started

@@ -194,12 +194,13 @@ class FarthestFirst:
         self._retire(rows)
         self._requeue()
 
-    def tail(self) -> list[tuple[int, float]]:
-        """The rows not picked (nor duplicates), best score first, ties in row order: the approximate tail."""
+    def tail(self) -> tuple[np.ndarray, np.ndarray]:
+        """The rows not picked (nor duplicates), best score first, ties in row order, and their scores:
+        the approximate tail."""
         self.refresh()
         rows = self.queue
         self.alive[rows] = False
-        return list(zip(rows.tolist(), self._score(rows).astype(float).tolist(), strict=True))
+        return rows, self._score(rows)
 
 
 def raise_best(

@@ -15,9 +15,11 @@ Four parts, in the order they take places in the queue:
    the one with the highest ``score = (1 - w) * distance + w * u`` (w = 0: pure diversity; w = 1:
    uncertainty alone, diversity only breaking ties). Distances keep shrinking as tasks are ranked, so
    an uncertain task moves ahead of far-away ones, but not of much farther ones.
-3. **Approximate tail** (only with ``exact_head``): after ``exact_head`` exact picks, the remaining
-   tasks by their score against everything labeled or ranked so far, highest first. This is
-   "distance to the picked set", not a re-run of the greedy: bench/priority.py measures its coverage.
+3. **Approximate tail**: after ``exact_head`` exact picks, the remaining tasks by their score against
+   everything labeled or ranked so far, highest first. This is "distance to the picked set", not a
+   re-run of the greedy: bench/priority.py measures its coverage. The default head is scaled to the
+   project (:func:`exact_head_for`): its cost is ~N x head x d multiply-adds, so 5000 exact picks up to
+   20k tasks and 1000 from 100k tasks on keep 100k tasks in seconds and 1M in about a minute.
 4. **Duplicates**, last: a task in ``duplicates`` (a :class:`~indexer.duplicates.DuplicateReport` or a
    ``task -> duplicate_of`` mapping) whose original is labeled or ranked, and every task whose nearest
    labeled or higher-ranked task is at cosine >= ``near_duplicate`` (0.9, the embedding duplicate
@@ -28,7 +30,7 @@ Four parts, in the order they take places in the queue:
 **Exact, lazily** (:mod:`indexer.farthest_first`): each pick is the farthest task left, up to float32
 rounding (tested against the naive O(N^2) loop), but only the tasks that could be the next pick are
 brought up to date after each pick. In high dimensions distances concentrate, so that can still cost
-O(N) per pick: hence the exact head (``exact_head``, 5000 by default) and the approximate tail.
+O(N) per pick: hence the exact head (``exact_head``, 1000 to 5000 by default) and the approximate tail.
 
 **Incremental** (:func:`place`): new tasks are inserted where the greedy would have taken them against
 the existing order (the first rank whose pick score their own score at that point reaches, their
@@ -48,7 +50,7 @@ import math
 import time
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import faiss
 import numpy as np
@@ -62,9 +64,12 @@ __all__ = [
     "DEFAULT_LIKE_COUNT",
     "DEFAULT_NEAR_DUPLICATE",
     "DEFAULT_UNCERTAINTY_WEIGHT",
+    "EXACT_WORK",
     "LIKE_POOL_FACTOR",
+    "MIN_EXACT_HEAD",
     "Ranking",
     "coverage",
+    "exact_head_for",
     "place",
     "rank",
 ]
@@ -82,7 +87,12 @@ DEFAULT_LIKE_CLUSTERS = 8
 LIKE_POOL_FACTOR = 4
 """The best ``like_count * LIKE_POOL_FACTOR`` matches are clustered; the front is drawn from them."""
 DEFAULT_EXACT_HEAD = 5_000
-"""Picks made by the exact greedy before the approximate tail (bench/priority.py measures both)."""
+"""Most picks the exact greedy makes by default before the approximate tail (bench/priority.py measures both)."""
+MIN_EXACT_HEAD = 1_000
+"""Fewest picks the exact greedy makes by default, however many tasks there are."""
+EXACT_WORK = 100_000_000
+"""Tasks x exact picks the default head may cost (the final distances alone are that many dot products):
+5000 picks up to 20k tasks, 1000 from 100k tasks on."""
 
 
 # Where a task's place came from (the ``reason`` of its explanation).
@@ -195,7 +205,7 @@ def rank(
     like_count: int = DEFAULT_LIKE_COUNT,
     like_clusters: int = DEFAULT_LIKE_CLUSTERS,
     near_duplicate: float | None = DEFAULT_NEAR_DUPLICATE,
-    exact_head: int | None = DEFAULT_EXACT_HEAD,
+    exact_head: int | Literal["auto"] | None = "auto",
     seed: int = 0,
 ) -> Ranking:
     """Rank every unlabeled task of ``task_ids``.
@@ -212,7 +222,8 @@ def rank(
         like_clusters: k-means clusters the front is balanced across (8).
         near_duplicate: cosine to a labeled or higher-ranked task at which a task is pushed to the end
             as its duplicate (0.9); None: only ``duplicates`` are.
-        exact_head: exact greedy picks before the approximate tail (5000); None: all (exact throughout).
+        exact_head: exact greedy picks before the approximate tail; "auto": :func:`exact_head_for` the
+            number of tasks left to rank (5000 up to 20k, 1000 from 100k on); None: all (exact throughout).
         seed: k-means seed (the result is deterministic for a given input and seed).
     """
     started = time.perf_counter()
@@ -221,7 +232,7 @@ def rank(
         raise ValueError(f"uncertainty_weight must be in [0, 1], got {uncertainty_weight}")
     if near_duplicate is not None and not 0.0 < near_duplicate <= 1.0:
         raise ValueError(f"near_duplicate must be a cosine in (0, 1], got {near_duplicate}")
-    if exact_head is not None and exact_head < 0:
+    if exact_head != "auto" and exact_head is not None and exact_head < 0:
         raise ValueError(f"exact_head must be >= 0, got {exact_head}")
     labeled_set = frozenset(int(task) for task in labeled)
     is_labeled = np.isin(ids, np.fromiter(labeled_set, dtype=np.int64, count=len(labeled_set)))
@@ -292,9 +303,15 @@ def rank(
 
     # The greedy over the remaining candidates.
     rest = candidates[alive]
-    head_budget = len(rest) if exact_head is None else exact_head
+    budget = len(rest) if exact_head is None else exact_head
+    head_budget = exact_head_for(len(rest)) if budget == "auto" else int(budget)
     greedy = FarthestFirst(
-        candidate_data[alive], best[alive], nearest[alive], None if unc is None else unc[rest], weight, near_duplicate
+        candidate_data if alive.all() else candidate_data[alive],  # no second copy when nothing was retired
+        best[alive],
+        nearest[alive],
+        None if unc is None else unc[rest],
+        weight,
+        near_duplicate,
     )
     for row in greedy.run(head_budget, ids[rest]):
         order.append(int(rest[row]))
@@ -303,49 +320,65 @@ def rank(
         placed_nearest.append(greedy.picked_nearest[-1])
         placed_score.append(greedy.picked_score[-1])
     head = len(order)
+    # The tail and the duplicates as arrays: no Python step per task (100k-1M of them).
+    tail_rows, tail_score = greedy.tail()
     final_best, final_nearest = greedy.best, greedy.nearest
-    for row, score in greedy.tail():
-        order.append(int(rest[row]))
-        reasons.append(TAIL)
-        placed_distance.append(_distance(final_best[row], final_nearest[row]))
-        placed_nearest.append(int(final_nearest[row]))
-        placed_score.append(score)
-    for row in greedy.duplicates:
-        dup_pos.append(int(rest[row]))
-        dup_of.append(int(final_nearest[row]))
-        dup_sim.append(float(final_best[row]))
+    tail_nearest = final_nearest[tail_rows]
+    greedy_dups = np.asarray(greedy.duplicates, dtype=np.int64)
+    known_root = original[known_dup]
+    known_sim = np.full(len(known_dup), np.nan)
+    has_row = known_root >= 0
+    known_sim[has_row] = np.einsum("ij,ij->i", data[known_dup[has_row]], data[known_root[has_row]])
+    dup_positions = np.concatenate([np.asarray(dup_pos, dtype=np.int64), rest[greedy_dups], known_dup])
+    dup_original = np.concatenate(
+        [
+            np.asarray(dup_of, dtype=np.int64),
+            final_nearest[greedy_dups],
+            np.where(has_row, ids[np.maximum(known_root, 0)], -2 - known_root),
+        ]
+    )
+    dup_similarity = np.concatenate([np.asarray(dup_sim, dtype=np.float64), final_best[greedy_dups], known_sim])
 
     # Duplicates last: copies of ranked tasks in their originals' order, then copies of labeled tasks.
-    for position in known_dup.tolist():
-        root = int(original[position])
-        dup_pos.append(position)
-        dup_of.append(int(ids[root]) if root >= 0 else -2 - root)
-        dup_sim.append(float(data[position] @ data[root]) if root >= 0 else math.nan)
-    rank_now = {int(ids[p]): r for r, p in enumerate(order)}
-    dup_order = sorted(
-        range(len(dup_pos)),
-        key=lambda i: (dup_of[i] in labeled_set or dup_of[i] not in rank_now, rank_now.get(dup_of[i], 0), dup_pos[i]),
+    ranked_positions = np.concatenate([np.asarray(order, dtype=np.int64), rest[tail_rows]])
+    original_rank = _rank_in(ids[ranked_positions], dup_original)
+    dup_order = np.lexsort((dup_positions, np.maximum(original_rank, 0), original_rank < 0))
+    dup_positions, dup_original, dup_similarity = (
+        dup_positions[dup_order],
+        dup_original[dup_order],
+        dup_similarity[dup_order],
     )
-    for i in dup_order:
-        order.append(dup_pos[i])
-        reasons.append(DUPLICATE)
-        placed_distance.append(math.nan if math.isnan(dup_sim[i]) else 1.0 - dup_sim[i])
-        placed_nearest.append(dup_of[i])
-        placed_score.append(-np.inf)
 
-    positions = np.array(order, dtype=np.int64)
-    duplicate_of = np.full(len(order), -1, dtype=np.int64)
-    is_dup = np.array(reasons) == DUPLICATE if order else np.zeros(0, dtype=bool)
-    duplicate_of[is_dup] = np.array(placed_nearest, dtype=np.int64)[is_dup]
+    positions = np.concatenate([ranked_positions, dup_positions])
+    n_dup = len(dup_positions)
+    reason = np.concatenate(
+        [
+            np.array(reasons, dtype=object),
+            np.full(len(tail_rows), TAIL, dtype=object),
+            np.full(n_dup, DUPLICATE, dtype=object),
+        ]
+    )
+    is_dup = np.zeros(len(positions), dtype=bool)
+    is_dup[len(ranked_positions) :] = True
+    duplicate_of = np.full(len(positions), -1, dtype=np.int64)
+    duplicate_of[is_dup] = dup_original
     ranking = Ranking(
         task_ids=ids[positions],
-        reason=np.array(reasons, dtype=object),
-        distance=np.array(placed_distance, dtype=np.float32),
-        nearest=np.array(placed_nearest, dtype=np.int64),
+        reason=reason,
+        distance=np.concatenate(
+            [
+                np.asarray(placed_distance, dtype=np.float32),
+                np.where(tail_nearest >= 0, 1.0 - final_best[tail_rows], np.nan).astype(np.float32),
+                (1.0 - dup_similarity).astype(np.float32),
+            ]
+        ),
+        nearest=np.concatenate([np.asarray(placed_nearest, dtype=np.int64), tail_nearest, dup_original]),
         duplicate_of=duplicate_of,
-        uncertainty=np.full(len(order), np.nan, dtype=np.float32) if unc is None else unc[positions],
-        like=np.full(len(order), np.nan, dtype=np.float32) if like_scores is None else like_scores[positions],
-        score=np.array(placed_score, dtype=np.float32),
+        uncertainty=np.full(len(positions), np.nan, dtype=np.float32) if unc is None else unc[positions],
+        like=np.full(len(positions), np.nan, dtype=np.float32) if like_scores is None else like_scores[positions],
+        score=np.concatenate(
+            [np.asarray(placed_score, dtype=np.float32), tail_score.astype(np.float32), np.full(n_dup, -np.inf)]
+        ).astype(np.float32),
         exact_head=head,
         labeled=labeled_set,
     )
@@ -358,6 +391,13 @@ def rank(
         time.perf_counter() - started,
     )
     return ranking
+
+
+def exact_head_for(tasks: int) -> int:
+    """The default exact head for ranking ``tasks`` tasks: as many picks as ``EXACT_WORK`` allows, at least
+    ``MIN_EXACT_HEAD`` and at most ``DEFAULT_EXACT_HEAD``. Later picks come from the approximate tail,
+    whose coverage bench/priority.py compares with the exact order's."""
+    return max(MIN_EXACT_HEAD, min(DEFAULT_EXACT_HEAD, EXACT_WORK // max(tasks, 1)))
 
 
 def place(
@@ -648,6 +688,15 @@ def _check_queries(queries: np.ndarray, dim: int) -> np.ndarray:
 
 def _distance(best: float, nearest: int) -> float:
     return math.nan if nearest < 0 else 1.0 - float(best)
+
+
+def _rank_in(order: np.ndarray, tasks: np.ndarray) -> np.ndarray:
+    """Per task of ``tasks``: its position in ``order`` (task ids, unique), -1 where it is not there."""
+    if not len(order):
+        return np.full(len(tasks), -1, dtype=np.int64)
+    sorter = np.argsort(order, kind="stable")
+    at = np.minimum(np.searchsorted(order, tasks, sorter=sorter), len(order) - 1)
+    return np.where(order[sorter[at]] == tasks, sorter[at], -1)
 
 
 def _running_argmax(values: np.ndarray) -> np.ndarray:

@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 
 from indexer.duplicates import DuplicateGroup, DuplicateReport, DuplicateResult
-from indexer.priority import Ranking, coverage, place, rank
+from indexer.priority import (
+    DEFAULT_EXACT_HEAD,
+    EXACT_WORK,
+    MIN_EXACT_HEAD,
+    Ranking,
+    coverage,
+    exact_head_for,
+    place,
+    rank,
+)
 from tests.indexer.vectors import clustered, clustered_with_members, near_copies
 
 DIM = 64
@@ -235,6 +244,18 @@ def test_the_same_input_gives_the_same_ranking_and_json_explanations() -> None:
     smaller = runs[0].without(gone)
     assert smaller.task_ids.tolist() == [t for t in runs[0].task_ids.tolist() if t not in gone]
     assert smaller.exact_head == runs[0].exact_head - 2
+
+
+def test_the_default_exact_head_keeps_its_cost_bounded_as_projects_grow() -> None:
+    sizes = [10, 1_000, 20_000, 50_000, 100_000, 1_000_000, 10_000_000]
+    heads = [exact_head_for(n) for n in sizes]
+    assert all(MIN_EXACT_HEAD <= h <= DEFAULT_EXACT_HEAD for h in heads)
+    assert heads == sorted(heads, reverse=True), "never more exact picks for a bigger project"
+    assert all(n * h <= EXACT_WORK for n, h in zip(sizes, heads, strict=True) if h > MIN_EXACT_HEAD)
+    assert heads[0] == DEFAULT_EXACT_HEAD and heads[-1] == MIN_EXACT_HEAD
+    # rank() uses it: a small project is exact throughout.
+    small = rank(np.arange(300), clustered(300, DIM, clusters=5, seed=6), [0], near_duplicate=None)
+    assert small.exact_head == len(small) == 299 and set(small.reason.tolist()) == {"diverse"}
 
 
 def test_bad_input_is_refused_with_a_clear_error() -> None:
