@@ -278,6 +278,11 @@ def _prioritize(args: argparse.Namespace) -> int:
         f"done: {job['ranked']} tasks ranked ({job['duplicates']} duplicates last), {job['labeled']} labeled, "
         f'{job["write_calls"]} Label Studio write calls; tab {job["tab_id"]} "dinolabel priority"'
     )
+    if job.get("predicted"):
+        print(
+            f"uncertainty: {job['predicted']} ranked tasks hold a prediction of {job['detector']} (weight "
+            f"{job['uncertainty_weight']}); it moved {job['moved_by_uncertainty']} of them ahead"
+        )
     return 0
 
 

@@ -97,6 +97,8 @@ class Settings(BaseSettings):
     # Priority: the task data fields that carry our ranking in Label Studio (backend/ls_priority.py)
     priority_rank_field: str = Field(default="dinolabel_rank", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
     priority_reason_field: str = Field(default="dinolabel_reason", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+    # w in score = (1 - w) * distance + w * the detector's uncertainty (0: diversity alone, no predictions read)
+    priority_uncertainty_weight: float = Field(default=0.3, ge=0.0, le=1.0, allow_inf_nan=False)
 
     # Search and duplicates (the read path of the index)
     search_max_k: int = Field(default=100, ge=1, le=2048)  # most results of one search (faiss GPU caps k at 2048)

@@ -4,10 +4,17 @@ Label Studio (``backend.ls_priority``), as a background job whose status a GET r
 A run needs the project's store, so it runs on the store writer (``Queues.store``, the queue only that
 role takes): the vectors of the current embedder version, the labeled task ids listed from Label Studio
 (``is_labeled``, in pages of ``PAGE_SIZE``: never one call per task), duplicates (``find_duplicates`` over the store's
-hashes and vectors), ``indexer.priority.rank``, then ``write_priority``. The job record (a Redis hash)
+hashes and vectors), the detector's uncertainty per task (below), ``indexer.priority.rank``, then
+``write_priority``. The job record (a Redis hash)
 holds the status (queued, running, done, failed), the counts, the tab id and, on failure, a reason
 that names no secret. The last ranking's head, with each task's explanation, and its HTML report are
 kept per project for ``GET /v1/projects/{id}/priority``.
+
+**Uncertainty.** With a weight above 0 (``DINOLABEL_PRIORITY_UNCERTAINTY_WEIGHT``, or the request's), the
+predictions of the project's current detector model version (its ``/setup`` thresholds, as bulk jobs
+and ``/predict`` write them) are listed from Label Studio in pages (``predictions_of``), and each task's
+boxes become an uncertainty in [0, 1] (``indexer.uncertainty``). Tasks without such a prediction get no
+uncertainty term.
 
 A project prioritized once is ranked again when one of its index jobs ends (``after_index_job``), so new
 and re-embedded tasks get their places. Tasks labeled since the last ranking keep their old rank until
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import Sequence
@@ -33,16 +41,20 @@ from backend.ls_client import LabelStudioClient, LabelStudioError
 from backend.ls_priority import PriorityFields, PriorityFieldTaken, write_priority
 from backend.project_vectors import embedder_version_of
 from backend.queues import KEY_PREFIX, Queues
+from backend.state import ProjectStore
 from backend.worker import current_runtime
 from indexer.duplicates import find_duplicates
 from indexer.index import VectorIndex
-from indexer.priority import DUPLICATE, rank
+from indexer.priority import DUPLICATE, Ranking, rank
 from indexer.priority_report import render_priority_html
+from indexer.uncertainty import detection_uncertainty
 
 log = logging.getLogger(__name__)
 
 RUN_TIMEOUT = 3600
 """Seconds one run may take on the store writer (listing, ranking and writing 100k tasks fit easily)."""
+MAX_BOXES = 300
+"""Boxes of one prediction that count towards its uncertainty (the detector returns at most ``max_boxes``)."""
 HEAD_KEPT = 200
 """Explanations of the queue's head kept for ``GET .../priority`` (and as many pushed-back duplicates)."""
 QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
@@ -112,6 +124,9 @@ def read_job(connection: Redis, job_id: str) -> dict[str, Any]:
         "like_task_ids": json.loads(data.get("like_task_ids") or "[]"),
         "uncertainty_weight": number("uncertainty_weight", float),
         "embedder": data.get("embedder") or None,
+        "detector": data.get("detector") or None,
+        "predicted": number("predicted"),
+        "moved_by_uncertainty": number("moved_by_uncertainty"),
         "vectors": number("vectors"),
         "labeled": number("labeled"),
         "ranked": number("ranked"),
@@ -196,6 +211,9 @@ def _prioritize(runtime: Any, job: dict[str, Any]) -> dict[str, Any]:
             raise _Refused(f"like_task_ids without a vector of the current embedder (not indexed?): {missing}")
         like = _rows(ids, vectors, wanted)
     fields = PriorityFields(settings.priority_rank_field, settings.priority_reason_field)
+    projects = ProjectStore(settings, runtime.connection)
+    record = projects.get(project)
+    params = record.params
     with LabelStudioClient(access.url, access.api_key, retries=settings.label_studio_retries) as client:
         labeled = sorted(client.labeled_task_ids(project))
         report = find_duplicates(
@@ -204,10 +222,20 @@ def _prioritize(runtime: Any, job: dict[str, Any]) -> dict[str, Any]:
             index=VectorIndex.build(ids, vectors, embedder=version),
             vector_blocks=[(ids, vectors)],
         )
-        options: dict[str, Any] = {}
+        weight = settings.priority_uncertainty_weight
         if job["uncertainty_weight"] is not None:
-            options["uncertainty_weight"] = job["uncertainty_weight"]
-        ranking = rank(ids, vectors, labeled, duplicates=report, like=like, **options)
+            weight = job["uncertainty_weight"]
+        detector = projects.model_version(params)
+        uncertainty = _uncertainties(client, project, detector, params.box_threshold) if weight > 0 else {}
+        ranking = rank(
+            ids,
+            vectors,
+            labeled,
+            duplicates=report,
+            like=like,
+            uncertainty=uncertainty or None,
+            uncertainty_weight=weight,
+        )
         written = write_priority(client, project, ranking.ranks(), fields)
     _keep(runtime.connection, project, job["id"], ranking, version)
     return {
@@ -216,9 +244,47 @@ def _prioritize(runtime: Any, job: dict[str, Any]) -> dict[str, Any]:
         "labeled": len(labeled),
         "ranked": len(ranking),
         "duplicates": int((ranking.reason == DUPLICATE).sum()),
+        "uncertainty_weight": repr(float(weight)),
+        "detector": detector,
+        "predicted": int(np.isin(ranking.task_ids, np.fromiter(uncertainty, dtype=np.int64)).sum()),
+        "moved_by_uncertainty": int(ranking.moved_by_uncertainty().sum()),
         "write_calls": written.calls,
         "tab_id": written.tab_id,
     }
+
+
+def _uncertainties(client: LabelStudioClient, project: int, detector: str, box_threshold: float) -> dict[int, float]:
+    """Per task holding a prediction of ``detector``: how unsure its boxes are (``indexer.uncertainty``)."""
+    return {
+        task: detection_uncertainty(*_boxes(result), box_threshold)
+        for task, result in client.predictions_of(project, detector).items()
+    }
+
+
+def _boxes(result: list[Any]) -> tuple[list[float], list[str], list[tuple[float, float, float, float]]]:
+    """Scores, labels and ``x0, y0, x1, y1`` (percent) of a prediction's scored rectangles (at most
+    ``MAX_BOXES``); other regions, and malformed ones, do not count."""
+    scores: list[float] = []
+    labels: list[str] = []
+    boxes: list[tuple[float, float, float, float]] = []
+    for region in result:
+        if len(scores) == MAX_BOXES:
+            break
+        if not isinstance(region, dict) or region.get("type") != "rectanglelabels":
+            continue
+        value = region.get("value")
+        try:
+            x, y, width, height = (float(value[k]) for k in ("x", "y", "width", "height"))  # type: ignore[index]
+            score = float(region["score"])
+            names = value["rectanglelabels"]  # type: ignore[index]
+        except (KeyError, TypeError, ValueError):
+            continue
+        if not all(math.isfinite(v) for v in (x, y, width, height, score)) or not isinstance(names, list):
+            continue
+        scores.append(score)
+        labels.append(str(names[0]) if names else "")
+        boxes.append((x, y, x + width, y + height))
+    return scores, labels, boxes
 
 
 def _rows(ids: np.ndarray, vectors: np.ndarray, wanted: np.ndarray) -> np.ndarray:
@@ -226,7 +292,7 @@ def _rows(ids: np.ndarray, vectors: np.ndarray, wanted: np.ndarray) -> np.ndarra
     return vectors[[position[int(task)] for task in wanted.tolist()]]
 
 
-def _keep(connection: Redis, project: int, job_id: str, ranking: Any, version: str) -> None:
+def _keep(connection: Redis, project: int, job_id: str, ranking: Ranking, version: str) -> None:
     """Keep the ranking's head (explanations) and its HTML report for the GET route."""
     is_dup = ranking.reason == DUPLICATE
     head = [p for p in range(len(ranking)) if not is_dup[p]][:HEAD_KEPT]

@@ -97,6 +97,9 @@ EXACT_WORK = 100_000_000
 
 # Where a task's place came from (the ``reason`` of its explanation).
 LIKE, DIVERSE, TAIL, DUPLICATE = "like", "diverse", "tail", "duplicate"
+UNCERTAIN = "uncertain"
+"""The category :meth:`Ranking.ranks` gives a diverse or tail task that its uncertainty moved ahead."""
+_ROUNDING = 1e-6  # scores are float32: differences below this are ties
 
 
 @dataclass(frozen=True)
@@ -111,11 +114,12 @@ class Ranking:
     distance: np.ndarray  # float32: cosine distance to ``nearest`` when placed (NaN: nothing to compare)
     nearest: np.ndarray  # int64: nearest labeled or higher-ranked task when placed
     duplicate_of: np.ndarray  # int64
-    uncertainty: np.ndarray  # float32
+    uncertainty: np.ndarray  # float32: the detector's uncertainty (NaN: the task had none)
     like: np.ndarray  # float32: best cosine to the "like these" queries
     score: np.ndarray  # float32: the greedy's score when picked (what :func:`place` compares against)
     exact_head: int  # ranks below this came from the exact greedy ("like" front included)
     labeled: frozenset[int] = frozenset()
+    uncertainty_weight: float = 0.0  # w of the scores (0 when no uncertainty was given)
 
     def __len__(self) -> int:
         return len(self.task_ids)
@@ -142,6 +146,7 @@ class Ranking:
             "nearest_is_labeled": None if nearest is None else nearest in self.labeled,
             "duplicate_of": task(self.duplicate_of[position]),
             "uncertainty": number(self.uncertainty[position]),
+            "uncertainty_moved": self._moved(position),
             "like": number(self.like[position]),
             "text": self.text(position),
         }
@@ -171,15 +176,39 @@ class Ranking:
             out = ("new: " if reason == DIVERSE else "approximate order: ") + near
         if not math.isnan(float(self.uncertainty[position])):
             out += f"; uncertainty {float(self.uncertainty[position]):.2f}"
+            if self._moved(position):
+                out += " (moved it ahead)"
         return out
 
+    def moved_by_uncertainty(self) -> np.ndarray:
+        """Per rank: did the task's uncertainty move it ahead? True when its score without the uncertainty
+        term is not above the score of the task ranked next (up to float32 rounding): without it, that task
+        would have been picked first, or tied with it (distances only shrink, so the next task scored at
+        least that much when this one was picked). Front ("like") tasks and duplicates are never moved."""
+        own = self.score.astype(np.float64) - self.uncertainty_weight * np.nan_to_num(self.uncertainty)
+        following = np.append(self.score[1:], -np.inf).astype(np.float64)
+        ranked = (self.reason == DIVERSE) | (self.reason == TAIL)
+        positive = np.nan_to_num(self.uncertainty) > 0
+        return ranked & positive & (self.uncertainty_weight > 0) & (own <= following + _ROUNDING)
+
+    def _moved(self, position: int) -> bool:
+        if self.reason[position] not in (DIVERSE, TAIL) or self.uncertainty_weight <= 0:
+            return False
+        u = float(self.uncertainty[position])
+        if math.isnan(u) or u <= 0 or position + 1 >= len(self):
+            return False
+        own = float(self.score[position]) - self.uncertainty_weight * u
+        return own <= float(self.score[position + 1]) + _ROUNDING
+
     def ranks(self) -> dict[int, tuple[int, str]]:
-        """``task_id -> (rank, reason)`` with the reason's category (like, diverse, tail, duplicate): what
-        ``backend.ls_priority.write_priority`` writes into Label Studio, which costs one call per distinct
-        reason. The per-task detail is :meth:`text` / :meth:`explain`."""
+        """``task_id -> (rank, reason)`` with the reason's category (like, diverse, tail, duplicate, or
+        uncertain for a task its uncertainty moved ahead): what ``backend.ls_priority.write_priority``
+        writes into Label Studio, which costs one call per distinct reason. The per-task detail is
+        :meth:`text` / :meth:`explain`."""
+        reasons = np.where(self.moved_by_uncertainty(), UNCERTAIN, self.reason)
         return {
             int(task): (position, str(reason))
-            for position, (task, reason) in enumerate(zip(self.task_ids.tolist(), self.reason.tolist(), strict=True))
+            for position, (task, reason) in enumerate(zip(self.task_ids.tolist(), reasons.tolist(), strict=True))
         }
 
     def without(self, task_ids: Iterable[int]) -> Ranking:
@@ -215,7 +244,8 @@ def rank(
         vectors: float32 (n, d), L2-normalised, row i belongs to ``task_ids[i]``.
         labeled: labeled task ids; ids without a row are ignored except as duplicates' originals.
         duplicates: exact/near duplicate groups (keepers are the originals), or ``task -> original``.
-        uncertainty: per task in [0, 1] (array aligned with ``task_ids``, or a mapping; absent = 0).
+        uncertainty: per task in [0, 1] (array aligned with ``task_ids``, or a mapping); a task without
+            one (absent, NaN) is scored without the term, so uncertainty only ever moves a task ahead.
         uncertainty_weight: w in ``score = (1 - w) * distance + w * uncertainty`` (0.3).
         like: float32 (q, d) query vectors for "more like these"; None: no front.
         like_count: tasks moved to the front by ``like`` (100).
@@ -309,7 +339,7 @@ def rank(
         candidate_data if alive.all() else candidate_data[alive],  # no second copy when nothing was retired
         best[alive],
         nearest[alive],
-        None if unc is None else unc[rest],
+        None if unc is None else np.nan_to_num(unc[rest]),
         weight,
         near_duplicate,
     )
@@ -380,6 +410,7 @@ def rank(
             [np.asarray(placed_score, dtype=np.float32), tail_score.astype(np.float32), np.full(n_dup, -np.inf)]
         ).astype(np.float32),
         exact_head=head,
+        uncertainty_weight=weight,
         labeled=labeled_set,
     )
     log.info(
@@ -457,7 +488,7 @@ def place(
             holder = np.where(stronger, labeled[at], holder)
             running = np.maximum(running, to_labeled[j, at])
         distance = 1.0 - running
-        score = (1.0 - weight) * distance + (weight * unc[j] if unc is not None else 0.0)
+        score = (1.0 - weight) * distance + (weight * float(np.nan_to_num(unc[j])) if unc is not None else 0.0)
         slots = np.arange(front, n_placed + 1)
         reach = np.append(pick_score, -np.inf)[slots]
         ahead = slots[score[slots] >= reach]
@@ -524,6 +555,7 @@ def place(
         score=columns["score"][order].astype(np.float32),
         exact_head=head,
         labeled=ranking.labeled,
+        uncertainty_weight=weight if unc is not None else ranking.uncertainty_weight,
     )
 
 
@@ -650,15 +682,23 @@ def _originals(
 
 
 def _uncertainty(values: np.ndarray | Mapping[int, float] | None, ids: np.ndarray) -> np.ndarray | None:
+    """Per row in [0, 1], NaN for a task without one (absent from a mapping, or NaN): it is scored without
+    the uncertainty term, as a task the detector is sure about. None: no uncertainties at all."""
     if values is None:
         return None
     if isinstance(values, Mapping):
-        out = np.array([float(values.get(int(task), 0.0)) for task in ids.tolist()], dtype=np.float32)
+        out = np.full(len(ids), np.nan, dtype=np.float32)
+        if values:
+            keys = np.fromiter((int(task) for task in values), dtype=np.int64, count=len(values))
+            given = np.fromiter((float(u) for u in values.values()), dtype=np.float64, count=len(values))
+            at = _rank_in(keys, ids)
+            out[at >= 0] = given[at[at >= 0]]
     else:
         out = np.asarray(values, dtype=np.float32).reshape(-1)
         if len(out) != len(ids):
             raise ValueError(f"uncertainty has {len(out)} values for {len(ids)} tasks")
-    if not np.all((out >= 0.0) & (out <= 1.0)):
+    known = out[~np.isnan(out)]
+    if not np.all((known >= 0.0) & (known <= 1.0)):
         raise ValueError("uncertainty values must be in [0, 1]")
     return out
 
@@ -718,4 +758,5 @@ def _select(ranking: Ranking, keep: np.ndarray, head: int) -> Ranking:
         score=ranking.score[keep],
         exact_head=head,
         labeled=ranking.labeled,
+        uncertainty_weight=ranking.uncertainty_weight,
     )

@@ -197,3 +197,24 @@ def test_writes_whose_answers_are_lost_are_sent_again_and_the_ranking_is_exact(
     for task in in_rank_order(ranks)[:2]:
         assert next_task(api, project) == task
         submit(api, task)
+
+
+def test_the_predictions_of_one_model_version_are_listed_with_their_boxes(
+    label_studio: tuple[LabelStudioServer, LabelStudioAPI],
+) -> None:
+    """What a prioritize run reads for the detector's uncertainty: Label Studio serialises predictions
+    only with ``fields=all``, and its model-version filter matches parts of versions."""
+    server, api = label_studio
+    project, *task_ids = new_project(api, "priority predictions", 7)
+    ours, other = "grounding-dino-tiny-0123456789", "grounding-dino-tiny-0123"  # the other is a part of ours
+    boxes = {task: [{**BOX[0], "score": 0.4 + 0.05 * i}] for i, task in enumerate(task_ids)}
+    with LabelStudioClient(server.url, server.token) as client:
+        mine = [{"task": t, "result": boxes[t], "model_version": ours} for t in task_ids[:5]]
+        client.import_predictions(project, mine)
+        client.import_predictions(project, [{"task": t, "result": [], "model_version": other} for t in task_ids[3:]])
+        found = client.predictions_of(project, ours, page_size=2)  # three pages of ours
+        others = client.predictions_of(project, other)
+    assert set(found) == set(task_ids[:5])
+    for task, result in found.items():
+        assert [(r["score"], r["value"]["rectanglelabels"]) for r in result] == [(boxes[task][0]["score"], ["cat"])]
+    assert others == {task: [] for task in task_ids[3:]}

@@ -29,8 +29,9 @@ class PrioritizeRequest(BaseModel):
         ge=0.0,
         le=1.0,
         allow_inf_nan=False,
-        description="w in score = (1 - w) * distance + w * uncertainty (default 0.3); it takes effect where "
-        "per-task uncertainties are given, which no run feeds yet",
+        description="w in score = (1 - w) * distance + w * uncertainty, where uncertainty in [0, 1] comes from "
+        "the boxes of each task's prediction by the current detector model version (tasks without one get no "
+        "uncertainty term); default DINOLABEL_PRIORITY_UNCERTAINTY_WEIGHT (0.3); 0: diversity alone",
     )
 
 
@@ -45,8 +46,15 @@ class PriorityJobPublic(BaseModel):
     started_at: float | None
     finished_at: float | None
     like_task_ids: list[int]
-    uncertainty_weight: float | None
+    uncertainty_weight: float | None = Field(description="the weight asked for; once done, the weight used")
     embedder: str | None = Field(description="the embedder version whose vectors were ranked")
+    detector: str | None = Field(default=None, description="the detector model version whose predictions were read")
+    predicted: int | None = Field(
+        default=None, description="ranked tasks holding a prediction of that version (each with an uncertainty)"
+    )
+    moved_by_uncertainty: int | None = Field(
+        default=None, description="ranked tasks that their uncertainty moved ahead (reason `uncertain`)"
+    )
     vectors: int | None = Field(description="tasks with a vector of that version")
     labeled: int | None = Field(description="labeled tasks listed from Label Studio (seeds, not ranked)")
     ranked: int | None = Field(description="tasks holding a rank in Label Studio afterwards")
@@ -66,7 +74,12 @@ class TaskPriority(BaseModel):
     nearest: int | None = Field(description="the nearest labeled or higher-ranked task when placed")
     nearest_is_labeled: bool | None
     duplicate_of: int | None
-    uncertainty: float | None
+    uncertainty: float | None = Field(description="the detector's uncertainty in [0, 1]; null: no prediction")
+    uncertainty_moved: bool = Field(
+        default=False,
+        description="the uncertainty moved the task ahead: without it, the task ranked next would have come first "
+        "(the Data Manager's reason column says `uncertain`)",
+    )
     like: float | None = Field(description='best cosine to the "more like these" examples')
     text: str
 

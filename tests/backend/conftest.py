@@ -393,7 +393,8 @@ def task_listing(
 ) -> tuple[int, bytes]:
     """``GET /api/tasks`` as Label Studio answers it, for the Data Manager queries the bulk jobs send:
     ``selectedItems``, filters on id (greater, between), on model versions (contains) and on data fields
-    (regex, equal, contains), pages; the ``is_labeled`` field of the ``labeled`` tasks."""
+    (regex, equal, contains), pages; the ``is_labeled`` field of the ``labeled`` tasks; ``predictions``
+    (each task's, in the order imported) only with ``fields=all``, as Label Studio's serializer does."""
     query = json.loads(seen.query.get("query", ["{}"])[-1])
     ids = selected_ids(query, tasks, predictions)
     versions: dict[int, list[str]] = {}
@@ -408,6 +409,8 @@ def task_listing(
     for task_id in chosen:
         task = {"id": task_id, "data": tasks[task_id], "is_labeled": task_id in (labeled or ()),
                 "predictions_model_versions": ",".join(sorted(set(versions.get(task_id, []))))}  # fmt: skip
+        if seen.query.get("fields") == ["all"]:
+            task["predictions"] = [p for p in predictions if p["task"] == task_id]
         listed.append({k: v for k, v in task.items() if k in fields})
     return 200, json.dumps({"total": len(ids), "tasks": listed}).encode()
 

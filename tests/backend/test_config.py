@@ -52,3 +52,13 @@ def test_priority_fields_are_plain_names_and_two_of_them(monkeypatch: pytest.Mon
     monkeypatch.setenv("DINOLABEL_PRIORITY_RANK_FIELD", "dinolabel_reason")
     with pytest.raises(ValidationError, match="name the same task data field"):
         Settings()
+
+
+def test_the_priority_uncertainty_weight_is_a_share_between_0_and_1(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings().priority_uncertainty_weight == 0.3
+    monkeypatch.setenv("DINOLABEL_PRIORITY_UNCERTAINTY_WEIGHT", "0")
+    assert Settings().priority_uncertainty_weight == 0.0
+    for bad in ("1.5", "-0.1", "nan"):
+        monkeypatch.setenv("DINOLABEL_PRIORITY_UNCERTAINTY_WEIGHT", bad)
+        with pytest.raises(ValidationError, match="priority_uncertainty_weight"):
+            Settings()

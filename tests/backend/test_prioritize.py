@@ -180,3 +180,68 @@ def test_the_command_line_follows_the_run_to_its_counts(settings: Settings, fake
         assert unindexed.returncode == 3 and "index it first" in unindexed.stderr
         malformed = cli("--project", "1", "--like-tasks", "1,x")
         assert malformed.returncode == 2 and "separated by commas" in malformed.stderr
+
+
+def box(score: float, label: str, x: float = 10.0, y: float = 10.0) -> dict:
+    """One rectangle of a prediction, as our detector writes it into Label Studio (percent)."""
+    value = {"x": x, "y": y, "width": 20.0, "height": 20.0, "rotation": 0, "rectanglelabels": [label]}
+    return {"type": "rectanglelabels", "from_name": "label", "to_name": "image", "score": score, "value": value}
+
+
+def test_the_detectors_uncertainty_moves_a_task_ahead_of_an_equal_one(
+    settings: Settings, fake_project: FakeProjectAPI, redis_url: str
+) -> None:
+    import redis
+
+    from backend.state import ProjectStore
+
+    # Task 1 is labeled; tasks 2-6 are all as far from it and from each other (orthogonal vectors), so
+    # diversity alone ranks them in id order.
+    ids = np.arange(1, 7, dtype=np.int64)
+    vectors = np.eye(6, 32, dtype=np.float32)
+    with VectorStore(settings.index_dir, 1, writer=True) as store:
+        store.upsert(
+            StoredVector(
+                task_id=int(task), embedder=embedder_version_of(settings), vector=vectors[task - 1],
+                sha256=f"sha-{task}", pixel_hash=f"px-{task}", phash=(int(task) * 0x9E3779B97F4A7C15) % 2**64,
+                width=64, height=48,
+            )
+            for task in ids
+        )  # fmt: skip
+    fake_project.tasks.update({int(t): {"image": f"/data/local-files/?d=img{t}.png"} for t in ids})
+    fake_project.labeled.add(1)
+    projects = ProjectStore(settings, redis.Redis.from_url(redis_url))
+    params = projects.get(1).params
+    detector = projects.model_version(params)
+    sure = [box(1.0, "cat")]  # far above the box threshold: no doubt
+    close_call = [box(params.box_threshold + 0.01, "cat")]  # just kept
+    fake_project.predictions += [
+        {"task": 2, "result": sure, "score": 1.0, "model_version": detector},
+        {"task": 3, "result": close_call, "score": 0.36, "model_version": "another-detector"},  # not ours
+        {"task": 5, "result": close_call, "score": 0.36, "model_version": detector},
+    ]
+    listings = lambda: [s for s in fake_project.seen("/api/tasks") if s.query["include"] == ["id,predictions"]]  # noqa: E731
+
+    with TestClient(create_app(settings)) as client:
+        job = run(client, 1)
+        assert job["status"] == "done", job
+        assert (job["detector"], job["uncertainty_weight"]) == (detector, 0.3), "the setting's default weight"
+        assert (job["predicted"], job["moved_by_uncertainty"]) == (2, 1)
+        ranks = written_ranks(fake_project)
+        assert sorted(ranks, key=lambda t: ranks[t][0]) == [5, 2, 3, 4, 6], "the close call first, then id order"
+        assert ranks[5][1] == "uncertain" and {ranks[t][1] for t in (2, 3, 4, 6)} == {"diverse"}
+        assert len(listings()) == 1 and listings()[0].query["fields"] == ["all"], "one page of predictions"
+
+        head = {t["task_id"]: t for t in client.get("/v1/projects/1/priority").json()["head"]}
+        assert head[5]["uncertainty_moved"] and "moved it ahead" in head[5]["text"]
+        assert head[5]["uncertainty"] == pytest.approx(1 - 0.01 / (1 - params.box_threshold), abs=1e-3)
+        assert head[2]["uncertainty"] == 0.0 and not head[2]["uncertainty_moved"]
+        assert head[3]["uncertainty"] is None and head[4]["uncertainty"] is None, "no prediction of this detector"
+
+        # Weight 0: diversity alone, and no predictions are read.
+        plain = run(client, 1, {"uncertainty_weight": 0})
+        assert plain["status"] == "done" and plain["uncertainty_weight"] == 0.0 and not plain["predicted"]
+        ranks = written_ranks(fake_project)
+        assert sorted(ranks, key=lambda t: ranks[t][0]) == [2, 3, 4, 5, 6]
+        assert {why for _, why in ranks.values()} == {"diverse"}
+        assert len(listings()) == 1

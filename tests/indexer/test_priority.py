@@ -237,13 +237,39 @@ def test_the_same_input_gives_the_same_ranking_and_json_explanations() -> None:
     ranks = runs[0].ranks()
     assert sorted(r for r, _ in ranks.values()) == list(range(len(ids) - 2))
     assert ranks[int(runs[0].task_ids[0])] == (0, "like")
-    assert {reason for _, reason in ranks.values()} <= {"like", "diverse", "tail", "duplicate"}
+    assert {reason for _, reason in ranks.values()} <= {"like", "diverse", "tail", "duplicate", "uncertain"}
 
     # Removing tasks (deleted, or labeled since) renumbers the rest in the same order.
     gone = runs[0].task_ids[[0, 3, 700]].tolist()
     smaller = runs[0].without(gone)
     assert smaller.task_ids.tolist() == [t for t in runs[0].task_ids.tolist() if t not in gone]
     assert smaller.exact_head == runs[0].exact_head - 2
+
+
+def test_the_detectors_uncertainty_moves_a_task_ahead_and_the_explanation_says_so() -> None:
+    # Task 0 is labeled; task 1 is as far from it as can be, task 2 half as far, task 3 as far as task 1.
+    vectors = np.zeros((4, 8), dtype=np.float32)
+    vectors[0, 0] = vectors[1, 1] = vectors[3, 3] = 1.0
+    vectors[2, [0, 2]] = [0.5, np.sqrt(0.75)]
+    ids = np.arange(4, dtype=np.int64)
+    unsure = {2: 1.0, 3: 0.0}  # task 1 has no prediction: no uncertainty term
+    ranking = rank(ids, vectors, [0], uncertainty=unsure, uncertainty_weight=0.6)
+    # Task 2: 0.4 * 0.5 + 0.6 * 1 = 0.8 beats 0.4 * 1 (tasks 1 and 3): the uncertainty moved it ahead.
+    assert ranking.task_ids.tolist() == [2, 1, 3]
+    assert ranking.moved_by_uncertainty().tolist() == [True, False, False]
+    assert ranking.ranks() == {2: (0, "uncertain"), 1: (1, "diverse"), 3: (2, "diverse")}
+    first, second, third = ranking.explanations()
+    assert first["uncertainty"] == 1.0 and first["uncertainty_moved"] and "moved it ahead" in first["text"]
+    assert second["uncertainty"] is None and not second["uncertainty_moved"] and "uncertainty" not in second["text"]
+    assert third["uncertainty"] == 0.0 and not third["uncertainty_moved"]
+
+    # A smaller weight: 0.8 * 0.5 + 0.2 = 0.6 is not enough against 0.8; task 2 comes last, not moved.
+    lighter = rank(ids, vectors, [0], uncertainty=unsure, uncertainty_weight=0.2)
+    assert lighter.task_ids.tolist() == [1, 3, 2] and not lighter.moved_by_uncertainty().any()
+    assert set(lighter.ranks().values()) == {(0, "diverse"), (1, "diverse"), (2, "diverse")}
+    # Without uncertainties nothing is moved, whatever the weight.
+    plain = rank(ids, vectors, [0], uncertainty_weight=0.6)
+    assert plain.task_ids.tolist() == [1, 3, 2] and not plain.moved_by_uncertainty().any()
 
 
 def test_the_default_exact_head_keeps_its_cost_bounded_as_projects_grow() -> None:
