@@ -6,10 +6,8 @@ comes from Label Studio, listed in pages of 1,000 tasks (only ids and ``is_label
 Label Studio cannot be asked the report is made all the same without that preference, and says so.
 
 The HTML gallery needs thumbnails the browser can show without Label Studio's key: the server fetches
-each grouped task's image under the workers' rules (``backend.image_source``: address policy, key only
-to Label Studio's file routes, size and time limits), shrinks it to a 160 px JPEG and embeds it as a
-data URI, so the page loads nothing from anywhere. At most ``MAX_THUMBNAILS`` images are fetched for
-one page; the others show "no preview".
+each grouped task's image (``backend.thumbnails``) and embeds it as a data URI, so the page loads nothing
+from anywhere. At most ``MAX_THUMBNAILS`` images are fetched for one page; the others show "no preview".
 """
 
 from __future__ import annotations
@@ -17,19 +15,18 @@ from __future__ import annotations
 import csv
 import io
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import httpx
 
 from backend.config import Settings
-from backend.image_source import ImageFetchError, fetcher_for, redact_url
+from backend.image_source import redact_url
 from backend.index_cache import IndexCache
 from backend.ls_auth import LabelStudioAuthError
 from backend.ls_client import LabelStudioClient, LabelStudioError
 from backend.ls_credentials import LabelStudioAccess
-from backend.search import image_key, image_value
-from indexer import DuplicateReport, find_duplicates, render_html, thumbnail
+from backend.thumbnails import fetch_thumbnails
+from indexer import DuplicateReport, find_duplicates, render_html
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +115,7 @@ def _labeled(project: int, access: LabelStudioAccess) -> tuple[set[int], str, st
 def to_html(found: Duplicates, access: LabelStudioAccess, label_config: str | None, settings: Settings) -> str:
     """The gallery page, with thumbnails fetched here (at most ``MAX_THUMBNAILS``)."""
     wanted = list(dict.fromkeys(t for r in found.report.stages for g in r.groups for t in g.members))
-    thumbnails = _thumbnails(found.project, wanted[:MAX_THUMBNAILS], access, label_config, settings)
+    thumbnails = fetch_thumbnails(found.project, wanted[:MAX_THUMBNAILS], access, label_config, settings)
     return render_html(
         found.report,
         thumbnails,
@@ -126,32 +123,3 @@ def to_html(found: Duplicates, access: LabelStudioAccess, label_config: str | No
         sizes=found.sizes,
         labeled=found.labeled,
     )
-
-
-def _thumbnails(
-    project: int, task_ids: list[int], access: LabelStudioAccess, label_config: str | None, settings: Settings
-) -> dict[int, bytes]:
-    """Task id -> 160 px JPEG, for the tasks whose image could be fetched and decoded."""
-    if not task_ids or not access.url:
-        return {}
-    from model.images import ImageDecodeError, decode_image
-
-    try:
-        with LabelStudioClient(access.url, access.api_key, retries=1) as client:
-            tasks = client.tasks_by_id(project, task_ids)
-    except (LabelStudioError, LabelStudioAuthError, httpx.HTTPError, ValueError) as exc:
-        log.warning("project %d: listing the grouped tasks failed: %s", project, exc)
-        return {}
-    key = image_key(label_config)
-    sources = {task: url for task in task_ids if task in tasks and (url := image_value(tasks[task]["data"], key))}
-
-    def one(task: int) -> tuple[int, bytes | None]:
-        try:
-            data = fetcher.fetch(sources[task], task_id=task)
-            return task, thumbnail(decode_image(data, max_pixels=settings.image_max_pixels))
-        except (ImageFetchError, ImageDecodeError) as exc:
-            log.info("project %d task %d: no thumbnail: %s", project, task, exc)
-            return task, None
-
-    with fetcher_for(settings, access) as fetcher, ThreadPoolExecutor(settings.image_download_threads) as pool:
-        return {task: jpeg for task, jpeg in pool.map(one, sources) if jpeg is not None}

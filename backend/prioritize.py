@@ -8,7 +8,8 @@ hashes and vectors), the detector's uncertainty per task (below), ``indexer.prio
 ``write_priority``. The job record (a Redis hash)
 holds the status (queued, running, done, failed), the counts, the tab id and, on failure, a reason
 that names no secret. The last ranking's head, with each task's explanation, and its HTML report are
-kept per project for ``GET /v1/projects/{id}/priority``.
+kept per project for ``GET /v1/projects/{id}/priority``; the report's thumbnails (``backend.thumbnails``:
+the one image fetcher, bounded in count, bytes and time) are fetched once the ranking is written.
 
 **Uncertainty.** With a weight above 0 (``DINOLABEL_PRIORITY_UNCERTAINTY_WEIGHT``, or the request's), the
 predictions of the project's current detector model version (its ``/setup`` thresholds, as bulk jobs
@@ -42,11 +43,12 @@ from backend.ls_priority import PriorityFields, PriorityFieldTaken, write_priori
 from backend.project_vectors import embedder_version_of
 from backend.queues import KEY_PREFIX, Queues
 from backend.state import ProjectStore
+from backend.thumbnails import fetch_thumbnails
 from backend.worker import current_runtime
 from indexer.duplicates import find_duplicates
 from indexer.index import VectorIndex
 from indexer.priority import DUPLICATE, Ranking, rank
-from indexer.priority_report import render_priority_html
+from indexer.priority_report import render_priority_html, report_tasks
 from indexer.uncertainty import detection_uncertainty
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,9 @@ RUN_TIMEOUT = 3600
 """Seconds one run may take on the store writer (listing, ranking and writing 100k tasks fit easily)."""
 MAX_BOXES = 300
 """Boxes of one prediction that count towards its uncertainty (the detector returns at most ``max_boxes``)."""
+REPORT_THUMBNAIL_SECONDS = 60.0
+"""Time the HTML report's thumbnails may take to fetch (at most 180 images: the head of the queue, the
+shown duplicates and their originals); images not fetched by then show "no preview"."""
 HEAD_KEPT = 200
 """Explanations of the queue's head kept for ``GET .../priority`` (and as many pushed-back duplicates)."""
 QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
@@ -237,7 +242,10 @@ def _prioritize(runtime: Any, job: dict[str, Any]) -> dict[str, Any]:
             uncertainty_weight=weight,
         )
         written = write_priority(client, project, ranking.ranks(), fields)
-    _keep(runtime.connection, project, job["id"], ranking, version)
+    thumbnails = fetch_thumbnails(
+        project, report_tasks(ranking), access, record.label_config, settings, budget_s=REPORT_THUMBNAIL_SECONDS
+    )
+    _keep(runtime.connection, project, job["id"], ranking, version, thumbnails)
     return {
         "embedder": version,
         "vectors": len(ids),
@@ -292,8 +300,10 @@ def _rows(ids: np.ndarray, vectors: np.ndarray, wanted: np.ndarray) -> np.ndarra
     return vectors[[position[int(task)] for task in wanted.tolist()]]
 
 
-def _keep(connection: Redis, project: int, job_id: str, ranking: Ranking, version: str) -> None:
-    """Keep the ranking's head (explanations) and its HTML report for the GET route."""
+def _keep(
+    connection: Redis, project: int, job_id: str, ranking: Ranking, version: str, thumbnails: dict[int, bytes]
+) -> None:
+    """Keep the ranking's head (explanations) and its HTML report (with ``thumbnails``) for the GET route."""
     is_dup = ranking.reason == DUPLICATE
     head = [p for p in range(len(ranking)) if not is_dup[p]][:HEAD_KEPT]
     pushed = np.flatnonzero(is_dup)[:HEAD_KEPT].tolist()
@@ -308,7 +318,7 @@ def _keep(connection: Redis, project: int, job_id: str, ranking: Ranking, versio
         "head": [ranking.explain(p) for p in head],
         "pushed_back": [ranking.explain(p) for p in pushed],
     }
-    html = render_priority_html(ranking, {}, title=f"Labeling priority of project {project}")
+    html = render_priority_html(ranking, thumbnails, title=f"Labeling priority of project {project}")
     with connection.pipeline() as pipe:
         pipe.set(_LAST + str(project), json.dumps(summary))
         pipe.set(_HTML + str(project), html)

@@ -12,11 +12,18 @@ import base64
 import html
 from collections.abc import Mapping
 
+import numpy as np
+
 from indexer.gallery import _STYLE as GALLERY_STYLE
 from indexer.gallery import page_head
 from indexer.priority import DUPLICATE, Ranking
 
-__all__ = ["render_priority_html"]
+__all__ = ["REPORT_DUPLICATES", "REPORT_HEAD", "render_priority_html", "report_tasks"]
+
+REPORT_HEAD = 60
+"""Tasks of the head of the queue the page shows."""
+REPORT_DUPLICATES = 60
+"""Pushed-back duplicates the page shows, each beside its original."""
 
 _STYLE = (
     GALLERY_STYLE
@@ -33,15 +40,15 @@ def render_priority_html(
     thumbnails: Mapping[int, bytes],
     *,
     title: str = "Labeling priority",
-    head: int = 60,
-    duplicates: int = 60,
+    head: int = REPORT_HEAD,
+    duplicates: int = REPORT_DUPLICATES,
 ) -> str:
     """The first ``head`` tasks of the queue and the first ``duplicates`` pushed-back duplicates (each beside
     the task it duplicates). ``thumbnails``: task id -> JPEG bytes (:func:`indexer.gallery.thumbnail`);
     a task without one gets a "no preview" box."""
     is_dup = ranking.reason == DUPLICATE
-    queue = [p for p in range(len(ranking)) if not is_dup[p]][:head]
-    pushed = [p for p in range(len(ranking)) if is_dup[p]]
+    queue = np.flatnonzero(~is_dup)[:head].tolist()
+    pushed = np.flatnonzero(is_dup).tolist()
     parts = [
         *page_head(title, _STYLE),
         f"<p>{len(ranking)} unlabeled tasks ranked ({len(ranking.labeled)} labeled); the first "
@@ -66,6 +73,16 @@ def render_priority_html(
         )
     parts.append("</div></section></body></html>")
     return "\n".join(parts)
+
+
+def report_tasks(ranking: Ranking, *, head: int = REPORT_HEAD, duplicates: int = REPORT_DUPLICATES) -> list[int]:
+    """The tasks whose pictures the page shows, in page order, each once: the head of the queue, then each
+    shown duplicate and its original. What a caller fetches thumbnails for."""
+    is_dup = ranking.reason == DUPLICATE
+    shown = ranking.task_ids[np.flatnonzero(~is_dup)[:head]].tolist()
+    for position in np.flatnonzero(is_dup)[:duplicates].tolist():
+        shown += [int(ranking.task_ids[position]), int(ranking.duplicate_of[position])]
+    return list(dict.fromkeys(int(task) for task in shown))
 
 
 def _picture(task: int, jpeg: bytes | None) -> str:

@@ -4,12 +4,14 @@ Manager's "Add Or Modify Data Field" action and tabs) that the ranking is writte
 
 from __future__ import annotations
 
+import io
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from backend.config import Settings
 from backend.ls_priority import TAB_TITLE
@@ -245,3 +247,79 @@ def test_the_detectors_uncertainty_moves_a_task_ahead_of_an_equal_one(
         assert sorted(ranks, key=lambda t: ranks[t][0]) == [2, 3, 4, 5, 6]
         assert {why for _, why in ranks.values()} == {"diverse"}
         assert len(listings()) == 1
+
+
+def colour(task: int) -> tuple[int, int, int]:
+    """A distinct solid colour per task (copies share their original's: the same bytes)."""
+    task = COPIES.get(task, task)
+    return ((task * 67) % 200 + 30, (task * 151) % 200 + 30, (task * 23) % 200 + 30)
+
+
+def test_the_html_report_shows_the_queue_and_the_duplicates_with_thumbnails_in_chromium(
+    redis_url: str, tmp_path: Path, fake_project: FakeProjectAPI
+) -> None:
+    from backend.ls_credentials import LabelStudioAccess
+    from backend.thumbnails import fetch_thumbnails
+    from tests.backend.conftest import png_bytes
+    from tests.browser import BrowserNotInstalled, Chromium, chromium_binary
+
+    try:
+        chromium_binary()
+    except BrowserNotInstalled as exc:
+        pytest.fail(str(exc), pytrace=False)
+    files = tmp_path / "files"
+    files.mkdir()
+    settings = Settings(
+        redis_url=redis_url, data_dir=tmp_path, label_studio_url=fake_project.url, local_files_document_root=files
+    )
+    fake_project.tasks.update({t: {"image": f"/data/local-files/?d=img{t}.png"} for t in range(1, TASKS + 1)})
+    fake_project.labeled.update(LABELED)
+    for task in range(1, TASKS + 1):
+        (files / f"img{task}.png").write_bytes(png_bytes(320, 240, colour(task)))  # 160x120 thumbnails
+    expected = expected_ranking(settings, *fill_store(settings))
+    missing = int(expected.task_ids[1])  # its image is gone: "no preview"
+    (files / f"img{missing}.png").unlink()
+
+    with TestClient(create_app(settings)) as client:
+        assert run(client, 1)["status"] == "done"
+        response = client.get("/v1/projects/1/priority", params={"format": "html"})
+    assert response.status_code == 200
+    assert response.headers["content-security-policy"].startswith("default-src 'none'; img-src data:")
+    page = tmp_path / "priority.html"
+    page.write_text(response.text)
+    with Chromium(tmp_path, width=1300, height=1600) as browser:
+        browser.open(page.as_uri())
+        head = browser.evaluate(
+            "Array.from(document.querySelectorAll('section.queue figure')).map(f => ({rank: Number(f.dataset.rank),"
+            " task: Number(f.querySelector('[data-task]').dataset.task), text: f.innerText,"
+            " img: (i => i && {complete: i.complete, width: i.naturalWidth, shown: i.getBoundingClientRect().width,"
+            " x: i.getBoundingClientRect().x, y: i.getBoundingClientRect().y})(f.querySelector('img'))}))"
+        )
+        pairs = browser.evaluate(
+            "Array.from(document.querySelectorAll('section.duplicates .pair')).map(p => ({"
+            " copy: Number(p.querySelector('figure.duplicate [data-task]').dataset.task),"
+            " original: Number(p.querySelector('figure.original [data-task]').dataset.task),"
+            " loaded: Array.from(p.querySelectorAll('img')).every(i => i.complete && i.naturalWidth > 0),"
+            " images: p.querySelectorAll('img').length}))"
+        )
+        shot = Image.open(io.BytesIO(browser.screenshot())).convert("RGB")
+
+    # The head of the queue, in rank order, each with its own picture but the one whose image is missing.
+    ranked = [int(t) for t, why in zip(expected.task_ids, expected.reason, strict=True) if why != "duplicate"]
+    assert [tile["task"] for tile in head] == ranked[: len(head)] and len(head) == min(60, len(ranked))
+    assert head[1]["task"] == missing and head[1]["img"] is None and "no preview" in head[1]["text"]
+    for tile in head[:1] + head[2:]:
+        assert tile["img"]["complete"] and tile["img"]["width"] == 160 and tile["img"]["shown"] > 100, tile
+    # Painted: the first tile shows its task's colour.
+    x, y = round(head[0]["img"]["x"]) + 30, round(head[0]["img"]["y"]) + 50  # inside the 160x120 picture
+    painted = np.asarray(shot, dtype=np.float32)[y : y + 40, x : x + 100].reshape(-1, 3).mean(axis=0)
+    assert np.abs(painted - np.array(colour(head[0]["task"]))).max() < 12, painted
+    # The pushed-back copies, each beside its labeled original, both pictures loaded.
+    assert {(p["copy"], p["original"]) for p in pairs} >= {(57, 1), (58, 2)}
+    for pair in pairs:
+        assert pair["loaded"] and pair["images"] == (1 if missing in (pair["copy"], pair["original"]) else 2), pair
+
+    # Bounded in time: with no time left, no image is fetched at all.
+    access = LabelStudioAccess(fake_project.url, None)
+    assert fetch_thumbnails(1, [4, 5], access, None, settings, budget_s=0) == {}
+    assert set(fetch_thumbnails(1, [4, 5], access, None, settings, budget_s=30)) == {4, 5}
