@@ -28,6 +28,7 @@ its own queue, and each is then run like a batch of its job alone.
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -138,11 +139,12 @@ def _refusal(check: Callable[[str], Any], spec: JobSpec) -> str | None:
 def enqueue_combined(
     queues: Queues, detect_job: BulkJob, detect_number: int, index_job: BulkJob, index_number: int, timeout: int
 ) -> None:
-    """Queue a detection batch and an embedding batch of the same tasks as one RQ job (marked unheld in
-    both jobs before it is visible, as ``enqueue_batch`` does)."""
-    detect_job.queued(detect_number)
-    index_job.queued(index_number)
-    rq_job = queues.combined.enqueue(
+    """Queue a detection batch and an embedding batch of the same tasks as one RQ job (marked unheld, with
+    the RQ job's id, in both jobs before it is visible, as ``enqueue_batch`` does)."""
+    rq_id = uuid.uuid4().hex
+    detect_job.queued(detect_number, rq_id)
+    index_job.queued(index_number, rq_id)
+    queues.combined.enqueue(
         run_combined_batch,
         detect_job.id,
         detect_number,
@@ -152,9 +154,8 @@ def enqueue_combined(
         result_ttl=RESULT_TTL,
         failure_ttl=JOB_TTL,
         description=f"job {detect_job.id} batch {detect_number} + job {index_job.id} batch {index_number}",
+        job_id=rq_id,
     )
-    detect_job.queued(detect_number, rq_job.id)
-    index_job.queued(index_number, rq_job.id)
 
 
 # --- running (any worker) ------------------------------------------------------------------------------------
@@ -167,6 +168,11 @@ def run_combined_batch(detect_id: str, detect_number: int, index_id: str, index_
     detect_job = BulkJob.fetch(runtime.connection, detect_id)
     index_job = BulkJob.fetch(runtime.connection, index_id)
     queues = Queues.on(runtime.connection)
+    for job, number in ((detect_job, detect_number), (index_job, index_number)):
+        # Held from the start, the part run here and the part handed on alike: a worker dying anywhere
+        # below has the reaper re-queue both (a hand-on marks its part unheld again).
+        if not job.is_final() and not job.batch_finished(number):
+            job.hold(number, runtime.name)
     if runtime.predictor is None:
         _hand_on(queues, detect_job, detect_number, runtime)
         return {"embedded": embed_batch(runtime, index_job, index_number), "detection": "handed on"}
@@ -175,7 +181,6 @@ def run_combined_batch(detect_id: str, detect_number: int, index_id: str, index_
         return {"detected": detect_batch(runtime, detect_job, detect_number), "embedding": "handed on"}
     shared = None
     if not index_job.is_final() and not index_job.batch_finished(index_number):
-        index_job.hold(index_number, runtime.name)  # held from now: a worker dying here has both parts re-queued
         tasks = index_job.batch_tasks(index_number)
         shared = SharedImages.for_batch(runtime.embedder, tasks, max_pixels=runtime.settings.image_max_pixels)
     failed: Exception | None = None

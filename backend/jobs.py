@@ -117,10 +117,11 @@ def request_plan_step(queues: Queues, job: BulkJob) -> bool:
 def enqueue_batch(queues: Queues, job: BulkJob, number: int, *, timeout: int, at_front: bool = False) -> Job:
     """Queue one batch (again, when its worker died); ``timeout`` bounds its run in seconds.
 
-    The batch is marked unheld *before* it is visible on the queue, so a worker that takes it at once
-    is never overwritten as "nobody".
+    The batch is marked unheld, with its RQ job's id, *before* it is visible on the queue, so a worker
+    that takes it at once is never overwritten as "nobody" (the reaper would not re-queue it).
     """
-    job.queued(number)
+    rq_id = uuid.uuid4().hex
+    job.queued(number, rq_id)
     if job.kind() == JobKind.INDEX:
         from backend.index_jobs import run_index_batch
 
@@ -136,8 +137,8 @@ def enqueue_batch(queues: Queues, job: BulkJob, number: int, *, timeout: int, at
         failure_ttl=7 * 24 * 3600,
         at_front=at_front,
         description=f"job {job.id} batch {number}",
+        job_id=rq_id,
     )
-    job.queued(number, rq_job.id)
     return rq_job
 
 
@@ -383,11 +384,12 @@ def cancel_queued(queues: Queues, job: BulkJob) -> int:
     if shared and partner is not None:
         theirs = set(partner.rq_jobs().values())
         ids = [i for i in ids if i not in theirs]
-    step = job.pending_plan_step()
+    leader = job.plan_leader()  # a paired detection job's plan steps are its index partner's
+    step = leader.pending_plan_step()
     if step.startswith("queued:") and not shared:
         ids.append(step.removeprefix("queued:"))
     fetch = Job.fetch_many(ids, connection=queues.bulk.connection, serializer=queues.bulk.serializer)
     cancelled = sum(cancel_if_queued(rq_job) for rq_job in fetch if rq_job is not None)
     if not shared:
-        job.end_plan_step()
+        leader.end_plan_step()
     return cancelled

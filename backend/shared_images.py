@@ -14,6 +14,7 @@ embedding batch itself.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import threading
 from collections.abc import Callable, Iterable, Mapping
@@ -72,7 +73,8 @@ class SharedImages:
                 data = fetcher.fetch(value, task_id=task_id)
                 image = decode_image(data, max_pixels=self.max_pixels)
             except (ImageFetchError, ImageDecodeError, MissingImage) as exc:
-                self._keep(task_id, exc)
+                # A copy: same type and reason, no traceback holding the fetched bytes until the batch ends
+                self._keep(task_id, copy.copy(exc))
                 raise
             if task_id in self.wanted:
                 hashes = ImageHashes(sha256_hex(data), pixel_hash(image), phash(image), image.width, image.height)

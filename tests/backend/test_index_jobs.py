@@ -296,7 +296,10 @@ def test_workers_with_one_model_each_do_their_part_of_a_combined_batch(
     assert (queues.combined.count, queues.bulk.count, queues.embed.count) == (0, 0, 0)
 
 
-def test_cancelling_one_job_of_the_pair_leaves_the_others_batches(settings: Settings, served: FakeProjectAPI) -> None:
+@pytest.mark.parametrize("first", ["job_id", "index_job_id"])
+def test_cancelling_one_job_of_the_pair_leaves_the_others_batches(
+    settings: Settings, served: FakeProjectAPI, first: str
+) -> None:
     queues = Queues.on(redis.Redis.from_url(settings.redis_url or ""))
     with TestClient(create_app(settings.model_copy(update={"index_new_tasks": True}))) as client:  # no worker
         client.post("/setup", json={"project": "1.1", "schema": CONFIG})
@@ -305,9 +308,9 @@ def test_cancelling_one_job_of_the_pair_leaves_the_others_batches(settings: Sett
         created = client.post("/webhook", headers={"X-Dinolabel-Secret": SECRET}, json=event).json()
         wait_for(lambda: queues.combined.count == 3, 60, "8 tasks in 3 combined batches")
         assert (queues.bulk.count, queues.embed.count) == (0, 0), "no batch queued twice"
-        detect = client.delete(f"/v1/jobs/{created['job_id']}").json()
-        assert detect["status"] == "cancelled"
-        assert queues.combined.count == 3, "the index job's part of each batch is still to run"
-        assert client.get(f"/v1/jobs/{created['index_job_id']}").json()["status"] == "running"
-        assert client.delete(f"/v1/jobs/{created['index_job_id']}").json()["status"] == "cancelled"
+        second = "index_job_id" if first == "job_id" else "job_id"
+        assert client.delete(f"/v1/jobs/{created[first]}").json()["status"] == "cancelled"
+        assert queues.combined.count == 3, "the other job's part of each batch is still to run"
+        assert client.get(f"/v1/jobs/{created[second]}").json()["status"] == "running"
+        assert client.delete(f"/v1/jobs/{created[second]}").json()["status"] == "cancelled"
         assert (queues.combined.count, queues.bulk.count, queues.embed.count, queues.index_plan.count) == (0, 0, 0, 0)
