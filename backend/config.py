@@ -102,6 +102,8 @@ class Settings(BaseSettings):
 
     # Search and duplicates (the read path of the index)
     search_max_k: int = Field(default=100, ge=1, le=2048)  # most results of one search (faiss GPU caps k at 2048)
+    index_cache_projects: int = Field(default=16, ge=1)  # projects whose index the API holds at once (LRU)
+    index_cache_bytes: int = Field(default=4 * 1024**3, ge=1)  # vector bytes the API holds at once (LRU)
 
     @field_validator(
         "basic_auth_user", "basic_auth_pass", "api_key", "detector_revision", "redis_url", "webhook_secret",

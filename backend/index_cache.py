@@ -11,12 +11,21 @@ readers never block its one writer.
 
 What changed since the last save is saved again every ``SAVE_EVERY`` changed rows and when the service
 stops; a saved index that is behind the store is caught up by the same ``changes_since`` on load.
+
+Memory is bounded: at most ``DINOLABEL_INDEX_CACHE_PROJECTS`` projects and ``DINOLABEL_INDEX_CACHE_BYTES``
+of vectors (``VectorIndex.nbytes``) are held; past either, the least recently searched projects are let
+go, and their next search loads them again (from the saved file, caught up with the store). The project
+just searched is always kept, even alone over the byte budget: answering needs it. An evicted index is
+not saved on the way out (that would make the evicting search wait for the write): the store has every
+change, and a reload catches up the at most ``SAVE_EVERY`` rows applied since the last save. Projects
+that have nothing to search hold no place.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,14 +51,17 @@ class _Entry:
     store: VectorStore | None = None
     index: VectorIndex | None = None
     unsaved: int = 0  # rows applied since the last save
+    nbytes: int = 0  # what the index held after its last use (VectorIndex.nbytes)
 
 
 class IndexCache:
-    """Per project: the read-only store and the up-to-date index (thread-safe; one lock per project)."""
+    """Per project: the read-only store and the up-to-date index (thread-safe; one lock per project),
+    for at most ``index_cache_projects`` projects and ``index_cache_bytes`` of vectors, least recently
+    used let go first."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._entries: dict[int, _Entry] = {}
+        self._entries: OrderedDict[int, _Entry] = OrderedDict()  # least recently used first
         self._lock = threading.Lock()
 
     @property
@@ -64,6 +76,15 @@ class IndexCache:
         """The project's store and its index brought up to date; ``NotIndexed`` when there is nothing to
         search (no store, or no vector of the current version)."""
         entry = self._entry(project)
+        try:
+            store, index = self._current(project, entry)
+        except NotIndexed:
+            self._forget(project, entry)  # a probe of unindexed projects must not push real indexes out
+            raise
+        self._evict(keep=project)
+        return store, index
+
+    def _current(self, project: int, entry: _Entry) -> tuple[VectorStore, VectorIndex]:
         version = self.version
         with entry.lock:
             if entry.store is None:
@@ -76,6 +97,12 @@ class IndexCache:
             store = entry.store
             if entry.index is None or entry.index.info.embedder != version:
                 entry.index, entry.unsaved = self._open(project, store, version), 0
+                if entry.index.nbytes > self.settings.index_cache_bytes:
+                    log.warning(
+                        "project %d: its index alone holds %d bytes, over DINOLABEL_INDEX_CACHE_BYTES (%d): it is "
+                        "kept while searched, and every other project is let go",
+                        project, entry.index.nbytes, self.settings.index_cache_bytes,
+                    )  # fmt: skip
             index = entry.index
             if store.seq != index.info.store_seq:  # every write moves seq: equal means nothing to catch up
                 changes = store.changes_since(index.info.store_seq, version)
@@ -89,7 +116,37 @@ class IndexCache:
                     f"project {project} has no vectors of the current embedder ({version}) yet: "
                     f"run `dinolabel index --project {project}`"
                 )
+            entry.nbytes = index.nbytes
             return store, index
+
+    def held(self) -> list[tuple[int, int]]:
+        """``(project, bytes)`` of each project held, least recently used first."""
+        with self._lock:
+            return [(project, entry.nbytes) for project, entry in self._entries.items()]
+
+    def _evict(self, *, keep: int) -> None:
+        """Let go of the least recently used projects (never ``keep``) until both budgets hold."""
+        limit, budget = self.settings.index_cache_projects, self.settings.index_cache_bytes
+        evicted: list[tuple[int, int]] = []
+        with self._lock:
+            total = sum(entry.nbytes for entry in self._entries.values())
+            for project in list(self._entries):
+                if len(self._entries) <= limit and total <= budget:
+                    break
+                if project == keep:
+                    continue
+                entry = self._entries.pop(project)
+                total -= entry.nbytes
+                evicted.append((project, entry.nbytes))
+        # The read-only stores are not closed here: a search in flight may still read one. Dropped, its
+        # SQLite connection closes with its last reference.
+        for project, nbytes in evicted:
+            log.info("project %d: index let go (%d bytes; least recently searched)", project, nbytes)
+
+    def _forget(self, project: int, entry: _Entry) -> None:
+        with self._lock:
+            if self._entries.get(project) is entry:
+                del self._entries[project]
 
     def _open(self, project: int, store: VectorStore, version: str) -> VectorIndex:
         """The saved index when it is this version's; else rebuilt from the store (and saved)."""
@@ -125,5 +182,8 @@ class IndexCache:
                     entry.store.close()
 
     def _entry(self, project: int) -> _Entry:
+        """The project's entry, made the most recently used."""
         with self._lock:
-            return self._entries.setdefault(project, _Entry())
+            entry = self._entries.setdefault(project, _Entry())
+            self._entries.move_to_end(project)
+            return entry

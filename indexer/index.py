@@ -162,6 +162,15 @@ class VectorIndex:
         return self.info.kind
 
     @property
+    def nbytes(self) -> int:
+        """Host memory its vectors take: vectors x (dimension x 4 + an 8-byte id), plus IVF centroids.
+
+        faiss's own bookkeeping (the id map's reverse table, list headers) comes on top; this is what a
+        cache of indexes budgets by (``backend.index_cache``).
+        """
+        return len(self) * (self.info.dim * 4 + 8) + (self.info.nlist or 0) * self.info.dim * 4
+
+    @property
     def on_gpu(self) -> bool:
         """Whether searches run on a GPU copy (then range searches still run on the CPU index)."""
         return self._use_gpu

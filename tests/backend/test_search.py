@@ -23,7 +23,7 @@ from PIL import Image
 from pydantic import SecretStr
 
 from backend.config import Settings
-from backend.index_cache import IndexCache
+from backend.index_cache import IndexCache, NotIndexed
 from backend.main import create_app
 from backend.project_vectors import embedder_version_of, open_store
 from indexer import StoredVector, VectorIndex, find_duplicates, image_hashes
@@ -379,6 +379,46 @@ def test_a_restarted_api_loads_the_saved_index_instead_of_rebuilding(
     _scores, ids = loaded.search(planted_vectors()[QUERY], 2)
     assert ids[0].tolist() == [QUERY, 102]
     second.close()
+
+
+def test_the_cache_holds_at_most_n_projects_and_m_bytes_and_reloads_what_it_let_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = Settings(data_dir=tmp_path / "data", index_cache_projects=2)
+    version = embedder_version_of(settings)
+    vectors = planted_vectors()
+    for project in (21, 22, 23):  # task ids tell the projects apart: 21xxx, 22xxx, 23xxx
+        with open_store(settings, project, writer=True) as store:
+            store.upsert([_record(project * 1000 + task, v, version) for task, v in vectors.items()])
+    one = len(vectors) * (DIM * 4 + 8)  # vectors x (dimension x 4 + an 8-byte id)
+
+    cache = IndexCache(settings)
+    cache.get(21), cache.get(22), cache.get(21)
+    assert cache.held() == [(22, one), (21, one)], "least recently used first"
+    cache.get(23)
+    assert [project for project, _ in cache.held()] == [21, 23], "22, the least recently used, let go"
+    with pytest.raises(NotIndexed):
+        cache.get(77)
+    assert [project for project, _ in cache.held()] == [21, 23], "a project with nothing to search takes no place"
+
+    def no_rebuild(*args: object, **kwargs: object) -> None:
+        raise AssertionError("an evicted index is loaded from its saved file, not rebuilt")
+
+    monkeypatch.setattr(VectorIndex, "from_store", no_rebuild)
+    with open_store(settings, 22, writer=True) as store:  # written while 22 was not held
+        store.delete([22101])
+    _, index = cache.get(22)  # loaded again and caught up with the store
+    assert [project for project, _ in cache.held()] == [23, 22]
+    _scores, ids = index.search(vectors[QUERY], 2)
+    assert ids[0].tolist() == [22000 + QUERY, 22102]
+    cache.close()
+
+    by_bytes = IndexCache(settings.model_copy(update={"index_cache_projects": 10, "index_cache_bytes": one * 3 // 2}))
+    by_bytes.get(21), by_bytes.get(23)
+    assert by_bytes.held() == [(23, one)], "two indexes would pass the byte budget"
+    tiny = IndexCache(settings.model_copy(update={"index_cache_bytes": one // 2}))
+    _, index = tiny.get(21)  # alone over the budget: still searched (and held while it is the latest)
+    assert tiny.get(21)[1] is index and tiny.held() == [(21, one)]
 
 
 # --- the command line ----------------------------------------------------------------------------------------
