@@ -6,7 +6,8 @@
 - ``preannotate``: pre-annotate a whole project through the API, with a progress bar.
 - ``index``: embed a whole project's images for search through the API, with a progress bar.
 - ``store-writer``: the one writer of the projects' vector stores, alone (``serve`` runs it by default).
-- ``register-webhook``: make Label Studio send ``TASKS_CREATED`` to us, with our shared secret.
+- ``register-webhook``: make Label Studio send ``TASKS_CREATED`` and ``TASKS_DELETED`` to us, with our
+  shared secret.
 - ``prioritize``: rank a project's unlabeled tasks into Label Studio through the API, with progress.
 - ``unprioritize``: remove our ranking from a project (backend/ls_priority.py: the tab, the fields).
 - ``similar``: the tasks most similar to one task, through the API.
@@ -319,12 +320,13 @@ def _label_studio_access(args: argparse.Namespace, settings: Settings) -> tuple[
 
 def _register_webhook(args: argparse.Namespace) -> int:
     from backend.ls_client import LabelStudioClient, LabelStudioError
+    from backend.routes.ls import SECRET_HEADER, WEBHOOK_ACTIONS
 
     settings = _settings()
     if settings.webhook_secret is None:
         print(
             "register-webhook needs DINOLABEL_WEBHOOK_SECRET (the same as the backend's): /webhook refuses "
-            "TASKS_CREATED without it",
+            "TASKS_CREATED and TASKS_DELETED without it",
             file=sys.stderr,
         )
         return 2
@@ -332,19 +334,28 @@ def _register_webhook(args: argparse.Namespace) -> int:
     if access is None:
         return 2
     secret = settings.webhook_secret.get_secret_value()
+    headers = {SECRET_HEADER: secret}
     target = args.backend_url.rstrip("/") + "/webhook"
     try:
         with LabelStudioClient(*access) as client:
-            if any(h.get("url") == target and "TASKS_CREATED" in (h.get("actions") or []) for h in
-                   client.webhooks(args.project)):  # fmt: skip
-                print(f"project {args.project} already sends TASKS_CREATED to {target}")
+            # Only active hooks that carry our secret count: without it /webhook refuses these events.
+            sent = {
+                action
+                for hook in client.webhooks(args.project)
+                if hook.get("url") == target
+                and hook.get("is_active", True)
+                and (hook.get("headers") or {}).get(SECRET_HEADER) == secret
+                for action in hook.get("actions") or []
+            }
+            missing = [action for action in WEBHOOK_ACTIONS if action not in sent]
+            if not missing:
+                print(f"project {args.project} already sends {' and '.join(WEBHOOK_ACTIONS)} to {target}")
                 return 0
-            headers = {"X-Dinolabel-Secret": secret}
-            hook = client.create_webhook(args.project, target, headers=headers, actions=["TASKS_CREATED"])
+            hook = client.create_webhook(args.project, target, headers=headers, actions=missing)
     except LabelStudioError as exc:
         print(f"register-webhook: {exc}", file=sys.stderr)
         return 1
-    print(f"webhook {hook.get('id')}: project {args.project} sends TASKS_CREATED to {target}")
+    print(f"webhook {hook.get('id')}: project {args.project} sends {' and '.join(missing)} to {target}")
     return 0
 
 
@@ -488,7 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
     _api_options(idx)
     idx.set_defaults(run=_index)
 
-    hook = commands.add_parser("register-webhook", help="make Label Studio send TASKS_CREATED to this backend")
+    hook = commands.add_parser(
+        "register-webhook", help="make Label Studio send TASKS_CREATED and TASKS_DELETED to this backend"
+    )
     hook.add_argument("--project", type=int, required=True, help="Label Studio project id")
     hook.add_argument("--backend-url", required=True, help="this backend as Label Studio reaches it")
     hook.add_argument("--label-studio-url", help="default DINOLABEL_LABEL_STUDIO_URL")

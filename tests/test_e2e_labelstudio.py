@@ -270,7 +270,8 @@ def test_tasks_created_webhook_preannotates_new_tasks(
     )  # fmt: skip
     assert registered.returncode == 0, registered.stdout + registered.stderr
     (hook,) = [h for h in api.webhooks(project) if h["url"] == f"{cluster.api_url}/webhook"]
-    assert hook["actions"] == ["TASKS_CREATED"] and hook["headers"] == {"X-Dinolabel-Secret": SECRET}
+    assert sorted(hook["actions"]) == ["TASKS_CREATED", "TASKS_DELETED"]
+    assert hook["headers"] == {"X-Dinolabel-Secret": SECRET}
 
     ids = api.import_tasks(project, local_images(server, api, project, 5))
     stored = wait_for(

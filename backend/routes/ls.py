@@ -73,6 +73,8 @@ router = APIRouter(tags=["label-studio"], route_class=StrictJSONRoute)
 
 MODEL_CLASS = "GroundingDINO"
 SECRET_HEADER = "X-Dinolabel-Secret"
+WEBHOOK_ACTIONS = ("TASKS_CREATED", "TASKS_DELETED")
+"""The webhook events acted on (``dinolabel register-webhook`` registers these); others are acknowledged."""
 ANONYMOUS_WEBHOOK_BYTES = 1024 * 1024
 """Most bytes read from a webhook without the secret or credentials: enough for Label Studio's other
 events (an annotation with its task and project), which are only acknowledged."""
@@ -336,7 +338,7 @@ async def webhook(
     except json.JSONDecodeError as exc:  # strict JSON: see backend/json_body.py
         raise HTTPException(status_code=400, detail=f"the webhook body is not JSON: {exc.msg}") from exc
     action = _validated(WebhookEvent, payload).action
-    if action not in ("TASKS_CREATED", "TASKS_DELETED"):
+    if action not in WEBHOOK_ACTIONS:
         return WebhookResponse(status="ignored", action=action)
     if not authorised:
         raise HTTPException(

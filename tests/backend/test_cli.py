@@ -6,10 +6,14 @@ mid-job, or a small local server answering what a proxy in front of it might.
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -119,3 +123,75 @@ def test_http_errors_are_said_in_one_line_without_the_page(proxy: _FakeServer, p
     out, err = cli.communicate(timeout=60)
     assert cli.returncode == 3
     assert (out, err) == ("", f"dinolabel preannotate: {message}\n")
+
+
+# --- register-webhook ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Hooks(_FakeServer):
+    """Label Studio's webhooks API (``GET``/``POST /api/webhooks``): the hooks it holds, and the ones posted."""
+
+    hooks: list[dict[str, Any]] = field(default_factory=list)
+    posted: list[dict[str, Any]] = field(default_factory=list)
+
+
+class _HooksHandler(_Handler):
+    server: object
+
+    def do_GET(self) -> None:
+        state: _Hooks = self.server.state  # type: ignore[attr-defined]
+        state.record(self)
+        self.answer(200, json.dumps(state.hooks).encode())
+
+    def do_POST(self) -> None:
+        state: _Hooks = self.server.state  # type: ignore[attr-defined]
+        state.record(self)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        hook = {**body, "id": len(state.hooks) + 1}
+        state.posted.append(body)
+        state.hooks.append(hook)
+        self.answer(201, json.dumps(hook).encode())
+
+
+def test_register_webhook_adds_only_the_events_no_hook_with_the_secret_sends_yet() -> None:
+    target = "http://backend:9090/webhook"
+    state = _Hooks(
+        hooks=[
+            # Registered by an older version: TASKS_CREATED only, with the secret.
+            {"id": 1, "url": target, "actions": ["TASKS_CREATED"], "headers": {"X-Dinolabel-Secret": "s3"}},
+            # Without the secret (made in Label Studio's UI): /webhook would refuse its TASKS_DELETED.
+            {"id": 2, "url": target, "actions": ["TASKS_DELETED"], "headers": {}},
+            # With the secret, but switched off in Label Studio.
+            {
+                "id": 3,
+                "url": target,
+                "actions": ["TASKS_DELETED"],
+                "headers": {"X-Dinolabel-Secret": "s3"},
+                "is_active": False,
+            },
+        ]
+    )
+    env = {**os.environ, "DINOLABEL_WEBHOOK_SECRET": "s3"}
+
+    def register() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [DINOLABEL, "register-webhook", "--project", "4", "--backend-url", "http://backend:9090/",
+             "--label-studio-url", state.url, "--api-key", "legacy-token-0123456789"],
+            capture_output=True, text=True, timeout=60, env=env,
+        )  # fmt: skip
+
+    with _serve(_HooksHandler, state):
+        first = register()
+        assert first.returncode == 0, first.stderr
+        assert state.posted == [
+            {"project": 4, "url": target, "send_payload": True, "send_for_all_actions": False,
+             "headers": {"X-Dinolabel-Secret": "s3"}, "actions": ["TASKS_DELETED"], "is_active": True}
+        ]  # fmt: skip
+        assert first.stdout == f"webhook 4: project 4 sends TASKS_DELETED to {target}\n"
+        again = register()
+        assert again.returncode == 0, again.stderr
+        assert again.stdout == f"project 4 already sends TASKS_CREATED and TASKS_DELETED to {target}\n"
+        assert len(state.posted) == 1
+    (listing, *_) = state.seen("/api/webhooks")
+    assert listing.query == {"project": ["4"]} and listing.authorization == "Token legacy-token-0123456789"
