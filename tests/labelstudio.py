@@ -387,6 +387,23 @@ class LabelStudioAPI:
     def create_annotation(self, task_id: int, result: list[dict[str, Any]], **fields: Any) -> dict[str, Any]:
         return self.request("POST", f"/api/tasks/{task_id}/annotations", json={"result": result, **fields})
 
+    def update_task(self, task_id: int, data: dict[str, Any]) -> dict[str, Any]:
+        """PATCH /api/tasks/{id} with new data (Label Studio 1.23 has no webhook event for a changed task)."""
+        return self.request("PATCH", f"/api/tasks/{task_id}", json={"data": data})
+
+    def delete_task(self, task_id: int) -> None:
+        """DELETE /api/tasks/{id}; sends ``TASKS_DELETED`` (``tasks: [{"id": ...}]`` and the project)."""
+        self.request("DELETE", f"/api/tasks/{task_id}", expected=(204,))
+
+    def delete_tasks(self, project_id: int, task_ids: Sequence[int]) -> dict[str, Any]:
+        """Data Manager action "Delete tasks"; sends ``TASKS_DELETED`` with the ids and the project."""
+        return self.request(
+            "POST",
+            "/api/dm/actions",
+            params={"id": "delete_tasks", "project": project_id},
+            json={"selectedItems": {"all": False, "included": list(task_ids)}},
+        )
+
     # -- local-files storage
 
     def add_local_storage(
