@@ -83,6 +83,10 @@ class Settings(BaseSettings):
     image_max_pixels: int = Field(default=100_000_000, gt=0)
     image_download_threads: int = Field(default=8, ge=1)
     image_preprocess_threads: int | None = Field(default=None, ge=1)  # None: one per usable core
+    # Decode + preprocess in this many processes (0: on threads). None: on a GPU, one per preprocessing
+    # thread up to the download threads (the thread feeding the GPU then shares its process with no pixel
+    # work); 0 on the CPU.
+    image_preprocess_processes: int | None = Field(default=None, ge=0)
     image_draft_decode: bool = False  # JPEGs >= 2x the model input decoded at 1/2-1/8 scale (faster, not exact)
 
     # Indexer: the DINOv2 embedder the workers run, and where each project's vectors live

@@ -1,9 +1,10 @@
 """One prediction round: tasks in, one Label Studio prediction per task out, in the same order.
 
-Tasks go through ``model.pipeline``: images are fetched and decoded on threads, preprocessed on as many
-threads as there are cores, batched by size and fed to the model while the next ones are prepared, so
-a GPU does not wait for the CPU. A task whose image cannot be fetched or decoded fails alone (empty
-prediction, reason logged and returned) and the others are still served.
+Tasks go through ``model.pipeline``: images are fetched on threads, decoded and preprocessed on as many
+threads as there are cores (or in worker processes: ``preprocess_processes``), batched by size and fed
+to the model while the next ones are prepared, so a GPU does not wait for the CPU. A task whose image
+cannot be fetched or decoded fails alone (empty prediction, reason logged and returned) and the others
+are still served.
 
 Nothing here waits without an end: an image is waited for at most as long as the fetcher may take
 (plus decoding), and a call given a ``deadline`` stops at it. RQ's job time-out cannot interrupt a
@@ -27,7 +28,7 @@ from backend.image_source import ImageFetcher, ImageFetchError
 from backend.labeling import LabelTarget, match_label, typed_prompt
 from backend.results import prediction, region
 from model import Detection, DetectionParams, GroundingDinoDetector
-from model.images import ImageDecodeError, decode_image
+from model.images import DecodeThen, ImageDecodeError
 from model.pipeline import DEADLINE_PASSED as PIPELINE_DEADLINE_PASSED
 from model.pipeline import Failed, Pipeline, PipelineStats, Stages
 
@@ -79,16 +80,25 @@ class Predictor:
         max_pixels: int = 100_000_000,
         download_threads: int = 8,
         preprocess_threads: int | None = None,
+        preprocess_processes: int = 0,
         draft_decode: bool = False,
     ) -> None:
-        """``preprocess_threads`` defaults to one per usable core. ``draft_decode``: decode large JPEGs
-        at a reduced scale that still covers the model's input (``model.images.decode_image``)."""
+        """``preprocess_threads`` defaults to one per usable core; ``preprocess_processes`` above 0 decodes
+        and preprocesses in that many processes instead (``model.preprocess_pool``). ``draft_decode``:
+        decode large JPEGs at a reduced scale that still covers the model's input
+        (``model.images.decode_image``)."""
         self.detector = detector
         self.batch_size = batch_size
         self.max_pixels = max_pixels
-        self.decode_size = detector.input_size if draft_decode else None
-        # Kept for the predictor's life: threads per call would start on every request.
-        self.pipeline = Pipeline(detector.device, load_threads=download_threads, preprocess_threads=preprocess_threads)
+        # The preprocessor's method, not the detector's: it travels to the preprocessing processes.
+        self.decode_size = detector.preprocessor.input_size if draft_decode else None
+        # Kept for the predictor's life: threads or processes per call would start on every request.
+        self.pipeline = Pipeline(
+            detector.device,
+            load_threads=download_threads,
+            preprocess_threads=preprocess_threads,
+            preprocess_processes=preprocess_processes,
+        )
         self._turns = ModelTurns()
 
     def predict(
@@ -116,18 +126,19 @@ class Predictor:
         the embedder needs of it on the way); it raises what the fetch and decode raise.
         """
         prompt = _prompt_for(target, context)
-        stages = self._stages(prompt, params, interactive)
+        stages = self._stages(prompt, params, interactive, decode=load is None)
         results: list[Any] = [None] * len(tasks)
         stats = stats if stats is not None else PipelineStats()
         for index, result in self.pipeline.run(
             tasks,
-            load or (lambda task: self._load_image(task, target, fetcher)),
+            load or (lambda task: self._fetch(task, target, fetcher)),
             stages,
             batch_size=self.batch_size,
             item_errors=(ImageFetchError, ImageDecodeError, MissingImage),
             item_timeout=fetcher.total_timeout + DECODE_MARGIN_S,
             deadline=deadline,
             stats=stats,
+            in_processes=load is None,  # images that ``load`` decoded stay here: pixels cost more to ship
         ):
             results[index] = result
         log.debug("pipeline: %s", stats.as_dict())
@@ -149,11 +160,15 @@ class Predictor:
         return outcome
 
     def _stages(
-        self, prompt: _Prompt, params: DetectionParams, interactive: bool
-    ) -> Stages[Image.Image, Size, tuple[Detections, Size]]:
-        """The detector's stages, with one forward pass at a time (interactive ones first) and each
-        image's size kept with its boxes (regions are percentages of it)."""
+        self, prompt: _Prompt, params: DetectionParams, interactive: bool, *, decode: bool
+    ) -> Stages[Any, Size, tuple[Detections, Size]]:
+        """The detector's stages, decoding first when the loads only fetch bytes (``decode``), with one
+        forward pass at a time (interactive ones first) and each image's size kept with its boxes
+        (regions are percentages of it)."""
         stages = self.detector.stages(prompt.phrases, params, groups=prompt.groups)
+        preprocess: Any = stages.preprocess
+        if decode:
+            preprocess = DecodeThen(stages.preprocess, max_pixels=self.max_pixels, decode_size=self.decode_size)
 
         def forward(pixels: torch.Tensor) -> Any:
             with self._turns.turn(interactive=interactive):
@@ -162,14 +177,13 @@ class Predictor:
         def postprocess(outputs: Any, sizes: Sequence[Size]) -> list[tuple[Detections, Size]]:
             return list(zip(stages.postprocess(outputs, sizes), sizes, strict=True))
 
-        return dataclasses.replace(stages, forward=forward, postprocess=postprocess)
+        return dataclasses.replace(stages, preprocess=preprocess, forward=forward, postprocess=postprocess)
 
-    def _load_image(self, task: Mapping[str, Any], target: LabelTarget, fetcher: ImageFetcher) -> Image.Image:
+    def _fetch(self, task: Mapping[str, Any], target: LabelTarget, fetcher: ImageFetcher) -> bytes:
         value = (task.get("data") or {}).get(target.value_key)
         if not isinstance(value, str) or not value:
             raise MissingImage(f"task data has no image under {target.value_key!r}")
-        data = fetcher.fetch(value, task_id=task.get("id"))
-        return decode_image(data, max_pixels=self.max_pixels, decode_size=self.decode_size)
+        return fetcher.fetch(value, task_id=task.get("id"))
 
 
 class ModelTurns:

@@ -49,6 +49,7 @@ from backend.state import ProjectStore
 from backend.writer import Writer
 from indexer.store import STORE_FILE, VectorStore, project_dir
 from model import DinoV2Embedder, create_detector, create_embedder
+from model.devices import usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -285,12 +286,18 @@ def load_predictor(settings: Settings) -> Predictor:
     )
     # Batches pay off on GPUs; on the CPU a batch of 4 was ~13% slower per image than 1 (bench/).
     default_batch = 8 if detector.device.type == "cuda" else 1
+    processes = settings.image_preprocess_processes
+    if processes is None:  # on the CPU the model's forward uses every core: threads, no extra processes
+        # One per core, but no more than the download threads that feed them (each waits for its child).
+        cores = settings.image_preprocess_threads or usable_cores()
+        processes = min(cores, settings.image_download_threads) if detector.device.type == "cuda" else 0
     return Predictor(
         detector,
         batch_size=settings.batch_size or default_batch,
         max_pixels=settings.image_max_pixels,
         download_threads=settings.image_download_threads,
         preprocess_threads=settings.image_preprocess_threads,
+        preprocess_processes=processes,
         draft_decode=settings.image_draft_decode,
     )
 

@@ -11,8 +11,11 @@ the machine it runs on:
    ``GroundingDinoDetector.detect`` (every step on one thread, one after the other) and through
    ``model.pipeline`` (what the service runs: preprocessing on one thread per core, batches stacked
    in pinned memory while the device runs, postprocessing on its own thread); and the pipeline from
-   the JPEG bytes (decoding and EXIF included, on the load threads), exactly and with draft decoding
-   (``DINOLABEL_IMAGE_DRAFT_DECODE``: JPEGs twice the model input or more decoded at 1/2-1/8 scale).
+   the JPEG bytes (decoding and EXIF included, beside the resize), exactly and with draft decoding
+   (``DINOLABEL_IMAGE_DRAFT_DECODE``: JPEGs twice the model input or more decoded at 1/2-1/8 scale),
+   and from the bytes with decoding and preprocessing in worker processes (``pipeline_jpeg_procs``,
+   ``DINOLABEL_IMAGE_PREPROCESS_PROCESSES``: the thread feeding the GPU shares its process with no
+   pixel work).
    Preprocessing is ``GroundingDinoDetector.preprocess`` (the processor's resize and normalise on a
    channels-last view). Efficiency = end-to-end images/s / pure-forward images/s at the same batch
    size and precision; then draft decoding against the exact decode, boxes matched as in 3;
@@ -65,9 +68,9 @@ from PIL import Image
 
 from bench.common import ensure_random_checkpoint, machine_info, positive_ints, synthetic_jpeg, write_report
 from model import Detection, DetectionParams, GroundingDinoDetector, create_detector
-from model.devices import resolve_device
-from model.images import decode_image, display_size
-from model.pipeline import Pipeline, PipelineStats
+from model.devices import resolve_device, usable_cores
+from model.images import DecodeThen, decode_image, display_size
+from model.pipeline import Pipeline, PipelineStats, Stages
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,7 +83,7 @@ BOX_THRESHOLD = 0.8
 PARAMS = DetectionParams(box_threshold=BOX_THRESHOLD, text_threshold=0.25)
 MATCH_IOU = 0.5
 """Two boxes of one phrase in two precisions are the same box when their IoU reaches this."""
-END_TO_END = ("detect", "pipeline", "pipeline_jpeg", "pipeline_jpeg_draft")
+END_TO_END = ("detect", "pipeline", "pipeline_jpeg", "pipeline_jpeg_draft", "pipeline_jpeg_procs")
 LOAD_THREADS = 8
 """The service's default ``DINOLABEL_IMAGE_DOWNLOAD_THREADS``; preprocessing takes one thread per core."""
 MAX_PIXELS = 100_000_000
@@ -233,12 +236,16 @@ def end_to_end_pipeline(
     draft: bool = False,
 ) -> dict[str, Any]:
     """The service's path: ``model.pipeline`` over decoded images, or over JPEG bytes (``decode``), these
-    with draft decoding (``draft``, ``DINOLABEL_IMAGE_DRAFT_DECODE=true``) or not."""
+    with draft decoding (``draft``, ``DINOLABEL_IMAGE_DRAFT_DECODE=true``) or not. The bytes are decoded
+    as the service does it, in the preprocessing step (on threads, or in the pipeline's processes)."""
     stages = detector.stages(PHRASES, PARAMS)
-    decode_size = detector.input_size if draft else None
+    decode_size = detector.preprocessor.input_size if draft else None
+    if decode:
+        step = DecodeThen(stages.preprocess, max_pixels=MAX_PIXELS, decode_size=decode_size)
+        stages = Stages(step, stages.forward, stages.postprocess)
 
-    def load(item: Any) -> Image.Image:
-        return decode_image(item, max_pixels=MAX_PIXELS, decode_size=decode_size) if decode else item
+    def load(item: Any) -> Any:
+        return item
 
     def run(items: list[Any], stats: PipelineStats | None = None) -> list[Any]:
         return [result for _, result in pipeline.run(items, load, stages, batch_size=batch, stats=stats)]
@@ -498,6 +505,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--draft-drift-only", action="store_true", help="only draft decoding against exact (runs on a CPU too)"
     )
+    parser.add_argument(
+        "--processes", type=int, help="preprocessing processes of pipeline_jpeg_procs (default: cores, at most 8)"
+    )
     parser.add_argument("--budget-s", type=float, default=390.0, help="cells that would start later are skipped")
     default_out = Path(os.environ["OUT"]) / "gpu_detector.json" if os.environ.get("OUT") else None
     parser.add_argument("--out", type=Path, default=default_out or REPO / "bench" / "out" / "gpu_detector.json")
@@ -551,6 +561,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"test images give several processed sizes {sizes}: they would not batch together")
 
     pipeline = Pipeline(device, load_threads=LOAD_THREADS)
+    processes = args.processes or min(usable_cores(), LOAD_THREADS)
+    in_processes = Pipeline(device, load_threads=LOAD_THREADS, preprocess_processes=processes)
     jpegs = cycle(files, plan.images)
     rows: list[dict[str, Any]] = []
     for precision in plan.precisions:
@@ -573,6 +585,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 15,
                 lambda batch=batch: end_to_end_pipeline(detector, pipeline, jpegs, batch, decode=True, draft=True),
             )
+            row["pipeline_jpeg_procs"] = guarded(
+                budget,
+                15,
+                lambda batch=batch: end_to_end_pipeline(detector, in_processes, jpegs, batch, decode=True),
+            )
             fwd = row["forward"].get("images_per_s")
             for name in END_TO_END:
                 rate = row[name].get("images_per_s")
@@ -589,6 +606,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 flush=True,
             )
     pipeline.close()
+    in_processes.close()
     detector.precision = "fp32"
     drift_pictures = cycle(pictures, plan.drift_images)
     drift_report = guarded(
@@ -604,6 +622,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "processed_size": list(next(iter(sizes))),
         "image_specs": [list(s) for s in plan.specs],
         "images_per_cell": plan.images,
+        "preprocess_processes": processes,
         "machine": facts(device, detector),
         "results": rows,
         "drift": drift_report,

@@ -15,10 +15,12 @@ from a loopback HTTP server (another process) or from local files (Label Studio'
 and decoded by ``model.images``. The pipeline's preprocessing threads use one torch thread per core
 each, as on a GPU.
 
-Three paths, measured in the same run on the same tasks: *today* (the pipeline with the processor called
-as it was before this change, ``processor(images=[image])``), *exact* (``GroundingDinoDetector.preprocess``:
-the processor's resize and normalise on a channels-last view, the same tensor bit for bit) and *draft*
-(exact, plus draft JPEG decoding: ``DINOLABEL_IMAGE_DRAFT_DECODE=true``).
+Four paths, measured in the same run on the same tasks: *today* (the pipeline with the processor called
+as it was before, ``processor(images=[image])``), *exact* (``GroundingDinoDetector.preprocess``:
+the processor's resize and normalise on a channels-last view, the same tensor bit for bit), *procs*
+(exact, with decoding and preprocessing in ``--processes`` worker processes:
+``DINOLABEL_IMAGE_PREPROCESS_PROCESSES``) and *draft* (exact, plus draft JPEG decoding:
+``DINOLABEL_IMAGE_DRAFT_DECODE=true``). CPU seconds per image count the preprocessing processes too.
 
 Efficiency = end-to-end images/s / the fake device's rate (1.0: the device never waited). A run with
 a device that takes no time gives the CPU side's own ceiling, and the per-stage CPU cost (one image at
@@ -28,6 +30,7 @@ image`` cores.
 Run from the repository root (about 5-10 minutes on 2 cores)::
 
     .venv/bin/python bench/pipeline_efficiency.py [--rates 30,100] [--batch 8] [--sets small,medium,large,mixed]
+        [--paths today,exact,procs,draft] [--processes 2]
 """
 
 from __future__ import annotations
@@ -49,7 +52,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import httpx
 import torch
-from PIL import Image
 from transformers import AutoProcessor
 
 from backend.image_source import ImageFetcher
@@ -63,10 +65,13 @@ from bench.common import (
     positive_ints,
     process_cpu_seconds,
     synthetic_jpeg,
+    tree_cpu_seconds,
     write_report,
 )
 from model import DetectionParams, GroundingDinoDetector
-from model.images import Size, decode_image, display_size
+from model.devices import usable_cores
+from model.grounding_dino import GroundingDinoPreprocess
+from model.images import decode_image
 from model.pipeline import PipelineStats
 from tests.labelstudio import free_port
 
@@ -163,14 +168,6 @@ class FakeGroundingDino(torch.nn.Module):
         )
 
 
-class ProcessorDetector(GroundingDinoDetector):
-    """Today's preprocessing: the whole processor on the PIL image (it copies to channels-first first)."""
-
-    def preprocess(self, image: Image.Image) -> tuple[torch.Tensor, Size]:
-        pixels = self.processor.image_processor(images=[image], return_tensors="pt", do_pad=False)["pixel_values"]
-        return pixels, display_size(image)
-
-
 # --- inputs -----------------------------------------------------------------------------------------------
 
 
@@ -224,7 +221,7 @@ class Setup:
     batch: int
 
 
-PATHS = ("today", "exact", "draft")
+PATHS = ("today", "exact", "procs", "draft")
 
 
 def predict(
@@ -240,13 +237,18 @@ def timed(setup: Setup, path: str, tasks: list[dict[str, Any]], fetcher: ImageFe
     """One path over the tasks after a warm-up of one batch; images/s, CPU seconds and other load."""
     predict(setup, path, tasks[: setup.batch], fetcher, PipelineStats())
     stats = PipelineStats()
-    meter = OtherLoad(process_cpu_seconds)
-    cpu = time.process_time()
+    pipeline = setup.predictors[path].pipeline
+
+    def ours() -> float:  # this process and its preprocessing processes (not the image server)
+        return process_cpu_seconds() + sum(tree_cpu_seconds(pid) for pid in pipeline.preprocess_pids())
+
+    meter = OtherLoad(ours)
+    cpu = ours()
     setup.fake.images, setup.fake.launch_s = 0, 0.0
     started = time.perf_counter()
     done = predict(setup, path, tasks, fetcher, stats)
     seconds = time.perf_counter() - started
-    cpu = time.process_time() - cpu
+    cpu = ours() - cpu
     if done != len(tasks):
         raise RuntimeError(f"{path}: {done} results for {len(tasks)} tasks")
     row: dict[str, Any] = {
@@ -302,12 +304,14 @@ def stage_costs(setup: Setup, path: str, tasks: list[dict[str, Any]], fetcher: I
 # --- run --------------------------------------------------------------------------------------------------
 
 
-def make_setup(checkpoint: Path, batch: int, launch_share: float) -> Setup:
+def make_setup(checkpoint: Path, batch: int, launch_share: float, paths: Sequence[str], processes: int) -> Setup:
     processor = AutoProcessor.from_pretrained(checkpoint)  # the real processor settings (800/1333)
     fake = FakeGroundingDino(0.0)
     fake.launch_share = launch_share
     fake.calibrate()
-    today = ProcessorDetector(fake, processor, device=torch.device("cpu"))
+    today = GroundingDinoDetector(fake, processor, device=torch.device("cpu"))
+    # Today's preprocessing: the whole processor on the PIL image (it copies to channels-first first).
+    today.preprocessor = GroundingDinoPreprocess(processor.image_processor, fast=False)
     new = GroundingDinoDetector(fake, processor, device=torch.device("cpu"))
     predictors = {
         path: Predictor(
@@ -315,9 +319,10 @@ def make_setup(checkpoint: Path, batch: int, launch_share: float) -> Setup:
             batch_size=batch,
             max_pixels=MAX_PIXELS,
             download_threads=DOWNLOAD_THREADS,
+            preprocess_processes=processes if path == "procs" else 0,
             draft_decode=path == "draft",
         )
-        for path in PATHS
+        for path in paths
     }
     for predictor in predictors.values():
         # As on a GPU (model.pipeline's rule there): the cores shared among the images preprocessed at once.
@@ -347,6 +352,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--launch-share", type=float, default=LAUNCH_SHARE, help="share of the device's time launching (GIL held)"
     )
+    parser.add_argument(
+        "--processes", type=int, default=usable_cores(), help="preprocessing processes of the procs path (cores)"
+    )
     parser.add_argument("--cache", type=Path, default=REPO / "bench" / "out" / "cache")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "pipeline_efficiency.json")
     return parser.parse_args(argv)
@@ -358,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sets = args.sets.split(",")
     sources = args.sources.split(",")
     paths = args.paths.split(",")
-    setup = make_setup(ensure_random_checkpoint(args.cache), args.batch, args.launch_share)
+    setup = make_setup(ensure_random_checkpoint(args.cache), args.batch, args.launch_share, paths, args.processes)
     info = {**machine_info(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
     print(
         f"pipeline_efficiency cpu={info['cpu_model']!r} cores={info['cpu_cores_usable']} batch={args.batch} "
@@ -407,6 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "batch": args.batch,
         "rates": args.rates,
         "launch_share": args.launch_share,
+        "preprocess_processes": args.processes,
         "launch_passes_per_s_alone": round(setup.fake.launches_per_s),
         "paths": paths,
         "sets": {name: [list(spec) for spec in SETS[name]] for name in sets},

@@ -28,10 +28,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +38,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model.devices import autocast, resolve_device
+from model.devices import autocast, resolve_device, usable_cores
 from model.pipeline import Failed, Pipeline, Stages
 
 __all__ = [
@@ -105,11 +104,12 @@ class DinoV2Embedder:
         # input_size explicitly: the pretrained config keeps the 518 px it was trained at.
         self.data_config = resolve_data_config({"input_size": (3, image_size, image_size)}, model=model)
         self.transform = create_transform(**self.data_config, is_training=False)
+        self.preprocessor = EmbedderPreprocess(self.transform)
         # Kept for the embedder's life: threads per call would start on every call. The images are
         # already decoded, so a load thread is a preprocessing thread: as many of one as of the other.
         self.pipeline = Pipeline(
             device,
-            load_threads=preprocess_threads or _usable_cores(),
+            load_threads=preprocess_threads or usable_cores(),
             preprocess_threads=preprocess_threads,
         )
         self._model_lock = threading.Lock()
@@ -119,7 +119,7 @@ class DinoV2Embedder:
 
         Touches no model state, so it may run on many threads at once (the pipeline's preprocessing).
         """
-        return self.transform(image if image.mode == "RGB" else image.convert("RGB")).unsqueeze(0)
+        return self.preprocessor(image)[0]
 
     def input_size(self, size: tuple[int, int]) -> tuple[int, int]:
         """The (width, height) the resize makes of an image of ``size`` before the centre crop.
@@ -157,7 +157,7 @@ class DinoV2Embedder:
                 return self._features(pixels)
 
         return Stages(
-            preprocess=lambda image: (self.preprocess_image(image), None),
+            preprocess=self.preprocessor,  # not a method of the embedder: it is pickled for processes
             forward=forward,
             postprocess=lambda features, _: list(features.numpy()),
         )
@@ -303,13 +303,22 @@ def _folder_fingerprint(folder: Path) -> str:
     return digest.hexdigest()
 
 
+class EmbedderPreprocess:
+    """timm's eval transform for one image, as a pipeline stage: ``(tensor (1, 3, size, size), None)``.
+
+    Holds the transform only, so that a pipeline can pickle it for its preprocessing processes.
+    """
+
+    def __init__(self, transform: Callable[[Image.Image], torch.Tensor]) -> None:
+        self.transform = transform
+
+    def __call__(self, image: Image.Image) -> tuple[torch.Tensor, None]:
+        return self.transform(image if image.mode == "RGB" else image.convert("RGB")).unsqueeze(0), None
+
+
 def _as_is(image: Image.Image) -> Image.Image:
     """The pipeline's load step for images already in memory."""
     return image
-
-
-def _usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _check_image_size(image_size: Any) -> None:

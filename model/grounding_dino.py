@@ -52,8 +52,7 @@ class GroundingDinoDetector:
         self.device = device
         self.precision = precision
         self.max_text_len = int(getattr(model.config, "max_text_len", 256))
-        self._image_processor = processor.image_processor
-        self._tensor_path = _has_tensor_path(self._image_processor)
+        self.preprocessor = GroundingDinoPreprocess(processor.image_processor)
 
     @classmethod
     def from_pretrained(
@@ -124,50 +123,18 @@ class GroundingDinoDetector:
             raise ValueError(f"groups has {len(groups)} entries for {len(phrases)} phrases")
         chunks = self.prompts(phrases)
         return Stages(
-            preprocess=self.preprocess,
+            preprocess=self.preprocessor,  # not a method of the detector: it is pickled for processes
             forward=lambda pixels: self.forward(pixels, chunks),
             postprocess=lambda outputs, sizes: self.postprocess(outputs, sizes, chunks, params, groups),
         )
 
     def preprocess(self, image: Image.Image) -> tuple[torch.Tensor, Size]:
-        """The processor's pixel tensor for one image alone, (1, 3, H, W) on the CPU, and its displayed size.
-
-        Bit for bit the tensor that ``processor.image_processor(images=[image], do_pad=False)`` returns
-        (tested), at a third to a fifth of its cost on large images: the processor copies the picture
-        into channels-first order before resizing it, and torch resizes a uint8 picture several times
-        faster in its natural channels-last order, with the same result. So the picture goes to the
-        processor's own ``resize`` and ``rescale_and_normalize`` as a channels-last view, and only
-        the resized uint8 tensor is made contiguous. A processor without those steps (a Pillow one)
-        is called as is. No padding: one image needs none, and its pixel mask (all ones) is made in
-        ``_forward``.
-
-        The size is the displayed one (``model.images.display_size``), so that boxes of a
-        draft-decoded image come back in the pixels of the full image.
-        """
-        if not self._tensor_path:
-            pixels = self._image_processor(images=[image], return_tensors="pt", do_pad=False)["pixel_values"]
-            return pixels, display_size(image)
-        rgb = image if image.mode == "RGB" else image.convert("RGB")
-        hwc = torch.from_numpy(np.array(rgb))  # as the processor converts it (a writable copy)
-        chw = hwc.permute(2, 0, 1).unsqueeze(0)  # channels-last view: no copy
-        proc = self._image_processor
-        # Contiguous while still uint8: a quarter of the bytes of the float tensor that follows.
-        resized = proc.resize(chw, size=proc.size, resample=proc.resample).contiguous()
-        pixels = proc.rescale_and_normalize(
-            resized, proc.do_rescale, proc.rescale_factor, proc.do_normalize, proc.image_mean, proc.image_std
-        )
-        return pixels, display_size(image)
+        """One image's pixel tensor, (1, 3, H, W) on the CPU, and displayed size (:class:`GroundingDinoPreprocess`)."""
+        return self.preprocessor(image)
 
     def input_size(self, size: Size) -> Size:
-        """The model input's (width, height) for an image displayed at ``size``: the processor's resize.
-
-        Draft decoding asks for it (``model.images.decode_image``'s ``decode_size``).
-        """
-        proc = self._image_processor
-        if not _resizes_by_edges(proc):
-            return size
-        height, width = _resized_hw((size[1], size[0]), proc.size.shortest_edge, proc.size.longest_edge)
-        return width, height
+        """The model input's (width, height) for an image displayed at ``size`` (:class:`GroundingDinoPreprocess`)."""
+        return self.preprocessor.input_size(size)
 
     def forward(
         self, pixel_values: torch.Tensor, chunks: Sequence[PromptChunk]
@@ -207,6 +174,59 @@ class GroundingDinoDetector:
             )
         # Past the prompt the logits are -inf: only its tokens go on to postprocessing (and to the CPU).
         return outputs.logits[..., : len(chunk.input_ids)].float(), outputs.pred_boxes.float()
+
+
+class GroundingDinoPreprocess:
+    """The processor's resize and normalise for one image, apart from the model: cheap to pickle.
+
+    A pipeline runs it on threads or sends it to its preprocessing processes, so it holds the image
+    processor only (pickling the detector would pickle the weights).
+    """
+
+    def __init__(self, image_processor: Any, *, fast: bool = True) -> None:
+        """``fast=False`` calls the processor as is even when its steps could be called one by one."""
+        self.image_processor = image_processor
+        self.tensor_path = fast and _has_tensor_path(image_processor)
+
+    def __call__(self, image: Image.Image) -> tuple[torch.Tensor, Size]:
+        """The processor's pixel tensor for one image alone, (1, 3, H, W) on the CPU, and its displayed size.
+
+        Bit for bit the tensor that ``processor.image_processor(images=[image], do_pad=False)`` returns
+        (tested), at a third to a fifth of its cost on large images: the processor copies the picture
+        into channels-first order before resizing it, and torch resizes a uint8 picture several times
+        faster in its natural channels-last order, with the same result. So the picture goes to the
+        processor's own ``resize`` and ``rescale_and_normalize`` as a channels-last view, and only
+        the resized uint8 tensor is made contiguous. A processor without those steps (a Pillow one)
+        is called as is. No padding: one image needs none, and its pixel mask (all ones) is made in
+        ``_forward``.
+
+        The size is the displayed one (``model.images.display_size``), so that boxes of a
+        draft-decoded image come back in the pixels of the full image.
+        """
+        if not self.tensor_path:
+            pixels = self.image_processor(images=[image], return_tensors="pt", do_pad=False)["pixel_values"]
+            return pixels, display_size(image)
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        hwc = torch.from_numpy(np.array(rgb))  # as the processor converts it (a writable copy)
+        chw = hwc.permute(2, 0, 1).unsqueeze(0)  # channels-last view: no copy
+        proc = self.image_processor
+        # Contiguous while still uint8: a quarter of the bytes of the float tensor that follows.
+        resized = proc.resize(chw, size=proc.size, resample=proc.resample).contiguous()
+        pixels = proc.rescale_and_normalize(
+            resized, proc.do_rescale, proc.rescale_factor, proc.do_normalize, proc.image_mean, proc.image_std
+        )
+        return pixels, display_size(image)
+
+    def input_size(self, size: Size) -> Size:
+        """The model input's (width, height) for an image displayed at ``size``: the processor's resize.
+
+        Draft decoding asks for it (``model.images.decode_image``'s ``decode_size``).
+        """
+        proc = self.image_processor
+        if not _resizes_by_edges(proc):
+            return size
+        height, width = _resized_hw((size[1], size[0]), proc.size.shortest_edge, proc.size.longest_edge)
+        return width, height
 
 
 def _resizes_by_edges(processor: Any) -> bool:

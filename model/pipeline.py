@@ -9,6 +9,11 @@ module runs them side by side:
   ``preprocess_threads`` of them preprocess at once (one per core by default). Pillow and torch
   release the GIL in their pixel loops, so threads run in parallel without copying images between
   processes.
+* With ``preprocess_processes``, preprocessing runs in that many worker processes instead
+  (``model.preprocess_pool``): the load threads keep the I/O and hand each child the loaded item (bytes,
+  not pixels), the child preprocesses it and the tensor comes back through shared memory. The thread
+  that feeds the device then shares its interpreter with no pixel work (on a GPU the launching of the
+  model's kernels holds the GIL). ``preprocess`` must then be picklable, and decoding belongs in it.
 * A **batcher** thread groups preprocessed items by tensor shape (images of different sizes padded
   into one batch change every box, see ``model.grounding_dino``) and stacks full groups into one
   tensor, in pinned memory when the device is a GPU. When the device is idle and nothing full is
@@ -32,7 +37,6 @@ provide theirs. This module knows nothing of images, HTTP or Label Studio.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
@@ -43,6 +47,9 @@ from dataclasses import dataclass, fields
 from typing import Any, Generic, TypeVar
 
 import torch
+
+from model.devices import usable_cores
+from model.preprocess_pool import PreprocessPool, PreprocessTask, WorkerDied, WorkerTimedOut
 
 __all__ = ["DEADLINE_PASSED", "Failed", "Pipeline", "PipelineStats", "Stages"]
 
@@ -65,7 +72,8 @@ class Stages(Generic[S, M, R]):
 
     ``preprocess`` turns one loaded item into a CPU tensor with a leading dimension of 1 (items batch
     together when the rest of the shape is equal) and whatever ``postprocess`` needs of it; it runs
-    on several threads at once, so it must hold no lock the model needs. ``forward`` takes a stacked
+    on several threads at once, so it must hold no lock the model needs, or in worker processes (then it is
+    pickled: a module-level function or an instance of a module-level class). ``forward`` takes a stacked
     batch already on the device and returns tensors (possibly in tuples, lists or dicts), called from
     one thread only. ``postprocess`` takes those outputs, moved to the CPU, and the batch's ``meta``
     values, and returns one result per item in batch order.
@@ -156,6 +164,7 @@ class Pipeline:
         preprocess_threads: int | None = None,
         max_pending: int | None = None,
         torch_threads: int | None = None,
+        preprocess_processes: int = 0,
     ) -> None:
         """``preprocess_threads`` defaults to the cores this process may use; ``max_pending`` (items
         loaded and waiting for a batch) to ``4 x batch size + load_threads`` per run.
@@ -168,8 +177,12 @@ class Pipeline:
         feeding the GPU needs). Unchanged on the CPU, where the model's forward pass uses them.
         torch keeps this setting per thread once a thread has used it, but also makes it the
         default of threads that have not used torch yet.
+
+        ``preprocess_processes``: when above 0, runs preprocess in that many worker processes (one
+        torch thread each), started here and kept until :meth:`close`; ``preprocess_threads`` and
+        ``torch_threads`` then do not apply.
         """
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        cores = usable_cores()
         self.preprocess_threads = preprocess_threads or cores
         if load_threads < 1 or self.preprocess_threads < 1:
             raise ValueError("load_threads and preprocess_threads must be at least 1")
@@ -183,6 +196,16 @@ class Pipeline:
         shared = max(1, cores // min(load_threads, self.preprocess_threads))
         self.torch_threads = torch_threads if torch_threads is not None else (shared if self._pin else None)
         self._thread_state = threading.local()
+        self._pool = PreprocessPool(preprocess_processes) if preprocess_processes > 0 else None
+
+    @property
+    def preprocess_processes(self) -> int:
+        """Worker processes that preprocess (0: preprocessing runs on the load threads)."""
+        return self._pool.processes if self._pool is not None else 0
+
+    def preprocess_pids(self) -> list[int]:
+        """The preprocessing processes' ids (none on threads): their CPU time is the pipeline's too."""
+        return self._pool.pids() if self._pool is not None else []
 
     def _set_torch_threads(self) -> None:
         """Once per load thread: its torch intra-op threads, if this pipeline sets them."""
@@ -191,9 +214,11 @@ class Pipeline:
             self._thread_state.set = True
 
     def close(self) -> None:
-        """Stop the threads (pending loads are cancelled)."""
+        """Stop the threads and processes (pending loads are cancelled)."""
         self._loads.shutdown(wait=False, cancel_futures=True)
         self._post.shutdown(wait=False, cancel_futures=True)
+        if self._pool is not None:
+            self._pool.close()
 
     def run(
         self,
@@ -206,6 +231,7 @@ class Pipeline:
         item_timeout: float | None = None,
         deadline: float | None = None,
         stats: PipelineStats | None = None,
+        in_processes: bool = True,
     ) -> Iterator[tuple[int, R | Failed]]:
         """Yield ``(index in items, result or Failed)`` for every item, as batches complete.
 
@@ -213,11 +239,16 @@ class Pipeline:
         moment its load started (time queued behind other loads does not count). ``deadline``
         (``time.time()`` seconds) stops the run: batches not yet on the device and items not yet
         loaded fail with "deadline passed". Closing the iterator early stops the run too.
+
+        On a pipeline with ``preprocess_processes``, ``in_processes=False`` preprocesses this run on the
+        load threads: for items already decoded, whose pixels would cost more to ship than to resize.
+        A preprocessing process that dies fails only the item it held, with the reason.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         stats = stats if stats is not None else PipelineStats()
-        run = _Run(self, items, load, stages, batch_size, item_errors, item_timeout, deadline, stats)
+        task = PreprocessTask.of(stages.preprocess) if self._pool is not None and in_processes else None
+        run = _Run(self, items, load, stages, batch_size, item_errors, item_timeout, deadline, stats, task)
         return run.results()
 
 
@@ -235,6 +266,7 @@ class _Run(Generic[X, S, M, R]):
         item_timeout: float | None,
         deadline: float | None,
         stats: PipelineStats,
+        task: PreprocessTask | None,
     ) -> None:
         self.pipeline = pipeline
         self.items = iter(items)
@@ -245,6 +277,7 @@ class _Run(Generic[X, S, M, R]):
         self.item_timeout = item_timeout
         self.deadline = deadline
         self.stats = stats
+        self.task = task  # preprocess, pickled for the pipeline's processes; None: on the load threads
         self.capacity = pipeline.max_pending or 4 * batch_size + pipeline.load_threads
         self.inbox: queue.SimpleQueue[int] = queue.SimpleQueue()  # indices of finished items, or _WAKE
         self.batches: queue.Queue[Any] = queue.Queue(maxsize=PREFETCH_BATCHES)
@@ -387,18 +420,28 @@ class _Run(Generic[X, S, M, R]):
         self._send(_END)
 
     def _prepare(self, index: int, item: X) -> tuple[torch.Tensor, Any]:
-        """Load then preprocess one item on a load thread; preprocessing takes one of the CPU slots."""
+        """Load then preprocess one item on a load thread; preprocessing takes one of the CPU slots, or
+        runs in one of the pipeline's processes (this thread waits for it without the GIL)."""
         self.load_started[index] = time.monotonic()  # item_timeout counts from here, not from the queue
         started = time.perf_counter()
         loaded = self.load(item)
         loaded_at = time.perf_counter()
         self.stats.add("load_s", loaded_at - started)
-        self.pipeline._set_torch_threads()
-        with self.pipeline._cpu_slots:
-            begun = time.perf_counter()
-            tensor, meta = self.stages.preprocess(loaded)
-        del loaded  # the decoded image can go before the item waits for its batch
-        self.stats.add("preprocess_s", time.perf_counter() - begun)
+        pool = self.pipeline._pool
+        if self.task is not None and pool is not None:
+            left = None
+            if self.item_timeout is not None:
+                left = self.load_started[index] + self.item_timeout - time.monotonic()
+            tensor, meta, seconds = pool.run(self.task, loaded, timeout=left)
+            del loaded
+            self.stats.add("preprocess_s", seconds)  # the child's own time, as the thread path counts it
+        else:
+            self.pipeline._set_torch_threads()
+            with self.pipeline._cpu_slots:
+                begun = time.perf_counter()
+                tensor, meta = self.stages.preprocess(loaded)
+            del loaded  # the decoded image can go before the item waits for its batch
+            self.stats.add("preprocess_s", time.perf_counter() - begun)
         if tensor.ndim < 1 or tensor.shape[0] != 1:
             raise ValueError(
                 f"preprocess must return a tensor with a leading dimension of 1, got {tuple(tensor.shape)}"
@@ -422,7 +465,10 @@ class _Run(Generic[X, S, M, R]):
         """The prepared item, or None when it failed alone (the failure is sent on)."""
         try:
             return future.result()
-        except self.item_errors as exc:
+        except WorkerTimedOut:  # the child's limit is the item's: the reason the batcher gives for it
+            self._send(_Failures([(index, Failed(f"not loaded within {self.item_timeout:g} s"))]))
+            return None
+        except (*self.item_errors, WorkerDied) as exc:
             self._send(_Failures([(index, Failed(str(exc)))]))
             return None
 

@@ -93,6 +93,35 @@ def test_draft_decoding_keeps_regions_in_the_displayed_images_frame(
     assert min(spans) > 25, "boxes span the picture in both, not a quarter of it"
 
 
+def test_in_preprocessing_processes_every_task_gets_what_it_gets_on_threads(
+    tiny_detector: GroundingDinoDetector, fake_bucket: FakeBucket
+) -> None:
+    # Varied sizes and EXIF, draft decoding on (its decode size travels to the children), an HTML page
+    # where an image should be and a task without an image: each fails alone, with the same reason.
+    fake_bucket.objects.update({
+        "/img/phone.jpg": jpeg(480, 640, 3, orientation=6), "/img/turned.jpg": jpeg(300, 200, 4, orientation=3),
+        "/img/small.png": png(97, 61, 5), "/img/wide.jpg": jpeg(1200, 90, 6), "/img/page.png": b"<html>gone</html>",
+    })  # fmt: skip
+    names = ["phone.jpg", "small.png", "page.png", "turned.jpg", None, "wide.jpg"]
+    tasks = [
+        {"id": i, "data": {"image": f"{fake_bucket.url}/img/{name}"} if name else {}} for i, name in enumerate(names)
+    ]
+    target = parse_label_config(CONFIG)
+    threads = Predictor(tiny_detector, batch_size=1, draft_decode=True)
+    processes = Predictor(tiny_detector, batch_size=1, draft_decode=True, preprocess_processes=2)
+    try:
+        with ImageFetcher(label_studio_url=None, api_key=None, allow=["127.0.0.1"]) as fetcher:
+            expected = threads.predict(tasks, target, PARAMS, "v1", fetcher)
+            found = processes.predict(tasks, target, PARAMS, "v1", fetcher)
+    finally:
+        threads.pipeline.close()
+        processes.pipeline.close()
+    assert [boxes(p) for p in found.predictions] == [boxes(p) for p in expected.predictions]
+    assert sum(bool(p["result"]) for p in found.predictions) >= 3, "the tiny model finds boxes at a low threshold"
+    assert [(f.task_id, f.reason) for f in found.failures] == [(f.task_id, f.reason) for f in expected.failures]
+    assert [f.task_id for f in found.failures] == [2, 4] and "an HTML or XML document" in found.failures[0].reason
+
+
 def test_a_waiting_interactive_pass_goes_before_the_bulk_pass_that_just_ended() -> None:
     """The bulk batch's thread ends a pass and asks for the next one at once (as its pipeline does when
     the next batch is ready): the annotator's pass waiting meanwhile goes first. With a plain lock the

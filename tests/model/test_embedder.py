@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import shutil
 import subprocess
@@ -15,9 +16,9 @@ import torch
 from PIL import Image
 
 from model import DinoV2Embedder, create_embedder, embedder_version
-from model.images import ImageDecodeError, decode_image, display_size
-from model.pipeline import Failed
-from tests.images import png, scene
+from model.images import DecodeThen, ImageDecodeError, decode_image, display_size
+from model.pipeline import Failed, Pipeline, Stages
+from tests.images import jpeg, png, scene
 from tests.tiny_checkpoints import TINY_DINOV2_ARGS, build_tiny_dinov2
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
@@ -167,6 +168,30 @@ def test_a_broken_image_fails_alone_on_the_embedders_pipeline(embedder: DinoV2Em
     expected = embedder.embed([decode_image(data, max_pixels=10_000_000) for data in good])
     found = np.stack([results[i] for i in (0, 2, 4, 5)])
     assert np.allclose(found, expected, atol=1e-5)
+
+
+def test_in_preprocessing_processes_the_embedder_gets_the_same_tensors_and_vectors(embedder: DinoV2Embedder) -> None:
+    # Bytes cross to the children, which decode (EXIF included) and preprocess; a broken file fails alone.
+    files = [png(320, 240, 0), jpeg(240, 320, 1, orientation=6), b"not an image", png(500, 100, 2)]
+    files += [jpeg(400, 300, 3, orientation=3), png(400, 300, 4)[:300], png(97, 61, 5)]
+    step = DecodeThen(embedder.preprocessor, max_pixels=10_000_000)
+    good = [0, 1, 3, 4, 6]
+    pipeline = Pipeline(embedder.device, load_threads=3, preprocess_processes=2)
+    try:
+        as_is = Stages(step, lambda pixels: pixels, lambda pixels, metas: list(pixels))
+        tensors = dict(pipeline.run(files, lambda d: d, as_is, batch_size=1, item_errors=(ImageDecodeError,)))
+        stages = dataclasses.replace(embedder.stages(), preprocess=step)
+        vectors = dict(pipeline.run(files, lambda d: d, stages, batch_size=3, item_errors=(ImageDecodeError,)))
+    finally:
+        pipeline.close()
+    for index in good:
+        assert torch.equal(tensors[index], step(files[index])[0][0]), f"image {index}"
+    for results in (tensors, vectors):
+        assert results[2] == Failed("cannot decode image: not a recognised image format: found text, 12 bytes")
+        assert isinstance(results[5], Failed) and "truncated" in results[5].reason
+    expected = embedder.embed([decode_image(files[i], max_pixels=10_000_000) for i in good])
+    assert np.allclose(np.stack([vectors[i] for i in good]), expected, atol=1e-5)
+    assert _cosines(expected[:-1], expected[1:]).max() < 0.99, "different images, different vectors"
 
 
 def test_embed_raises_for_a_broken_image_and_keeps_working(embedder: DinoV2Embedder) -> None:

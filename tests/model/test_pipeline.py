@@ -1,23 +1,29 @@
 """model.pipeline: every item comes back once, batches are same-shape and bounded, failures stay local.
 
 The stages here are plain functions over small tensors (a "model" that sums pixels), except the last
-tests, which run the tiny Grounding DINO through the pipeline and compare it with ``detect``.
+tests, which run the tiny Grounding DINO through the pipeline and compare it with ``detect``. The
+preprocessing-in-processes tests run real child processes (one pool for the module, as a worker keeps
+one for hours) and kill one.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import pytest
 import torch
 
 from model import GroundingDinoDetector
-from model.images import decode_image
+from model.images import DecodeThen, ImageDecodeError, decode_image
 from model.pipeline import Failed, Pipeline, PipelineStats, Stages
-from tests.images import jpeg
+from tests.images import jpeg, png
 from tests.model.test_grounding_dino import LOW, PHRASES, same
+from tests.processes import wait_for
 
 CPU = torch.device("cpu")
 
@@ -215,3 +221,177 @@ def test_the_pipeline_finds_what_detect_finds(tiny_detector: GroundingDinoDetect
         assert same(found, new[index]), f"image {index} {VARIED[index]}"
         assert found == alone[index] or same(found, alone[index])
     assert not same(old[0], old[5]), "different images give different boxes"
+
+
+def test_the_pipeline_finds_what_detect_finds_with_preprocessing_in_processes(
+    tiny_detector: GroundingDinoDetector, processes: Pipeline
+) -> None:
+    files = [jpeg(w, h, seed, orientation=o) for seed, (w, h, o) in enumerate(VARIED)]
+    images = [decode_image(data, max_pixels=10**6) for data in files]
+    old = tiny_detector.detect(images, PHRASES, LOW, batch_size=4)
+    stages = tiny_detector.stages(PHRASES, LOW)
+    in_children = Stages(DecodeThen(stages.preprocess, max_pixels=10**6), stages.forward, stages.postprocess)
+    new = dict(processes.run(files, lambda data: data, in_children, batch_size=4))
+    assert sum(len(found) for found in old) >= len(files), "the tiny model finds boxes at a low threshold"
+    for index, found in enumerate(old):
+        assert same(found, new[index]), f"image {index} {VARIED[index]}"
+
+
+def test_preprocessing_in_processes_gives_the_threads_tensors_bit_for_bit(
+    tiny_detector: GroundingDinoDetector, processes: Pipeline
+) -> None:
+    # Varied sizes and EXIF, draft decoding included (its decode_size travels to the children too).
+    files = [jpeg(w, h, seed, orientation=o) for seed, (w, h, o) in enumerate(VARIED)]
+    files.append(jpeg(640, 480, 9, orientation=6))  # draft-decoded at 1/4 for the tiny model's 106x80 input
+    preprocessor = tiny_detector.preprocessor
+    expected = {}
+    for decode_size in (None, preprocessor.input_size):
+        step = DecodeThen(preprocessor, max_pixels=10**6, decode_size=decode_size)
+        expected[decode_size] = [step(data) for data in files]
+        stages = Stages(step, lambda pixels: pixels, lambda pixels, sizes: list(zip(pixels, sizes, strict=True)))
+        found = dict(processes.run(files, lambda data: data, stages, batch_size=1))
+        for index, (pixels, size) in enumerate(expected[decode_size]):
+            assert torch.equal(found[index][0], pixels[0]) and found[index][1] == size, f"image {index}"
+    exact, draft = expected[None][-1], expected[preprocessor.input_size][-1]
+    assert exact[1] == draft[1] == (640, 480) and exact[0].shape == draft[0].shape == (1, 3, 80, 106)
+    assert not torch.equal(exact[0], draft[0]), "the children decoded the draft at a reduced scale"
+
+
+def test_a_corrupt_image_fails_alone_with_the_threads_reason_in_processes(
+    tiny_detector: GroundingDinoDetector, processes: Pipeline
+) -> None:
+    files = [png(64, 48, 0), b"<html>not found</html>", png(97, 61, 1), png(400, 300, 4)[:300], png(80, 60, 2)]
+    stages = tiny_detector.stages(PHRASES, LOW)
+    stages = Stages(DecodeThen(stages.preprocess, max_pixels=10**6), stages.forward, stages.postprocess)
+    threads = Pipeline(CPU, load_threads=2, preprocess_threads=2)
+    try:
+        expected = dict(threads.run(files, lambda d: d, stages, batch_size=2, item_errors=(ImageDecodeError,)))
+    finally:
+        threads.close()
+    found = dict(processes.run(files, lambda d: d, stages, batch_size=2, item_errors=(ImageDecodeError,)))
+    assert isinstance(found[1], Failed) and "an HTML or XML document" in found[1].reason
+    assert isinstance(found[3], Failed) and "truncated" in found[3].reason
+    assert found[1] == expected[1] and found[3] == expected[3]
+    for index in (0, 2, 4):
+        assert same(found[index], expected[index]) and found[index], f"image {index}"
+    # An error that is not an item's stops the run, raised as itself.
+    with pytest.raises(ImageDecodeError, match="HTML"):
+        list(processes.run(files, lambda d: d, stages, batch_size=2))
+
+
+def test_in_processes_every_item_comes_back_once_preprocessed_in_a_child(processes: Pipeline) -> None:
+    items = [(float(i), 2 if i % 3 else 3) for i in range(23)]
+    stats = PipelineStats()
+    results = dict(processes.run(items, lambda item: item, _SUMS, batch_size=4, stats=stats))
+    assert sorted(results) == list(range(23))
+    children = set(processes.preprocess_pids())
+    assert len(children) == 2 and os.getpid() not in children
+    for index, (value, side) in enumerate(items):
+        found_value, pid, total = results[index]
+        assert (found_value, total) == (value, value * side * side)  # its own tensor, not a neighbour's
+        assert pid in children
+    assert stats.items == 23 and stats.failed == 0 and stats.preprocess_s > 0
+
+
+def test_a_preprocessing_process_killed_mid_item_fails_that_item_alone_and_is_replaced(
+    processes: Pipeline, tmp_path: Path
+) -> None:
+    marker = tmp_path / "stalled-pid"
+    before = processes.preprocess_pids()
+    killed: list[int] = []
+
+    def kill_the_stalled_child() -> None:
+        pid = int(wait_for(lambda: marker.exists() and marker.read_text(), 60, "a child to stall"))
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+
+    killer = threading.Thread(target=kill_the_stalled_child)
+    killer.start()
+    items = [(1.0, 2), (-1.0, 2), (2.0, 3), (3.0, 2), (4.0, 2)]
+    stages = Stages(Stall(str(marker)), _SUMS.forward, _SUMS.postprocess)
+    try:
+        results = dict(processes.run(items, lambda item: item, stages, batch_size=2))
+    finally:
+        killer.join()
+    assert results[1] == Failed("the process preprocessing this image died (killed by signal 9)")
+    assert [results[i][::2] for i in (0, 2, 3, 4)] == [(1.0, 4.0), (2.0, 18.0), (3.0, 12.0), (4.0, 16.0)]
+    after = processes.preprocess_pids()
+    assert killed[0] in before and killed[0] not in after and len(after) == 2
+    # The replacement works: a second run on the same pool is served whole.
+    again = dict(processes.run(items[2:], lambda item: item, _SUMS, batch_size=2))
+    assert sorted(again) == [0, 1, 2] and all(pid in after for _, pid, _ in again.values())
+
+
+def test_an_item_past_its_timeout_in_a_child_fails_and_the_child_is_replaced(
+    processes: Pipeline, tmp_path: Path
+) -> None:
+    marker = tmp_path / "stalled-pid"
+    items = [(1.0, 2), (-1.0, 2), (2.0, 2)]
+    stages = Stages(Stall(str(marker)), _SUMS.forward, _SUMS.postprocess)
+    results = dict(processes.run(items, lambda item: item, stages, batch_size=2, item_timeout=3.0))
+    assert results[1] == Failed("not loaded within 3 s")
+    assert [results[i][::2] for i in (0, 2)] == [(1.0, 4.0), (2.0, 8.0)]
+    stalled = int(marker.read_text())
+    wait_for(lambda: stalled not in processes.preprocess_pids(), 10, "the stalled child to be replaced")
+    assert len(processes.preprocess_pids()) == 2
+    assert dict(processes.run(items[:1], lambda item: item, _SUMS, batch_size=1))[0][::2] == (1.0, 4.0)
+
+
+def test_closing_the_pipeline_stops_its_processes() -> None:
+    pipeline = Pipeline(CPU, load_threads=2, preprocess_processes=2)
+    assert dict(pipeline.run([(1.0, 2)], lambda item: item, _SUMS, batch_size=1))[0][::2] == (1.0, 4.0)
+    children = pipeline.preprocess_pids()
+    pipeline.close()
+    assert len(children) == 2
+    assert all(wait_for(lambda pid=pid: _gone(pid), 10, f"process {pid} to end") for pid in children)
+
+
+def test_a_preprocess_that_cannot_be_pickled_is_refused_before_the_run(processes: Pipeline) -> None:
+    stages = Stages(lambda item: in_child(item), _SUMS.forward, _SUMS.postprocess)
+    with pytest.raises(TypeError, match="picklable preprocess function"):
+        processes.run([(1.0, 2)], lambda item: item, stages, batch_size=1)
+    # Items already decoded in memory may stay on the threads of the same pipeline.
+    assert dict(processes.run([(1.0, 2)], lambda i: i, stages, batch_size=1, in_processes=False))[0][0] == 1.0
+
+
+@pytest.fixture(scope="module")
+def processes() -> Iterator[Pipeline]:
+    """One pipeline with two preprocessing processes for the module, reused run after run."""
+    made = Pipeline(CPU, load_threads=4, preprocess_processes=2)
+    yield made
+    made.close()
+
+
+def in_child(item: tuple[float, int]) -> tuple[torch.Tensor, tuple[float, int]]:
+    """The Recorder's tensor, made wherever this runs; the meta says where (value, process id)."""
+    value, side = item
+    return torch.full((1, 1, side, side), float(value)), (value, os.getpid())
+
+
+def _gone(pid: int) -> bool:
+    """No such process, or a zombie waiting for the fork server to reap it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+class Stall:
+    """:func:`in_child`, except that an item of negative value hangs (a stuck decoder) after writing the
+    process id to ``path``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __call__(self, item: tuple[float, int]) -> tuple[torch.Tensor, tuple[float, int]]:
+        if item[0] < 0:
+            Path(self.path).write_text(str(os.getpid()))
+            time.sleep(120)
+        return in_child(item)
+
+
+_SUMS = Stages(
+    in_child,
+    lambda pixels: pixels.sum(dim=(1, 2, 3)),
+    lambda sums, metas: [(value, pid, total) for (value, pid), total in zip(metas, sums.tolist(), strict=True)],
+)
