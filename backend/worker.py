@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
+import torch
 from redis import Redis
 from rq import Queue, SimpleWorker
 from rq.exceptions import StopRequested
@@ -49,7 +50,7 @@ from backend.state import ProjectStore
 from backend.writer import Writer
 from indexer.store import STORE_FILE, VectorStore, project_dir
 from model import DinoV2Embedder, create_detector, create_embedder
-from model.devices import usable_cores
+from model.devices import resolve_device, usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -286,18 +287,13 @@ def load_predictor(settings: Settings) -> Predictor:
     )
     # Batches pay off on GPUs; on the CPU a batch of 4 was ~13% slower per image than 1 (bench/).
     default_batch = 8 if detector.device.type == "cuda" else 1
-    processes = settings.image_preprocess_processes
-    if processes is None:  # on the CPU the model's forward uses every core: threads, no extra processes
-        # One per core, but no more than the download threads that feed them (each waits for its child).
-        cores = settings.image_preprocess_threads or usable_cores()
-        processes = min(cores, settings.image_download_threads) if detector.device.type == "cuda" else 0
     return Predictor(
         detector,
         batch_size=settings.batch_size or default_batch,
         max_pixels=settings.image_max_pixels,
         download_threads=settings.image_download_threads,
         preprocess_threads=settings.image_preprocess_threads,
-        preprocess_processes=processes,
+        preprocess_processes=preprocess_processes(settings, detector.device),
         draft_decode=settings.image_draft_decode,
     )
 
@@ -311,7 +307,19 @@ def load_embedder(settings: Settings) -> DinoV2Embedder:
         precision=settings.embedder_precision,
         batch_size=settings.embedder_batch_size,
         preprocess_threads=settings.image_preprocess_threads,
+        # No processes yet: index jobs hand the embedder's pipeline decoded images (backend.shared_images).
     )
+
+
+def preprocess_processes(settings: Settings, device: torch.device) -> int:
+    """``DINOLABEL_IMAGE_PREPROCESS_PROCESSES``, or by default: on a GPU one per preprocessing thread but no
+    more than the download threads that feed them (each waits for its child); on the CPU none, as the
+    model's forward uses every core there."""
+    if settings.image_preprocess_processes is not None:
+        return settings.image_preprocess_processes
+    if device.type != "cuda":
+        return 0
+    return min(settings.image_preprocess_threads or usable_cores(), settings.image_download_threads)
 
 
 def build_runtime(settings: Settings, connection: Redis, name: str) -> Runtime:

@@ -87,8 +87,11 @@ class DinoV2Embedder:
         precision: str = "fp32",
         batch_size: int = 16,
         preprocess_threads: int | None = None,
+        preprocess_processes: int = 0,
     ) -> None:
-        """``preprocess_threads``: images preprocessed at once by :meth:`embed` (one per usable core)."""
+        """``preprocess_threads``: images preprocessed at once by :meth:`embed` (one per usable core).
+        ``preprocess_processes``: processes for the runs of :attr:`pipeline` that hand it bytes to decode
+        (``model.pipeline``); :meth:`embed`, given decoded images, preprocesses on threads."""
         from timm.data import create_transform, resolve_data_config
 
         _check_precision(precision, device)
@@ -111,6 +114,7 @@ class DinoV2Embedder:
             device,
             load_threads=preprocess_threads or usable_cores(),
             preprocess_threads=preprocess_threads,
+            preprocess_processes=preprocess_processes,
         )
         self._model_lock = threading.Lock()
 
@@ -170,7 +174,9 @@ class DinoV2Embedder:
         :attr:`pipeline` with :meth:`stages` and ``item_errors``.
         """
         rows: list[np.ndarray | None] = [None] * len(images)
-        for index, row in self.pipeline.run(images, _as_is, self.stages(), batch_size=self.batch_size):
+        # Decoded images stay on the threads: their pixels would cost more to ship than to resize.
+        rows_found = self.pipeline.run(images, _as_is, self.stages(), batch_size=self.batch_size, in_processes=False)
+        for index, row in rows_found:
             if isinstance(row, Failed):  # cannot happen without a deadline, timeout or item_errors
                 raise RuntimeError(f"image {index} was not embedded: {row.reason}")
             rows[index] = row
@@ -193,6 +199,7 @@ def create_embedder(
     precision: str = "fp32",
     batch_size: int = 16,
     preprocess_threads: int | None = None,
+    preprocess_processes: int = 0,
 ) -> DinoV2Embedder:
     """Load a DINOv2 model by timm name, alias or local folder (the same ``timm.create_model`` path).
 
@@ -204,6 +211,7 @@ def create_embedder(
         precision: ``fp32``, ``bf16`` (autocast; CPU or GPU) or ``fp16`` (GPU only).
         batch_size: most images per forward pass in :meth:`DinoV2Embedder.embed` (16).
         preprocess_threads: images preprocessed at once in :meth:`DinoV2Embedder.embed` (one per usable core).
+        preprocess_processes: processes that decode and preprocess for runs of its pipeline given bytes (0).
 
     Returns:
         The loaded embedder; its ``version`` equals ``embedder_version(model, image_size=..., precision=...)``.
@@ -231,6 +239,7 @@ def create_embedder(
         precision=precision,
         batch_size=batch_size,
         preprocess_threads=preprocess_threads,
+        preprocess_processes=preprocess_processes,
     )
     log.info(
         "loaded %s (%d-d) on %s (%s, %d px) in %.1f s",
