@@ -22,6 +22,7 @@ from model import GroundingDinoDetector
 from model.images import DecodeThen, ImageDecodeError, decode_image
 from model.pipeline import Failed, Pipeline, PipelineStats, Stages
 from tests.images import jpeg, png
+from tests.model.child_stages import Stall, in_child
 from tests.model.test_grounding_dino import LOW, PHRASES, same
 from tests.processes import wait_for
 
@@ -328,8 +329,8 @@ def test_an_item_past_its_timeout_in_a_child_fails_and_the_child_is_replaced(
     marker = tmp_path / "stalled-pid"
     items = [(1.0, 2), (-1.0, 2), (2.0, 2)]
     stages = Stages(Stall(str(marker)), _SUMS.forward, _SUMS.postprocess)
-    results = dict(processes.run(items, lambda item: item, stages, batch_size=2, item_timeout=3.0))
-    assert results[1] == Failed("not loaded within 3 s")
+    results = dict(processes.run(items, lambda item: item, stages, batch_size=2, item_timeout=5.0))
+    assert results[1] == Failed("not loaded within 5 s")
     assert [results[i][::2] for i in (0, 2)] == [(1.0, 4.0), (2.0, 8.0)]
     stalled = int(marker.read_text())
     wait_for(lambda: stalled not in processes.preprocess_pids(), 10, "the stalled child to be replaced")
@@ -362,32 +363,12 @@ def processes() -> Iterator[Pipeline]:
     made.close()
 
 
-def in_child(item: tuple[float, int]) -> tuple[torch.Tensor, tuple[float, int]]:
-    """The Recorder's tensor, made wherever this runs; the meta says where (value, process id)."""
-    value, side = item
-    return torch.full((1, 1, side, side), float(value)), (value, os.getpid())
-
-
 def _gone(pid: int) -> bool:
     """No such process, or a zombie waiting for the fork server to reap it."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except FileNotFoundError:
         return True
-
-
-class Stall:
-    """:func:`in_child`, except that an item of negative value hangs (a stuck decoder) after writing the
-    process id to ``path``."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __call__(self, item: tuple[float, int]) -> tuple[torch.Tensor, tuple[float, int]]:
-        if item[0] < 0:
-            Path(self.path).write_text(str(os.getpid()))
-            time.sleep(120)
-        return in_child(item)
 
 
 _SUMS = Stages(
