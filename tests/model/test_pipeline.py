@@ -8,6 +8,7 @@ one for hours) and kill one.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import threading
@@ -294,6 +295,23 @@ def test_in_processes_every_item_comes_back_once_preprocessed_in_a_child(process
     assert stats.items == 23 and stats.failed == 0 and stats.preprocess_s > 0
 
 
+def test_in_processes_memory_stays_bounded_and_is_given_back(processes: Pipeline) -> None:
+    # Each prepared item is a mapping of its child's memfd until it is stacked into a batch: at most
+    # max_pending (4 x 4 + 4 load threads) at once, and none left once the run is over.
+    mapped: list[int] = []
+
+    def forward(pixels: torch.Tensor) -> torch.Tensor:
+        mapped.append(_mapped_tensors())
+        return pixels.sum(dim=(1, 2, 3))
+
+    stages = Stages(in_child, forward, _SUMS.postprocess)
+    items = ((float(i), 2 + i % 3) for i in range(200))
+    assert sum(1 for _ in processes.run(items, lambda item: item, stages, batch_size=4)) == 200
+    assert 0 < max(mapped) <= 4 * 4 + 4
+    gc.collect()
+    assert _mapped_tensors() == 0
+
+
 def test_a_preprocessing_process_killed_mid_item_fails_that_item_alone_and_is_replaced(
     processes: Pipeline, tmp_path: Path
 ) -> None:
@@ -361,6 +379,11 @@ def processes() -> Iterator[Pipeline]:
     made = Pipeline(CPU, load_threads=4, preprocess_processes=2)
     yield made
     made.close()
+
+
+def _mapped_tensors() -> int:
+    """Tensors of this process that live in a preprocessing process's memfd (one mapping each)."""
+    return sum("dinolabel-preprocessed" in line for line in Path("/proc/self/maps").read_text().splitlines())
 
 
 def _gone(pid: int) -> bool:
