@@ -68,7 +68,7 @@ from bench.common import (
     tree_cpu_seconds,
     write_report,
 )
-from model import DetectionParams, GroundingDinoDetector
+from model import DetectionParams, GroundingDinoDetector, preprocess_pool
 from model.devices import usable_cores
 from model.grounding_dino import GroundingDinoPreprocess
 from model.images import decode_image
@@ -355,6 +355,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--processes", type=int, default=usable_cores(), help="preprocessing processes of the procs path (cores)"
     )
+    parser.add_argument("--niceness", type=int, default=preprocess_pool.NICENESS, help="added to the procs' nice value")
     parser.add_argument("--cache", type=Path, default=REPO / "bench" / "out" / "cache")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "pipeline_efficiency.json")
     return parser.parse_args(argv)
@@ -362,6 +363,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    preprocess_pool.NICENESS = args.niceness  # read as each preprocessing process starts
     run_started = time.perf_counter()
     sets = args.sets.split(",")
     sources = args.sources.split(",")
@@ -416,6 +418,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rates": args.rates,
         "launch_share": args.launch_share,
         "preprocess_processes": args.processes,
+        "preprocess_niceness": args.niceness,
         "launch_passes_per_s_alone": round(setup.fake.launches_per_s),
         "paths": paths,
         "sets": {name: [list(spec) for spec in SETS[name]] for name in sets},

@@ -55,6 +55,9 @@ FUNCTIONS_KEPT = 8
 """Unpickled functions a child keeps (one per distinct preprocessing; a worker has one or two)."""
 PRELOAD = ("torch", "numpy", "PIL.Image", "model.images")
 """Imported once by the fork server, so that every child starts with them."""
+NICENESS = 0
+"""Added to each child's nice value: above 0 the parent's threads (the one feeding the device first) win
+the cores when all are busy. Read when a child starts."""
 _MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)  # pages mapped at once, not fault by fault
 
 
@@ -202,7 +205,7 @@ class _Worker:
     def __init__(self, context: Any, torch_threads: int) -> None:
         self.conn, child_end = multiprocessing.Pipe(duplex=True)  # a socket pair: descriptors can cross it
         self.process = context.Process(
-            target=_serve, args=(child_end, torch_threads), name="dinolabel-preprocess", daemon=True
+            target=_serve, args=(child_end, torch_threads, NICENESS), name="dinolabel-preprocess", daemon=True
         )
         self.process.start()
         child_end.close()
@@ -268,9 +271,11 @@ def _mapped(fd: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor
 # --- the child ------------------------------------------------------------------------------------------------
 
 
-def _serve(conn: Connection, torch_threads: int) -> None:
+def _serve(conn: Connection, torch_threads: int, niceness: int) -> None:
     """A child's loop: apply each function to each payload until the parent closes the socket."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
+    if niceness:
+        os.nice(niceness)
     torch.set_num_threads(torch_threads)
     functions: dict[bytes, Callable[[Any], tuple[torch.Tensor, Any]]] = {}
     while True:
