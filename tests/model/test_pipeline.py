@@ -244,7 +244,7 @@ def test_preprocessing_in_processes_gives_the_threads_tensors_bit_for_bit(
 ) -> None:
     # Varied sizes and EXIF, draft decoding included (its decode_size travels to the children too).
     files = [jpeg(w, h, seed, orientation=o) for seed, (w, h, o) in enumerate(VARIED)]
-    files.append(jpeg(640, 480, 9, orientation=6))  # draft-decoded at 1/4 for the tiny model's 106x80 input
+    files.append(jpeg(480, 640, 9, orientation=6))  # shown 640x480: draft-decoded at 1/4 (input 106x80)
     preprocessor = tiny_detector.preprocessor
     expected = {}
     for decode_size in (None, preprocessor.input_size):
@@ -351,8 +351,9 @@ def test_an_item_past_its_timeout_in_a_child_fails_and_the_child_is_replaced(
     assert results[1] == Failed("not loaded within 5 s")
     assert [results[i][::2] for i in (0, 2)] == [(1.0, 4.0), (2.0, 8.0)]
     stalled = int(marker.read_text())
-    wait_for(lambda: stalled not in processes.preprocess_pids(), 10, "the stalled child to be replaced")
-    assert len(processes.preprocess_pids()) == 2
+    # The batcher may fail the item before the pool has replaced the child: wait for the replacement.
+    pids = processes.preprocess_pids
+    wait_for(lambda: stalled not in pids() and len(pids()) == 2, 10, "the stalled child to be replaced")
     assert dict(processes.run(items[:1], lambda item: item, _SUMS, batch_size=1))[0][::2] == (1.0, 4.0)
 
 
