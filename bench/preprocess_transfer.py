@@ -126,6 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     shape = tuple(int(v) for v in args.shape.split(","))
     torch.set_num_threads(1)
+    started = time.perf_counter()
     rows = []
     for method in args.methods.split(","):
         row = measure(method, args.images, shape)
@@ -137,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             flush=True,
         )
     report = {"benchmark": "preprocess_transfer", "shape": list(shape), "images": args.images, "results": rows}
-    write_report(args.out, {**report, "machine": machine_info()})
+    write_report(args.out, {**report, "machine": machine_info(), "wall_s": round(time.perf_counter() - started, 1)})
     return 0
 
 
