@@ -405,14 +405,14 @@ class _Run(Generic[X, S, M, R]):
                 continue
             message = self._wait(in_flight)
             if message is not None and message != _WAKE and message in in_flight:
-                future = in_flight.pop(message)
-                prepared = self._outcome(message, future)
+                prepared = self._outcome(message, in_flight.pop(message))
                 if prepared is not None:
                     key = (tuple(prepared[0].shape[1:]), prepared[0].dtype)
                     groups.setdefault(key, []).append((message, *prepared))
                     waiting += 1
                     if len(groups[key]) >= self.batch_size:
                         waiting -= self._send_group(groups.pop(key))
+                del prepared  # held here, a sent item's tensor would outlive its group (max_pending + 1)
             self._expire(in_flight)
             if groups and self.device_waiting.is_set() and self.batches.empty():
                 fullest = max(groups, key=lambda k: len(groups[k]))  # max keeps the oldest among equals
