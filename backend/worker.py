@@ -50,7 +50,7 @@ from backend.state import ProjectStore
 from backend.writer import Writer
 from indexer.store import STORE_FILE, VectorStore, project_dir
 from model import DinoV2Embedder, create_detector, create_embedder
-from model.devices import resolve_device, usable_cores
+from model.devices import usable_cores
 
 log = logging.getLogger(__name__)
 
