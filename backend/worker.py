@@ -50,7 +50,6 @@ from backend.state import ProjectStore
 from backend.writer import Writer
 from indexer.store import STORE_FILE, VectorStore, project_dir
 from model import DinoV2Embedder, create_detector, create_embedder
-from model.devices import usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -312,14 +311,11 @@ def load_embedder(settings: Settings) -> DinoV2Embedder:
 
 
 def preprocess_processes(settings: Settings, device: torch.device) -> int:
-    """``DINOLABEL_IMAGE_PREPROCESS_PROCESSES``, or by default: on a GPU one per preprocessing thread but no
-    more than the download threads that feed them (each waits for its child); on the CPU none, as the
-    model's forward uses every core there."""
-    if settings.image_preprocess_processes is not None:
-        return settings.image_preprocess_processes
-    if device.type != "cuda":
-        return 0
-    return min(settings.image_preprocess_threads or usable_cores(), settings.image_download_threads)
+    """``DINOLABEL_IMAGE_PREPROCESS_PROCESSES``; none by default, on the GPU as on the CPU: on 2 cores
+    processes cost more CPU per image than threads and fed a 30 images/s device no better (bench/README),
+    and on a GPU host they are not measured yet (``bench/gpu_detector.py`` compares both)."""
+    del device  # the default may come to depend on it once a GPU run says processes pay there
+    return settings.image_preprocess_processes or 0
 
 
 def build_runtime(settings: Settings, connection: Redis, name: str) -> Runtime:
