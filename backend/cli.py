@@ -298,6 +298,12 @@ def _task_ids(text: str) -> list[int]:
     return ids
 
 
+def _label_studio_options(command: argparse.ArgumentParser) -> None:
+    """The options ``_label_studio_access`` reads, for the commands that call Label Studio directly."""
+    command.add_argument("--label-studio-url", help="default DINOLABEL_LABEL_STUDIO_URL")
+    command.add_argument("--api-key", help="default DINOLABEL_LABEL_STUDIO_API_KEY")
+
+
 def _label_studio_access(args: argparse.Namespace, settings: Settings) -> tuple[str, str] | None:
     """Label Studio's URL and key from ``--label-studio-url``/``--api-key`` or the settings; None (and a
     line on stderr) without both. The options stand in for the operator's settings: both come from the
@@ -504,8 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     hook.add_argument("--project", type=int, required=True, help="Label Studio project id")
     hook.add_argument("--backend-url", required=True, help="this backend as Label Studio reaches it")
-    hook.add_argument("--label-studio-url", help="default DINOLABEL_LABEL_STUDIO_URL")
-    hook.add_argument("--api-key", help="default DINOLABEL_LABEL_STUDIO_API_KEY")
+    _label_studio_options(hook)
     hook.set_defaults(run=_register_webhook)
 
     prio = commands.add_parser(
@@ -523,8 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
         "unprioritize", help="remove dinolabel's ranking from a Label Studio project (its tab, its task fields)"
     )
     unprioritize.add_argument("--project", type=int, required=True, help="Label Studio project id")
-    unprioritize.add_argument("--label-studio-url", help="default DINOLABEL_LABEL_STUDIO_URL")
-    unprioritize.add_argument("--api-key", help="default DINOLABEL_LABEL_STUDIO_API_KEY")
+    _label_studio_options(unprioritize)
     unprioritize.set_defaults(run=_unprioritize)
 
     similar = commands.add_parser(

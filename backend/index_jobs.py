@@ -45,7 +45,7 @@ from backend.prioritize import after_index_job
 from backend.queues import KEY_PREFIX, Queues
 from backend.shared_images import SharedImages
 from backend.worker import STORE_HOLDER, Runtime, current_runtime
-from indexer.hashes import ImageHashes, phash, pixel_hash, sha256_hex
+from indexer.hashes import ImageHashes, image_hashes, sha256_hex
 from indexer.store import StoredVector, VectorStore
 from model.images import ImageDecodeError, decode_image
 from model.pipeline import Failed
@@ -221,7 +221,7 @@ def embed_batch(runtime: Runtime, job: BulkJob, number: int, shared: SharedImage
         unchanged,
         job_timeout=STORE_TIMEOUT,
         result_ttl=RESULT_TTL,
-        failure_ttl=7 * 24 * 3600,
+        failure_ttl=JOB_TTL,
         description=f"store job {job_id} batch {number}",
         job_id=store_job,
     )
@@ -261,7 +261,7 @@ def _embed(
         if digest == task.get("known"):
             raise Unchanged(UNCHANGED)
         image = decode_image(data, max_pixels=max_pixels)
-        hashes[task["id"]] = ImageHashes(digest, pixel_hash(image), phash(image), image.width, image.height)
+        hashes[task["id"]] = image_hashes(data, image, digest=digest)
         return image
 
     rows: list[dict[str, Any]] = []

@@ -32,7 +32,7 @@ import redis
 from rq import get_current_job
 from rq.job import Job
 
-from backend.bulk import BulkJob, JobKind, JobSpec, record_batch
+from backend.bulk import JOB_TTL, BulkJob, JobKind, JobSpec, record_batch
 from backend.labeling import LabelConfigError, parse_label_config
 from backend.ls_client import MAX_IDS_PER_QUERY, PAGE_SIZE, LabelStudioClient, LabelStudioError
 from backend.marks import Marks
@@ -134,7 +134,7 @@ def enqueue_batch(queues: Queues, job: BulkJob, number: int, *, timeout: int, at
         number,
         job_timeout=timeout,
         result_ttl=RESULT_TTL,
-        failure_ttl=7 * 24 * 3600,
+        failure_ttl=JOB_TTL,
         at_front=at_front,
         description=f"job {job.id} batch {number}",
         job_id=rq_id,

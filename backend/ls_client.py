@@ -46,6 +46,17 @@ MAX_IDS_PER_ACTION = 10_000
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
 
+def _version_filter(model_version: str) -> dict[str, Any]:
+    """The Data Manager's filter item on predictions' model versions (it matches a part of a version:
+    callers compare the versions they get back exactly)."""
+    return {
+        "filter": "filter:tasks:predictions_model_versions",
+        "operator": "contains",
+        "type": "List",
+        "value": [model_version],
+    }
+
+
 def _id_after(task_id: int) -> dict[str, Any]:
     """A Data Manager filter: tasks whose id is greater than ``task_id``."""
     return {"filter": "filter:tasks:id", "operator": "greater", "type": "Number", "value": task_id}
@@ -250,12 +261,7 @@ class LabelStudioClient:
         each task holds (which the filter makes Label Studio list) are compared exactly. Label Studio
         joins them with commas: a version of another model that contains a comma could, in theory,
         look like ours."""
-        version = {
-            "filter": "filter:tasks:predictions_model_versions",
-            "operator": "contains",
-            "type": "List",
-            "value": [model_version],
-        }
+        version = _version_filter(model_version)
         query: dict[str, Any] = {"filters": {"conjunction": "and", "items": [*items, version]}}
         if selected is not None:
             query["selectedItems"] = selected
@@ -289,12 +295,7 @@ class LabelStudioClient:
         """``{task id: result}`` of every task holding a prediction of ``model_version`` (the last one when it
         holds several): the tasks that hold one, in pages of ``page_size`` after an id cursor, with only
         ``id`` and ``predictions`` in each (``fields=all`` makes Label Studio serialise predictions at all)."""
-        version = {
-            "filter": "filter:tasks:predictions_model_versions",
-            "operator": "contains",
-            "type": "List",
-            "value": [model_version],
-        }
+        version = _version_filter(model_version)
         found: dict[int, list[dict[str, Any]]] = {}
         after = 0
         while True:

@@ -27,7 +27,7 @@ from PIL import Image
 
 from backend.image_source import ImageFetcher, ImageFetchError
 from backend.predictor import MissingImage
-from indexer.hashes import ImageHashes, phash, pixel_hash, sha256_hex
+from indexer.hashes import ImageHashes, image_hashes
 from model import DinoV2Embedder
 from model.images import ImageDecodeError, decode_image
 from model.pipeline import Stages
@@ -77,8 +77,7 @@ class SharedImages:
                 self._keep(task_id, copy.copy(exc))
                 raise
             if task_id in self.wanted:
-                hashes = ImageHashes(sha256_hex(data), pixel_hash(image), phash(image), image.width, image.height)
-                self._keep(task_id, Prepared(self.embedder.preprocess_image(image), hashes))
+                self._keep(task_id, Prepared(self.embedder.preprocess_image(image), image_hashes(data, image)))
             return image
 
         return load

@@ -226,9 +226,9 @@ def requeue_abandoned(connection: Redis, *, batch_timeout: int) -> int:
     """
     from backend.jobs import enqueue_batch
 
-    count = 0
-    for job in BulkJob.active(connection):
-        count += _restart_plan_step(connection, job)
+    jobs = list(BulkJob.active(connection))
+    count = sum(_restart_plan_step(connection, leader) for leader in _plan_leaders(jobs))
+    for job in jobs:
         for number, holder in job.holders().items():
             if job.batch_finished(number) or _holder_alive(connection, holder):
                 continue
@@ -255,14 +255,20 @@ def _holder_alive(connection: Redis, holder: str) -> bool:
     return Workers.alive(connection, holder)
 
 
-def _restart_plan_step(connection: Redis, job: BulkJob) -> int:
-    """Queue a job's plan step again when the worker running it is gone, or its queued RQ job vanished.
+def _plan_leaders(jobs: list[BulkJob]) -> list[BulkJob]:
+    """The jobs whose plan steps plan ``jobs``, each once: a job paired with an index job is planned by
+    that job's steps, which go on after the index job ended (``backend.combined``)."""
+    leaders = {}
+    for job in jobs:
+        leader = job.plan_leader()
+        leaders.setdefault(leader.id, leader)
+    return list(leaders.values())
 
-    A job paired with an index job is planned by that job's steps, which go on after the index job ended
-    (``backend.combined``): those are the steps looked at."""
+
+def _restart_plan_step(connection: Redis, job: BulkJob) -> int:
+    """Queue a job's plan step again when the worker running it is gone, or its queued RQ job vanished."""
     from backend.jobs import request_plan_step
 
-    job = job.plan_leader()
     step = job.pending_plan_step()
     kind, _, who = step.partition(":")
     if not step or (kind == "running" and Workers.alive(connection, who)):
@@ -511,7 +517,7 @@ def restart_plan_steps_of(connection: Redis, worker: str) -> int:
     from backend.jobs import request_plan_step
 
     count = 0
-    for job in (active.plan_leader() for active in BulkJob.active(connection)):
+    for job in _plan_leaders(list(BulkJob.active(connection))):
         if job.pending_plan_step() == f"running:{worker}":
             job.end_plan_step(worker)
             count += int(request_plan_step(Queues.on(connection), job))

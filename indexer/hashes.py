@@ -9,24 +9,19 @@ Three strengths of "the same image", from strict to loose, none needing learned 
   frequencies and set one bit per coefficient above their median (the DC term excluded from the median).
   JPEG recompression, resizing and colour changes move few bits; crops and flips move many.
 
-Everything here is a pure function over bytes, PIL images or numpy arrays, except :class:`HashedDecode`,
-the embedder pipeline's step that decodes, hashes and preprocesses one image.
+Everything here is a pure function over bytes, PIL images or numpy arrays.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from model.images import decode_image
-
-__all__ = ["HashedDecode", "ImageHashes", "hamming", "image_hashes", "phash", "pixel_hash", "sha256_hex"]
+__all__ = ["ImageHashes", "hamming", "image_hashes", "phash", "pixel_hash", "sha256_hex"]
 
 PHASH_BITS = 64
 _DCT_SIZE = 32  # the image is reduced to 32x32 before the transform
@@ -44,35 +39,16 @@ class ImageHashes:
     height: int
 
 
-def image_hashes(data: bytes, image: Image.Image) -> ImageHashes:
-    """All three hashes of ``data`` and its decoded ``image`` (as ``model.images.decode_image`` returns)."""
+def image_hashes(data: bytes, image: Image.Image, *, digest: str | None = None) -> ImageHashes:
+    """All three hashes of ``data`` and its decoded ``image`` (as ``model.images.decode_image`` returns);
+    ``digest``: the bytes' sha256 where the caller took it already."""
     return ImageHashes(
-        sha256=sha256_hex(data),
+        sha256=digest or sha256_hex(data),
         pixel_hash=pixel_hash(image),
         phash=phash(image),
         width=image.width,
         height=image.height,
     )
-
-
-@dataclass(frozen=True)
-class HashedDecode:
-    """Decode one image's bytes, hash the picture and hand it to ``preprocess``: ``(sha256, bytes)`` in
-    (the caller took the digest for its unchanged check), ``(tensor, ImageHashes)`` out.
-
-    The embedder pipeline's preprocessing step. Picklable, so that a pipeline may run it in its
-    preprocessing processes: the bytes cross to the child, the tensor and the hashes come back, and
-    decoding and hashing leave the process that feeds the device.
-    """
-
-    preprocess: Callable[[Image.Image], tuple[Any, Any]]
-    max_pixels: int
-
-    def __call__(self, item: tuple[str, bytes]) -> tuple[Any, ImageHashes]:
-        digest, data = item
-        image = decode_image(data, max_pixels=self.max_pixels)
-        tensor, _ = self.preprocess(image)
-        return tensor, ImageHashes(digest, pixel_hash(image), phash(image), image.width, image.height)
 
 
 def sha256_hex(data: bytes) -> str:

@@ -5,13 +5,10 @@ from __future__ import annotations
 import io
 
 import numpy as np
-import torch
 from PIL import Image, ImageEnhance, ImageOps
 
-from indexer.hashes import HashedDecode, _dct_matrix, hamming, image_hashes, phash, pixel_hash, sha256_hex
-from model.images import ImageDecodeError, decode_image
-from model.pipeline import Failed, Pipeline, Stages
-from tests.images import jpeg, scene
+from indexer.hashes import _dct_matrix, hamming, image_hashes, phash, pixel_hash, sha256_hex
+from tests.images import scene
 
 
 def _encode(image: Image.Image, fmt: str, **options: object) -> bytes:
@@ -73,26 +70,3 @@ def test_phash_is_64_bits_and_hamming_works_on_arrays() -> None:
     # A flat picture has no structure: only the DC bit (the first, brightness > 0) is set, whatever the size.
     assert phash(Image.new("RGB", (64, 64), (90, 90, 90))) == 1 << 63
     assert phash(Image.new("RGB", (333, 97), (90, 90, 90))) == 1 << 63
-
-
-def test_the_embedder_pipelines_step_hashes_in_a_preprocessing_process_as_image_hashes_does() -> None:
-    files = [_encode(scene(320, 240, seed=2), "PNG"), jpeg(240, 320, 3, orientation=6), b"{}"]
-    step = HashedDecode(_mean_colour, max_pixels=10**6)
-    stages = Stages(step, lambda pixels: pixels, lambda pixels, hashes: list(zip(pixels.tolist(), hashes, strict=True)))
-    pipeline = Pipeline(torch.device("cpu"), load_threads=2, preprocess_processes=1)
-    try:
-        items = [(sha256_hex(data), data) for data in files]
-        found = dict(pipeline.run(items, lambda item: item, stages, batch_size=2, item_errors=(ImageDecodeError,)))
-    finally:
-        pipeline.close()
-    for index, data in enumerate(files[:2]):
-        image = decode_image(data, max_pixels=10**6)
-        assert found[index][1] == image_hashes(data, image)
-        assert found[index][0] == _mean_colour(image)[0].tolist()[0]
-    assert found[1][1].width == 320 and found[1][1].height == 240  # EXIF applied before hashing
-    assert found[2] == Failed("cannot decode image: not a recognised image format: found a JSON document, 2 bytes")
-
-
-def _mean_colour(image: Image.Image) -> tuple[torch.Tensor, None]:
-    """A stand-in preprocessing (picklable): the picture's mean colour, (1, 3)."""
-    return torch.from_numpy(np.asarray(image, dtype=np.float32).mean(axis=(0, 1))).unsqueeze(0), None
