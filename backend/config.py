@@ -87,6 +87,7 @@ class Settings(BaseSettings):
     # thread up to the download threads (the thread feeding the GPU then shares its process with no pixel
     # work); 0 on the CPU.
     image_preprocess_processes: int | None = Field(default=None, ge=0)
+    image_thread_niceness: int = Field(default=10, ge=0, le=19)  # image threads yield to the device's feeder
     image_draft_decode: bool = False  # JPEGs >= 2x the model input decoded at 1/2-1/8 scale (faster, not exact)
 
     # Indexer: the DINOv2 embedder the workers run, and where each project's vectors live

@@ -82,11 +82,13 @@ class Predictor:
         preprocess_threads: int | None = None,
         preprocess_processes: int = 0,
         draft_decode: bool = False,
+        niceness: int = 0,
     ) -> None:
         """``preprocess_threads`` defaults to one per usable core; ``preprocess_processes`` above 0 decodes
         and preprocesses in that many processes instead (``model.preprocess_pool``). ``draft_decode``:
         decode large JPEGs at a reduced scale that still covers the model's input
-        (``model.images.decode_image``)."""
+        (``model.images.decode_image``). ``niceness``: the pipeline's image threads and processes run
+        at that lower priority (``model.pipeline.Pipeline``)."""
         self.detector = detector
         self.batch_size = batch_size
         self.max_pixels = max_pixels
@@ -98,6 +100,7 @@ class Predictor:
             load_threads=download_threads,
             preprocess_threads=preprocess_threads,
             preprocess_processes=preprocess_processes,
+            niceness=niceness,
         )
         self._turns = ModelTurns()
 

@@ -50,6 +50,7 @@ from backend.state import ProjectStore
 from backend.writer import Writer
 from indexer.store import STORE_FILE, VectorStore, project_dir
 from model import DinoV2Embedder, create_detector, create_embedder
+from model.host_memory import keep_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -300,6 +301,7 @@ def load_predictor(settings: Settings) -> Predictor:
         preprocess_threads=settings.image_preprocess_threads,
         preprocess_processes=preprocess_processes(settings, detector.device),
         draft_decode=settings.image_draft_decode,
+        niceness=settings.image_thread_niceness,
     )
 
 
@@ -312,6 +314,7 @@ def load_embedder(settings: Settings) -> DinoV2Embedder:
         precision=settings.embedder_precision,
         batch_size=settings.embedder_batch_size,
         preprocess_threads=settings.image_preprocess_threads,
+        niceness=settings.image_thread_niceness,
         # No processes yet: index jobs hand the embedder's pipeline decoded images (backend.shared_images).
     )
 
@@ -365,6 +368,7 @@ def run_worker(
         state["checkpoint"] = settings.detector_checkpoint
     if EMBEDDER in models:
         state["embedder"] = settings.embedder_model
+    keep_freed_memory()  # images' tensors reuse freed memory instead of faulting fresh pages in
     heartbeat = Heartbeat(connection, name, state, settings.batch_timeout)
     heartbeat.start()
     runtime: Runtime | None = None

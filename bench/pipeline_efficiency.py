@@ -54,6 +54,7 @@ import httpx
 import torch
 from transformers import AutoProcessor
 
+from backend.config import Settings
 from backend.image_source import ImageFetcher
 from backend.labeling import LabelTarget, parse_label_config
 from backend.predictor import Predictor
@@ -68,9 +69,10 @@ from bench.common import (
     tree_cpu_seconds,
     write_report,
 )
-from model import DetectionParams, GroundingDinoDetector, preprocess_pool
+from model import DetectionParams, GroundingDinoDetector
 from model.devices import usable_cores
 from model.grounding_dino import GroundingDinoPreprocess
+from model.host_memory import keep_freed_memory
 from model.images import decode_image
 from model.pipeline import PipelineStats
 from tests.labelstudio import free_port
@@ -83,6 +85,8 @@ LABEL_CONFIG = (
 PARAMS = DetectionParams()  # the service's defaults
 MAX_PIXELS = 100_000_000
 DOWNLOAD_THREADS = 8  # DINOLABEL_IMAGE_DOWNLOAD_THREADS' default
+NICENESS = Settings.model_fields["image_thread_niceness"].default
+"""The workers' default (``DINOLABEL_IMAGE_THREAD_NICENESS``)."""
 LAUNCH_SHARE = 0.2
 """Share of a batch's device time the fake device spends launching (GIL held between ops). On the H200
 the batch-1 forward was launch-bound at 65-82 ms, 13-25% of a batch of 16 (bench/results/h200-2026-11-27)."""
@@ -304,7 +308,9 @@ def stage_costs(setup: Setup, path: str, tasks: list[dict[str, Any]], fetcher: I
 # --- run --------------------------------------------------------------------------------------------------
 
 
-def make_setup(checkpoint: Path, batch: int, launch_share: float, paths: Sequence[str], processes: int) -> Setup:
+def make_setup(
+    checkpoint: Path, batch: int, launch_share: float, paths: Sequence[str], processes: int, niceness: int
+) -> Setup:
     processor = AutoProcessor.from_pretrained(checkpoint)  # the real processor settings (800/1333)
     fake = FakeGroundingDino(0.0)
     fake.launch_share = launch_share
@@ -321,6 +327,7 @@ def make_setup(checkpoint: Path, batch: int, launch_share: float, paths: Sequenc
             download_threads=DOWNLOAD_THREADS,
             preprocess_processes=processes if path == "procs" else 0,
             draft_decode=path == "draft",
+            niceness=niceness,
         )
         for path in paths
     }
@@ -355,7 +362,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--processes", type=int, default=usable_cores(), help="preprocessing processes of the procs path (cores)"
     )
-    parser.add_argument("--niceness", type=int, default=preprocess_pool.NICENESS, help="added to the procs' nice value")
+    parser.add_argument(
+        "--niceness", type=int, default=NICENESS, help="added to the nice value of the image threads and processes"
+    )
+    parser.add_argument(
+        "--malloc-defaults", action="store_true", help="leave glibc's malloc as it is (workers keep freed memory)"
+    )
     parser.add_argument("--cache", type=Path, default=REPO / "bench" / "out" / "cache")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "pipeline_efficiency.json")
     return parser.parse_args(argv)
@@ -363,12 +375,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    preprocess_pool.NICENESS = args.niceness  # read as each preprocessing process starts
+    kept = False if args.malloc_defaults else keep_freed_memory()  # as a worker does (backend.worker)
     run_started = time.perf_counter()
     sets = args.sets.split(",")
     sources = args.sources.split(",")
     paths = args.paths.split(",")
-    setup = make_setup(ensure_random_checkpoint(args.cache), args.batch, args.launch_share, paths, args.processes)
+    setup = make_setup(
+        ensure_random_checkpoint(args.cache), args.batch, args.launch_share, paths, args.processes, args.niceness
+    )
     info = {**machine_info(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
     print(
         f"pipeline_efficiency cpu={info['cpu_model']!r} cores={info['cpu_cores_usable']} batch={args.batch} "
@@ -418,7 +432,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rates": args.rates,
         "launch_share": args.launch_share,
         "preprocess_processes": args.processes,
-        "preprocess_niceness": args.niceness,
+        "niceness": args.niceness,
+        "keep_freed_memory": kept,
         "launch_passes_per_s_alone": round(setup.fake.launches_per_s),
         "paths": paths,
         "sets": {name: [list(spec) for spec in SETS[name]] for name in sets},

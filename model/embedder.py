@@ -88,10 +88,12 @@ class DinoV2Embedder:
         batch_size: int = 16,
         preprocess_threads: int | None = None,
         preprocess_processes: int = 0,
+        niceness: int = 0,
     ) -> None:
         """``preprocess_threads``: images preprocessed at once by :meth:`embed` (one per usable core).
         ``preprocess_processes``: processes for the runs of :attr:`pipeline` that hand it bytes to decode
-        (``model.pipeline``); :meth:`embed`, given decoded images, preprocesses on threads."""
+        (``model.pipeline``); :meth:`embed`, given decoded images, preprocesses on threads.
+        ``niceness``: those threads and processes run at that lower priority (``model.pipeline``)."""
         from timm.data import create_transform, resolve_data_config
 
         _check_precision(precision, device)
@@ -115,6 +117,7 @@ class DinoV2Embedder:
             load_threads=preprocess_threads or usable_cores(),
             preprocess_threads=preprocess_threads,
             preprocess_processes=preprocess_processes,
+            niceness=niceness,
         )
         self._model_lock = threading.Lock()
 
@@ -200,6 +203,7 @@ def create_embedder(
     batch_size: int = 16,
     preprocess_threads: int | None = None,
     preprocess_processes: int = 0,
+    niceness: int = 0,
 ) -> DinoV2Embedder:
     """Load a DINOv2 model by timm name, alias or local folder (the same ``timm.create_model`` path).
 
@@ -212,6 +216,7 @@ def create_embedder(
         batch_size: most images per forward pass in :meth:`DinoV2Embedder.embed` (16).
         preprocess_threads: images preprocessed at once in :meth:`DinoV2Embedder.embed` (one per usable core).
         preprocess_processes: processes that decode and preprocess for runs of its pipeline given bytes (0).
+        niceness: added to the nice value of its image threads and processes (0).
 
     Returns:
         The loaded embedder; its ``version`` equals ``embedder_version(model, image_size=..., precision=...)``.
@@ -240,6 +245,7 @@ def create_embedder(
         batch_size=batch_size,
         preprocess_threads=preprocess_threads,
         preprocess_processes=preprocess_processes,
+        niceness=niceness,
     )
     log.info(
         "loaded %s (%d-d) on %s (%s, %d px) in %.1f s",

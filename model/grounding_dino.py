@@ -167,7 +167,10 @@ class GroundingDinoDetector:
         with torch.inference_mode(), autocast(self.device, self.precision):
             outputs = self.model(
                 pixel_values=pixel_values,
-                pixel_mask=torch.ones((n, *pixel_values.shape[2:]), dtype=torch.long, device=self.device),
+                # One image's mask seen n times: a batch's own (n, H, W) ones cost tens of MB a pass.
+                pixel_mask=torch.ones((1, *pixel_values.shape[2:]), dtype=torch.long, device=self.device).expand(
+                    n, *pixel_values.shape[2:]
+                ),
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
                 token_type_ids=torch.zeros_like(input_ids),

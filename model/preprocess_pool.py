@@ -55,9 +55,6 @@ FUNCTIONS_KEPT = 8
 """Unpickled functions a child keeps (one per distinct preprocessing; a worker has one or two)."""
 PRELOAD = ("torch", "numpy", "PIL.Image", "model.images")
 """Imported once by the fork server, so that every child starts with them."""
-NICENESS = 0
-"""Added to each child's nice value: above 0 the parent's threads (the one feeding the device first) win
-the cores when all are busy. Read when a child starts."""
 _MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)  # pages mapped at once, not fault by fault
 
 
@@ -91,13 +88,16 @@ class PreprocessTask:
 class PreprocessPool:
     """``processes`` child processes that run one preprocessing call each at a time. Thread-safe."""
 
-    def __init__(self, processes: int, *, torch_threads: int = 1) -> None:
+    def __init__(self, processes: int, *, torch_threads: int = 1, niceness: int = 0) -> None:
+        """``niceness`` is added to each child's nice value: above 0 the parent's threads (the one feeding
+        the device first) win the cores when all are busy."""
         if processes < 1:
             raise ValueError(f"processes must be at least 1, got {processes}")
         if not hasattr(os, "memfd_create"):
             raise RuntimeError("preprocessing in processes needs Linux (os.memfd_create); use threads here")
         self.processes = processes
         self.torch_threads = torch_threads
+        self.niceness = niceness
         self.replaced = 0  # children replaced after dying or timing out
         self._context = _context()
         self._lock = threading.Lock()
@@ -173,7 +173,7 @@ class PreprocessPool:
             self._idle.put(worker)
 
     def _start(self) -> _Worker:
-        worker = _Worker(self._context, self.torch_threads)
+        worker = _Worker(self._context, self.torch_threads, self.niceness)
         with self._lock:
             self._workers.add(worker)
         return worker
@@ -202,10 +202,10 @@ class PreprocessPool:
 class _Worker:
     """One child and the parent's end of its socket; used by one thread at a time."""
 
-    def __init__(self, context: Any, torch_threads: int) -> None:
+    def __init__(self, context: Any, torch_threads: int, niceness: int) -> None:
         self.conn, child_end = multiprocessing.Pipe(duplex=True)  # a socket pair: descriptors can cross it
         self.process = context.Process(
-            target=_serve, args=(child_end, torch_threads, NICENESS), name="dinolabel-preprocess", daemon=True
+            target=_serve, args=(child_end, torch_threads, niceness), name="dinolabel-preprocess", daemon=True
         )
         self.process.start()
         child_end.close()

@@ -23,7 +23,7 @@ from model import GroundingDinoDetector
 from model.images import DecodeThen, ImageDecodeError, decode_image
 from model.pipeline import Failed, Pipeline, PipelineStats, Stages
 from tests.images import jpeg, png
-from tests.model.child_stages import Stall, in_child
+from tests.model.child_stages import Stall, in_child, with_nice_value
 from tests.model.test_grounding_dino import LOW, PHRASES, same
 from tests.processes import wait_for
 
@@ -402,3 +402,38 @@ _SUMS = Stages(
     lambda pixels: pixels.sum(dim=(1, 2, 3)),
     lambda sums, metas: [(value, pid, total) for (value, pid), total in zip(metas, sums.tolist(), strict=True)],
 )
+
+
+def _nice_value() -> int:
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+@pytest.mark.parametrize("processes", [0, 1], ids=["threads", "processes"])
+def test_images_are_prepared_at_a_lower_priority_than_the_device_is_fed(processes: int) -> None:
+    # The load threads (or preprocessing processes) yield the cores to the thread running the forward
+    # pass, which keeps the caller's nice value.
+    base = _nice_value()
+    pipeline = Pipeline(CPU, load_threads=2, preprocess_processes=processes, niceness=5)
+    forward_nice: list[int] = []
+
+    def forward(pixels: torch.Tensor) -> torch.Tensor:
+        forward_nice.append(_nice_value())
+        return pixels.sum(dim=(1, 2, 3))
+
+    def postprocess(sums: torch.Tensor, metas: list[tuple[float, int]]) -> list[int]:
+        return [nice for _, nice in metas]
+
+    def load(item: tuple[float, int]) -> tuple[float, int]:
+        loaded.append(_nice_value())
+        return item
+
+    loaded: list[int] = []
+    try:
+        results = dict(pipeline.run([(1.0, 2)] * 6, load, Stages(with_nice_value, forward, postprocess), batch_size=2))
+    finally:
+        pipeline.close()
+    assert sorted(results) == list(range(6))
+    expected = min(19, base + 5)
+    assert set(loaded) == {expected}
+    assert set(results.values()) == {expected}  # where the preprocessing ran: a load thread or a child
+    assert forward_nice and set(forward_nice) == {base}
