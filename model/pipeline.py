@@ -184,11 +184,12 @@ class Pipeline:
         torch thread each), started here and kept until :meth:`close`; ``preprocess_threads`` and
         ``torch_threads`` then do not apply.
 
-        ``niceness``: added to the nice value of the load threads (Linux threads have their own) and of
-        the preprocessing processes, so that the thread feeding the device wins the cores when all are
-        busy. On the 2-core bench machine the device's launching ran 2-2.5x slower beside preprocessing
-        at equal priority (``bench/pipeline_efficiency.py``). A nice value cannot be lowered back
-        without privileges: the threads keep it for the pipeline's life.
+        ``niceness``: added to the nice value of the pipeline's threads (loading, stacking,
+        postprocessing; Linux threads have their own) and of the preprocessing processes, so that the
+        thread feeding the device (the caller's) wins the cores when all are busy. On the 2-core bench
+        machine the device's launching ran 2-2.5x slower beside preprocessing at equal priority
+        (``bench/pipeline_efficiency.py``). A nice value cannot be lowered back without privileges: the
+        threads keep it for the pipeline's life.
         """
         cores = usable_cores()
         self.preprocess_threads = preprocess_threads or cores
@@ -199,10 +200,14 @@ class Pipeline:
         self.max_pending = max_pending
         self._pin = device.type == "cuda"
         self.niceness = niceness
+        # The pipeline's threads run at the nice value of the thread building it plus ``niceness``.
+        self._nice = min(19, os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) + niceness)
         self._loads = ThreadPoolExecutor(
             max_workers=load_threads, thread_name_prefix="pipeline-load", initializer=self._lower_priority
         )
-        self._post = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline-post")
+        self._post = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="pipeline-post", initializer=self._lower_priority
+        )
         self._cpu_slots = threading.BoundedSemaphore(self.preprocess_threads)
         shared = max(1, cores // min(load_threads, self.preprocess_threads))
         self.torch_threads = torch_threads if torch_threads is not None else (shared if self._pin else None)
@@ -219,10 +224,13 @@ class Pipeline:
         return self._pool.pids() if self._pool is not None else []
 
     def _lower_priority(self) -> None:
-        """Each load thread's nice value raised by ``niceness`` (Linux threads have their own)."""
-        if self.niceness > 0 and hasattr(os, "setpriority"):
-            thread = threading.get_native_id()
-            os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + self.niceness))
+        """This thread's nice value raised by ``niceness`` (Linux threads have their own): every thread of
+        the pipeline but the caller's, which runs the forward passes."""
+        thread = threading.get_native_id()
+        # A new thread inherits the nice value of the thread that started it (a load thread is started
+        # by the batcher): raised once to the pipeline's value, never further.
+        if self.niceness > 0 and os.getpriority(os.PRIO_PROCESS, thread) < self._nice:
+            os.setpriority(os.PRIO_PROCESS, thread, self._nice)
 
     def _set_torch_threads(self) -> None:
         """Once per load thread: its torch intra-op threads, if this pipeline sets them."""
@@ -385,6 +393,7 @@ class _Run(Generic[X, S, M, R]):
     # --- batcher thread -----------------------------------------------------------------------------------
 
     def _batcher(self) -> None:
+        self.pipeline._lower_priority()  # stacking, like loading and postprocessing, runs ahead of the device
         in_flight: dict[int, Future[tuple[torch.Tensor, Any]]] = {}
         try:
             self._batch_items(in_flight)
