@@ -6,8 +6,8 @@
 - ``preannotate``: pre-annotate a whole project through the API, with a progress bar.
 - ``index``: embed a whole project's images for search through the API, with a progress bar.
 - ``store-writer``: the one writer of the projects' vector stores, alone (``serve`` runs it by default).
-- ``register-webhook``: make Label Studio send ``TASKS_CREATED`` and ``TASKS_DELETED`` to us, with our
-  shared secret.
+- ``register-webhook``: make Label Studio send ``TASKS_CREATED``, ``TASKS_DELETED`` and the annotation
+  events to us, with our shared secret.
 - ``prioritize``: rank a project's unlabeled tasks into Label Studio through the API, with progress.
 - ``unprioritize``: remove our ranking from a project (backend/ls_priority.py: the tab, the fields).
 - ``similar``: the tasks most similar to one task, through the API.
@@ -355,14 +355,19 @@ def _register_webhook(args: argparse.Namespace) -> int:
             }
             missing = [action for action in WEBHOOK_ACTIONS if action not in sent]
             if not missing:
-                print(f"project {args.project} already sends {' and '.join(WEBHOOK_ACTIONS)} to {target}")
+                print(f"project {args.project} already sends {_listed(WEBHOOK_ACTIONS)} to {target}")
                 return 0
             hook = client.create_webhook(args.project, target, headers=headers, actions=missing)
     except LabelStudioError as exc:
         print(f"register-webhook: {exc}", file=sys.stderr)
         return 1
-    print(f"webhook {hook.get('id')}: project {args.project} sends {' and '.join(missing)} to {target}")
+    print(f"webhook {hook.get('id')}: project {args.project} sends {_listed(missing)} to {target}")
     return 0
+
+
+def _listed(actions: Sequence[str]) -> str:
+    """``A``, ``A and B``, ``A, B and C``."""
+    return " and ".join([", ".join(actions[:-1]), actions[-1]]) if len(actions) > 1 else "".join(actions)
 
 
 def _similar(args: argparse.Namespace) -> int:
@@ -506,7 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
     idx.set_defaults(run=_index)
 
     hook = commands.add_parser(
-        "register-webhook", help="make Label Studio send TASKS_CREATED and TASKS_DELETED to this backend"
+        "register-webhook",
+        help="make Label Studio send TASKS_CREATED, TASKS_DELETED and the annotation events to this backend",
     )
     hook.add_argument("--project", type=int, required=True, help="Label Studio project id")
     hook.add_argument("--backend-url", required=True, help="this backend as Label Studio reaches it")

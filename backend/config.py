@@ -104,6 +104,8 @@ class Settings(BaseSettings):
     priority_reason_field: str = Field(default="dinolabel_reason", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
     # w in score = (1 - w) * distance + w * the detector's uncertainty (0: diversity alone, no predictions read)
     priority_uncertainty_weight: float = Field(default=0.3, ge=0.0, le=1.0, allow_inf_nan=False)
+    # Seconds from an annotation event of a prioritized project to its re-ranking; later events join it (0: off)
+    priority_rerank_delay: float = Field(default=60.0, ge=0.0, le=86400.0, allow_inf_nan=False)
 
     # Search and duplicates (the read path of the index)
     search_max_k: int = Field(default=100, ge=1, le=2048)  # most results of one search (faiss GPU caps k at 2048)

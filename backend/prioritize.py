@@ -18,9 +18,11 @@ boxes become an uncertainty in [0, 1] (``indexer.uncertainty``). Tasks without s
 uncertainty term.
 
 A project prioritized once is ranked again when one of its index jobs ends (``after_index_job``), so new
-and re-embedded tasks get their places. Tasks labeled since the last ranking keep their old rank until
-then: Label Studio's labeling stream skips labeled tasks anyway, and the next ranking clears their rank
-(``write_priority`` empties the fields of tasks no longer ranked).
+and re-embedded tasks get their places, and after its annotations change (``after_annotations``, debounced:
+one run per ``DINOLABEL_PRIORITY_RERANK_DELAY``, started by the store writer, ``start_due_reranks``).
+Tasks labeled since the last ranking keep their old rank until then: Label Studio's labeling stream skips
+labeled tasks anyway, and the next ranking clears their rank (``write_priority`` empties the fields of
+tasks no longer ranked).
 """
 
 from __future__ import annotations
@@ -162,6 +164,73 @@ def after_index_job(connection: Redis, job_id: str, project: int) -> None:
     if prioritized(connection, project) and connection.set(_AFTER + job_id, "1", nx=True, ex=JOB_TTL):
         submit(connection, project, source=f"index job {job_id}")
         log.info("project %d: index job %s ended, ranking again", project, job_id)
+
+
+# --- re-ranking after annotations (debounced) ----------------------------------------------------------------
+
+RERANK_DUE_KEY = KEY_PREFIX + "priority-rerank-due"
+"""Re-rankings that annotation events scheduled: a sorted set of project -> when it is due (Unix time). Only
+prioritized projects get a member, one each; the set expires ``JOB_TTL`` after its last event."""
+_RERANK_RUN = KEY_PREFIX + "priority-rerank-run:"
+ANNOTATIONS = "annotations"
+"""The ``source`` of the runs that annotation events start."""
+
+# Atomic: a project never prioritized gets no member (fake events for any project id store nothing), and
+# NX keeps the first event's due time, so later events join the run it scheduled.
+_SCHEDULE = """
+if redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 0 then return false end
+local added = redis.call('ZADD', KEYS[1], 'NX', ARGV[2], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return {added, redis.call('ZSCORE', KEYS[1], ARGV[1])}
+"""
+
+
+def after_annotations(connection: Redis, project: int, delay: float) -> float | None:
+    """Annotations of ``project`` changed in Label Studio: re-rank it ``delay`` seconds from now, or join
+    the re-ranking already scheduled (one run for any number of events). Returns when it is due; None
+    when nothing is scheduled (``delay`` 0, or a project never prioritized).
+
+    A ranking is cheap to compute but costs Label Studio many writes (``backend.ls_priority``), and an
+    annotator submits every few seconds: hence one run per ``delay``, however many events, fake ones too.
+    """
+    if delay <= 0:
+        return None
+    scheduled = connection.register_script(_SCHEDULE)(
+        keys=[RERANK_DUE_KEY, PRIORITIZED_KEY], args=[str(project), repr(time.time() + delay), JOB_TTL]
+    )
+    if scheduled is None:
+        return None
+    added, due = scheduled
+    if added:
+        log.info("project %d: annotations changed, ranking again in %.0f s", project, delay)
+    return float(due)
+
+
+def start_due_reranks(connection: Redis, now: float | None = None) -> list[str]:
+    """Queue the re-rankings that are due (the store writer looks every second); the ids of the jobs queued.
+
+    A project whose last re-ranking is still queued or running waits for it to end: the events that came
+    meanwhile (that run may have listed the labeled tasks before them) get exactly one more run, after it.
+    A due project is taken by removing it from the set, so two callers never queue the same run. A run
+    that died with its store writer holds the next one back for at most ``RUN_TIMEOUT``.
+    """
+    now = time.time() if now is None else now
+    queued = []
+    for member in connection.zrangebyscore(RERANK_DUE_KEY, "-inf", now):
+        project = int(member)
+        if _rerank_running(connection, project) or not connection.zrem(RERANK_DUE_KEY, member):
+            continue
+        job = submit(connection, project, source=ANNOTATIONS)
+        connection.set(_RERANK_RUN + str(project), job["id"], ex=RUN_TIMEOUT)
+        queued.append(job["id"])
+        log.info("project %d: ranking again after annotations (job %s)", project, job["id"])
+    return queued
+
+
+def _rerank_running(connection: Redis, project: int) -> bool:
+    job_id = connection.get(_RERANK_RUN + str(project))
+    status = connection.hget(_JOB + job_id.decode(), "status") if job_id else None
+    return status is not None and status.decode() not in FINAL
 
 
 # --- the run (store writer) -------------------------------------------------------------------------------

@@ -10,6 +10,12 @@ a thread of ``dinolabel serve`` by default (``DINOLABEL_STORE_WRITER``), or a pr
 
 It beats like a worker (role ``store-writer``), so the plan steps and stores in its hands are known to
 be alive, and it survives Redis outages as the workers do.
+
+It also starts the re-rankings that annotation events scheduled once they are due (``DueReranks``,
+``backend.prioritize.start_due_reranks``). RQ could delay a job itself (``enqueue_in``), but only with its
+scheduler running, which forks a process of its own from a worker (not something to do from a thread of
+``serve``), and a delayed job can neither be joined by later events nor wait for the run before it: the
+due set in Redis does both, and exactly one process looks at it.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from rq.serializers import JSONSerializer
 
 from backend.bulk import Workers
 from backend.config import Settings
+from backend.prioritize import start_due_reranks
 from backend.queues import Queues
 from backend.worker import (
     Heartbeat,
@@ -42,6 +49,8 @@ from backend.writer import Writer
 log = logging.getLogger(__name__)
 
 ROLE = "store-writer"
+RERANK_POLL_SECONDS = 1.0
+"""How often the store writer looks for due re-rankings: one Redis call when none is due."""
 
 
 def run_store_writer(
@@ -58,6 +67,8 @@ def run_store_writer(
     state.update(name=name, pid=os.getpid(), role=ROLE, state="ready", busy=None)
     heartbeat = Heartbeat(connection, name, state, settings.batch_timeout)
     heartbeat.start()
+    reranks = DueReranks(connection)
+    reranks.start()
     # It writes nothing to Label Studio: its Writer is never started (an inert one keeps Runtime simple).
     writer = Writer(size=settings.bulk_write_size, wait=settings.bulk_write_wait, retries=0)
     runtime = Runtime(settings=settings, connection=connection, name=name, writer=writer)
@@ -88,6 +99,33 @@ def run_store_writer(
                 restart_plan_steps_of(connection, name)
     finally:
         runtime.close_stores()
+        reranks.stopped.set()
         heartbeat.stopped.set()
+        reranks.join(timeout=5)
         heartbeat.join(timeout=5)
         _local.runtime = None
+
+
+class DueReranks(threading.Thread):
+    """Queues the due re-rankings every ``RERANK_POLL_SECONDS`` (they run on the store writer's queue)."""
+
+    def __init__(self, connection: Redis) -> None:
+        super().__init__(name="dinolabel-due-reranks", daemon=True)
+        self.connection = connection
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        failing = False  # said once until a pass succeeds again
+        while not self.stopped.wait(RERANK_POLL_SECONDS):
+            try:
+                start_due_reranks(self.connection)
+            except redis.RedisError as exc:  # an outage: what is due stays due, and is queued once Redis is back
+                if not failing:
+                    log.warning("due re-rankings: Redis unreachable (%s)", exc)
+                failing = True
+            except Exception:  # a bug: in the log, and the next pass tries again
+                if not failing:
+                    log.exception("due re-rankings: the pass failed")
+                failing = True
+            else:
+                failing = False

@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 
 from backend.index_cache import INDEX_FOLDER
+from backend.routes.ls import WEBHOOK_ACTIONS
 from indexer import StoredVector, StoreNotFoundError, VectorIndex, VectorStore, project_dir
 from indexer.hashes import sha256_hex
 from tests.images import scene
@@ -161,10 +162,10 @@ def test_webhooks_index_new_tasks_and_drop_deleted_ones_also_across_a_restart(
     registered = backend.cli("register-webhook", "--project", str(project), "--backend-url", backend.url)
     assert registered.returncode == 0, registered.stdout + registered.stderr
     (hook,) = [h for h in api.webhooks(project) if h["url"] == f"{backend.url}/webhook"]
-    assert sorted(hook["actions"]) == ["TASKS_CREATED", "TASKS_DELETED"]
+    assert sorted(hook["actions"]) == sorted(WEBHOOK_ACTIONS)
     assert hook["headers"] == {"X-Dinolabel-Secret": SECRET}
     again = backend.cli("register-webhook", "--project", str(project), "--backend-url", backend.url)
-    assert "already sends TASKS_CREATED and TASKS_DELETED" in again.stdout, again.stdout + again.stderr
+    assert "already sends TASKS_CREATED, TASKS_DELETED, ANNOTATION_CREATED" in again.stdout, again.stdout + again.stderr
     assert len(api.webhooks(project)) == 1
 
     indexed = backend.index(project)

@@ -52,8 +52,10 @@ from backend.json_body import StrictJSONRoute, parse_json
 from backend.labeling import LabelConfigError, LabelLimits, LabelTarget, parse_label_config, typed_prompt
 from backend.marks import ANSWER_WINDOW, Marks
 from backend.metrics import Metrics
+from backend.prioritize import after_annotations
 from backend.queues import Queues
 from backend.schemas.ls import (
+    AnnotationsChanged,
     Health,
     PredictRequest,
     PredictResponse,
@@ -73,11 +75,19 @@ router = APIRouter(tags=["label-studio"], route_class=StrictJSONRoute)
 
 MODEL_CLASS = "GroundingDINO"
 SECRET_HEADER = "X-Dinolabel-Secret"
-WEBHOOK_ACTIONS = ("TASKS_CREATED", "TASKS_DELETED")
+SECRET_ACTIONS = ("TASKS_CREATED", "TASKS_DELETED")
+"""The events that need the shared secret (or basic-auth credentials): they make us write into Label Studio
+with our key, or remove vectors."""
+ANNOTATION_ACTIONS = ("ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED")
+"""Label Studio 1.23's events that may change which tasks are labeled (``webhooks/models.py``; an update can
+turn a skipped task into a labeled one): a prioritized project is ranked again, debounced. Open: Label
+Studio's own hook for a connected model sends them without the secret, and the worst a fake one can do is
+one re-ranking per ``DINOLABEL_PRIORITY_RERANK_DELAY`` of a project that was prioritized."""
+WEBHOOK_ACTIONS = (*SECRET_ACTIONS, *ANNOTATION_ACTIONS)
 """The webhook events acted on (``dinolabel register-webhook`` registers these); others are acknowledged."""
 ANONYMOUS_WEBHOOK_BYTES = 1024 * 1024
 """Most bytes read from a webhook without the secret or credentials: enough for Label Studio's other
-events (an annotation with its task and project), which are only acknowledged."""
+events (an annotation with its task and project), which schedule a re-ranking or are acknowledged."""
 _ANONYMOUS_LIMIT = f"webhooks without {SECRET_HEADER} or basic-auth credentials"
 WebhookEventT = TypeVar("WebhookEventT", bound=WebhookEvent)
 
@@ -303,6 +313,7 @@ def _wait_for_worker(service: Service, settings: Settings, payload: dict[str, An
                         "anyOf": [
                             TasksCreated.model_json_schema(),
                             TasksDeleted.model_json_schema(),
+                            AnnotationsChanged.model_json_schema(),
                             WebhookEvent.model_json_schema(),
                         ]
                     }
@@ -319,7 +330,9 @@ async def webhook(
 ) -> WebhookResponse:
     """``TASKS_CREATED`` queues pre-annotation of the new tasks (and their indexing, when the project is
     indexed: two jobs planned together, so that each image is fetched once, ``backend.combined``);
-    ``TASKS_DELETED`` removes the tasks' vectors; other events are acknowledged only.
+    ``TASKS_DELETED`` removes the tasks' vectors; annotation events (``ANNOTATION_ACTIONS``) of a project
+    prioritized before schedule its re-ranking (``backend.prioritize.after_annotations``); other events are
+    acknowledged only.
 
     Label Studio cannot send basic auth with webhooks, and it posts every event of a project to
     ``<backend>/webhook`` once the model is connected. So the route is open, but ``TASKS_CREATED``
@@ -340,6 +353,8 @@ async def webhook(
     action = _validated(WebhookEvent, payload).action
     if action not in WEBHOOK_ACTIONS:
         return WebhookResponse(status="ignored", action=action)
+    if action in ANNOTATION_ACTIONS:
+        return _annotations_changed(_validated(AnnotationsChanged, payload), service, settings)
     if not authorised:
         raise HTTPException(
             status_code=401,
@@ -387,6 +402,15 @@ def _tasks_deleted(event: TasksDeleted, service: Service, settings: Settings) ->
     enqueue_delete(service.queues, event.project_number, ids)
     log.info("webhook: %d tasks of project %s deleted: their vectors are removed", len(ids), event.project_number)
     return WebhookResponse(status="queued", action=event.action, tasks=len(ids))
+
+
+def _annotations_changed(event: AnnotationsChanged, service: Service, settings: Settings) -> WebhookResponse:
+    """Schedule the project's re-ranking, or join the one scheduled; only acknowledged for a project never
+    prioritized, or with ``DINOLABEL_PRIORITY_RERANK_DELAY`` 0."""
+    due = after_annotations(service.connection, event.project_number, settings.priority_rerank_delay)
+    if due is None:
+        return WebhookResponse(status="ignored", action=event.action)
+    return WebhookResponse(status="scheduled", action=event.action, rerank_at=due)
 
 
 def _validated(model: type[WebhookEventT], payload: Any) -> WebhookEventT:

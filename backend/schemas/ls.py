@@ -136,8 +136,8 @@ class PredictResponse(BaseModel):
 
 
 class WebhookEvent(BaseModel):
-    """What Label Studio posts to ``/webhook``; only ``TASKS_CREATED`` and ``TASKS_DELETED`` are read beyond
-    their ``action``."""
+    """What Label Studio posts to ``/webhook``; only ``TASKS_CREATED``, ``TASKS_DELETED`` and the annotation
+    events are read beyond their ``action``."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -210,13 +210,30 @@ class TasksDeleted(WebhookEvent):
         return self.project["id"] if isinstance(self.project, dict) else self.project
 
 
+class AnnotationsChanged(WebhookEvent):
+    """An annotation event (``backend.routes.ls.ANNOTATION_ACTIONS``): only its project's id is read (a
+    re-ranking lists the labeled tasks from Label Studio itself), not the annotations or the task."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"action": "ANNOTATION_CREATED", "project": {"id": 1}, "annotation": {}}]}
+    )
+
+    action: Literal["ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED"]
+    project: Annotated[dict[str, Any] | int, PlainValidator(_webhook_project), WithJsonSchema(_WEBHOOK_PROJECT)]
+
+    @property
+    def project_number(self) -> int:
+        return self.project["id"] if isinstance(self.project, dict) else self.project
+
+
 class WebhookResponse(BaseModel):
-    status: Literal["queued", "ignored"]
+    status: Literal["queued", "scheduled", "ignored"]
     action: str | None = None
     job_id: str | None = None
     index_job_id: str | None = None  # TASKS_CREATED of a project that is indexed: the job indexing the new tasks
     tasks: int | None = None  # tasks queued
     rejected: int | None = None  # tasks refused (recorded as failures of the job, with their reasons)
+    rerank_at: float | None = None  # annotation events ("scheduled"): when the project's re-ranking starts (Unix time)
 
 
 class Health(BaseModel):

@@ -154,6 +154,9 @@ class _HooksHandler(_Handler):
         self.answer(201, json.dumps(hook).encode())
 
 
+ANNOTATIONS = ["ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED"]
+
+
 def test_register_webhook_adds_only_the_events_no_hook_with_the_secret_sends_yet() -> None:
     target = "http://backend:9090/webhook"
     state = _Hooks(
@@ -186,12 +189,18 @@ def test_register_webhook_adds_only_the_events_no_hook_with_the_secret_sends_yet
         assert first.returncode == 0, first.stderr
         assert state.posted == [
             {"project": 4, "url": target, "send_payload": True, "send_for_all_actions": False,
-             "headers": {"X-Dinolabel-Secret": "s3"}, "actions": ["TASKS_DELETED"], "is_active": True}
+             "headers": {"X-Dinolabel-Secret": "s3"}, "actions": ["TASKS_DELETED", *ANNOTATIONS], "is_active": True}
         ]  # fmt: skip
-        assert first.stdout == f"webhook 4: project 4 sends TASKS_DELETED to {target}\n"
+        assert first.stdout == (
+            "webhook 4: project 4 sends TASKS_DELETED, ANNOTATION_CREATED, ANNOTATIONS_CREATED, ANNOTATION_UPDATED "
+            f"and ANNOTATIONS_DELETED to {target}\n"
+        )
         again = register()
         assert again.returncode == 0, again.stderr
-        assert again.stdout == f"project 4 already sends TASKS_CREATED and TASKS_DELETED to {target}\n"
+        assert again.stdout == (
+            "project 4 already sends TASKS_CREATED, TASKS_DELETED, ANNOTATION_CREATED, ANNOTATIONS_CREATED, "
+            f"ANNOTATION_UPDATED and ANNOTATIONS_DELETED to {target}\n"
+        )
         assert len(state.posted) == 1
     (listing, *_) = state.seen("/api/webhooks")
     assert listing.query == {"project": ["4"]} and listing.authorization == "Token legacy-token-0123456789"

@@ -146,7 +146,9 @@ def test_webhook_tasks_created_needs_the_secret(settings: Settings) -> None:
         assert queued.status_code == 200 and queued.json()["status"] == "queued"
         job = client.get(f"/v1/jobs/{queued.json()['job_id']}").json()
         assert (job["project"], job["source"]) == (5, "webhook")
-        assert client.post("/webhook", json={"action": "ANNOTATION_CREATED"}).json()["status"] == "ignored"
+        assert client.post("/webhook", json={"action": "PROJECT_UPDATED"}).json()["status"] == "ignored"
+        annotation = client.post("/webhook", json={"action": "ANNOTATION_CREATED"})  # a hook without its payload
+        assert annotation.status_code == 422 and "project" in annotation.text
         bad = {"action": "TASKS_CREATED", "tasks": []}
         assert client.post("/webhook", json=bad, headers={"X-Dinolabel-Secret": "hook-secret"}).status_code == 422
 
