@@ -3,7 +3,9 @@
 The next task is asked for exactly as the labeling stream asks for it (``POST /api/dm/actions?id=
 next_task`` with the tab's ordering and filters, see backend/ls_priority.py), annotations are
 submitted as the editor submits them, and the order Label Studio hands tasks out in is compared with
-the ranking, before and after annotations and after a new ranking.
+the ranking, before and after annotations and after a new ranking. The last test runs ``dinolabel
+serve``: annotations submitted in Label Studio reach its webhook, and the next task follows the
+re-ranking they scheduled.
 """
 
 from __future__ import annotations
@@ -11,8 +13,11 @@ from __future__ import annotations
 import os
 import random
 import subprocess
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from backend.ls_client import LabelStudioClient
@@ -24,8 +29,11 @@ from backend.ls_priority import (
     remove_priority,
     write_priority,
 )
-from tests.labelstudio import DroppingProxy, LabelStudioAPI, LabelStudioServer
-from tests.processes import DINOLABEL
+from backend.prioritize import ANNOTATIONS
+from tests.labelstudio import DroppingProxy, LabelStudioAPI, LabelStudioServer, free_port
+from tests.processes import DINOLABEL, wait_for
+from tests.test_e2e_index_labelstudio import Backend, Images
+from tests.tiny_checkpoints import build_tiny_dinov2
 
 pytestmark = [pytest.mark.labelstudio, pytest.mark.slow]
 
@@ -218,3 +226,89 @@ def test_the_predictions_of_one_model_version_are_listed_with_their_boxes(
     for task, result in found.items():
         assert [(r["score"], r["value"]["rectanglelabels"]) for r in result] == [(boxes[task][0]["score"], ["cat"])]
     assert others == {task: [] for task in task_ids[3:]}
+
+
+# --- re-ranked by the backend after annotations (its webhook, debounced) ------------------------------------
+
+SECRET = "priority-webhook-secret"
+
+
+@pytest.fixture(scope="module")
+def backend(
+    label_studio: tuple[LabelStudioServer, LabelStudioAPI],
+    tiny_checkpoint: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Backend]:
+    """``dinolabel serve`` (embedded Redis, a worker serving a tiny DINOv2) that re-ranks 2 s after the
+    first annotation event, on diversity alone (the project holds no predictions)."""
+    server, _ = label_studio
+    folder = tmp_path_factory.mktemp("priority-e2e")
+    env = {
+        "DINOLABEL_WORKER_MODELS": "embedder",
+        "DINOLABEL_DETECTOR_CHECKPOINT": str(tiny_checkpoint),  # the model version is read from it
+        "DINOLABEL_EMBEDDER_MODEL": str(build_tiny_dinov2(folder / "dinov2", img_size=224)),
+        "DINOLABEL_DEVICE": "cpu",
+        "DINOLABEL_DATA_DIR": str(folder / "data"),
+        "DINOLABEL_LABEL_STUDIO_URL": server.url,
+        "DINOLABEL_LABEL_STUDIO_API_KEY": server.token,
+        "DINOLABEL_WEBHOOK_SECRET": SECRET,
+        "DINOLABEL_HOST": "127.0.0.1",
+        "DINOLABEL_PORT": str(free_port()),
+        "DINOLABEL_PRIORITY_RERANK_DELAY": "2",
+        "DINOLABEL_PRIORITY_UNCERTAINTY_WEIGHT": "0",
+    }
+    backend = Backend(env, folder)
+    backend.start()
+    yield backend
+    backend.stop()
+
+
+def test_annotations_submitted_in_label_studio_re_rank_what_it_hands_out_next(
+    label_studio: tuple[LabelStudioServer, LabelStudioAPI], backend: Backend
+) -> None:
+    server, api = label_studio
+    project = api.create_project("priority re-ranked on annotations", CONFIG)["id"]
+    images = Images(server, api, project)
+    api.import_tasks(project, images.tasks(range(1, 13)))
+    indexed = backend.index(project)
+    assert indexed.returncode == 0, indexed.stdout + indexed.stderr
+    ranked = backend.cli("prioritize", "--project", str(project), "--api", backend.url, "--interval", "0.2")
+    assert ranked.returncode == 0, ranked.stdout + ranked.stderr
+
+    def ranking() -> dict[str, Any]:
+        response = httpx.get(f"{backend.url}/v1/projects/{project}/priority", timeout=30)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    first = ranking()
+    head = first["head"][0]["task_id"]
+    assert next_task(api, project) == head
+
+    # Annotate the three tasks most like the head (its nearest neighbours by our own search): the head is
+    # then close to labeled work, and the next ranking puts something else first.
+    similar = httpx.get(f"{backend.url}/v1/projects/{project}/similar", params={"task_id": head, "k": 3}, timeout=60)
+    assert similar.status_code == 200, similar.text
+    annotated = [hit["task_id"] for hit in similar.json()["results"]]
+    registered = backend.cli("register-webhook", "--project", str(project), "--backend-url", backend.url)
+    assert registered.returncode == 0, registered.stdout + registered.stderr
+    for task in annotated:  # Label Studio posts ANNOTATION_CREATED to us inside each of these calls
+        submit(api, task)
+
+    def reranked() -> dict[str, Any] | None:
+        """The ranking that saw all three annotations, once its run is done."""
+        latest = ranking()
+        if latest["job_id"] == first["job_id"] or latest["labeled"] != len(annotated):
+            return None
+        job = httpx.get(f"{backend.url}/v1/priority-jobs/{latest['job_id']}", timeout=30).json()
+        return latest if job["status"] == "done" else None
+
+    latest = wait_for(reranked, 120, f"the re-ranking after the annotations\n{backend.log_tail()}", interval=0.5)
+    job = httpx.get(f"{backend.url}/v1/priority-jobs/{latest['job_id']}", timeout=30).json()
+    assert (job["source"], job["labeled"], job["ranked"]) == (ANNOTATIONS, 3, 12 - 3), job
+    new_head = latest["head"][0]["task_id"]
+    assert new_head not in annotated
+    assert new_head != head, "the annotations changed which task comes first"
+    assert next_task(api, project) == new_head, "Label Studio hands out the new ranking's head"
+    data = task_data(api, project)
+    assert all(data[task][FIELDS.rank] == "" for task in annotated), "labeled: their ranks are cleared"
+    assert int(data[new_head][FIELDS.rank]) == 0
