@@ -273,9 +273,15 @@ class BulkJob:
         return other if self.connection.exists(other.key) else None
 
     def plan_leader(self) -> BulkJob:
-        """The job whose plan steps plan this one: its index partner when paired, else itself."""
-        partner = self.partner()
-        return partner if partner is not None and self.kind() != JobKind.INDEX else self
+        """The job whose plan steps plan this one: its index partner when paired, else itself.
+
+        It runs for every finished batch: one read of the record, and a second only for a paired
+        pre-annotation job (does its partner's record still exist?)."""
+        partner, kind = self.connection.hmget(self.key, "partner", "kind")
+        if partner is None or (kind is not None and _text(kind) == JobKind.INDEX):
+            return self
+        other = BulkJob(_text(partner), self.connection)
+        return other if self.connection.exists(other.key) else self
 
     def set_label_config(self, label_config: str) -> None:
         """Planning read the config from Label Studio (the job was started without one)."""

@@ -98,18 +98,22 @@ def enqueue_plan(
 def request_plan_step(queues: Queues, job: BulkJob) -> bool:
     """Queue the job's next plan step unless one is queued or running; True if queued now. A job paired
     with an index job is planned by that job's steps (``backend.combined``)."""
-    job = job.plan_leader()
+    return _queue_plan_step(queues, job.plan_leader())
+
+
+def _queue_plan_step(queues: Queues, leader: BulkJob) -> bool:
+    """``request_plan_step`` for a job that is its own plan leader (``BulkJob.plan_leader``)."""
     rq_id = uuid.uuid4().hex
-    if not job.claim_plan_step(f"queued:{rq_id}"):
+    if not leader.claim_plan_step(f"queued:{rq_id}"):
         return False
-    queue = queues.index_plan if job.kind() == JobKind.INDEX else queues.plan
+    queue = queues.index_plan if leader.kind() == JobKind.INDEX else queues.plan
     queue.enqueue(
         plan_job,
-        job.id,
+        leader.id,
         job_id=rq_id,
         job_timeout=PLAN_STEP_TIMEOUT,
         result_ttl=RESULT_TTL,
-        description=f"plan job {job.id}",
+        description=f"plan job {leader.id}",
     )
     return True
 
@@ -165,7 +169,8 @@ def plan_job(job_id: str) -> dict[str, Any]:
     step = get_current_job()
     if not job.plan_step_running(step.id if step else "", runtime.name):
         return {"status": "stale step"}
-    partner = job.partner() if job.plan_leader() is job else None  # a paired job's steps are its index job's
+    leader = job.plan_leader()
+    partner = job.partner() if leader is job else None  # a paired job's steps are its index job's
     live = [j for j in (job, partner) if j is not None and not j.is_final()]
     if not live:
         job.end_plan_step(runtime.name)
@@ -198,18 +203,22 @@ def plan_job(job_id: str) -> dict[str, Any]:
                 failed.fail(f"planning failed: {type(exc).__name__}")
             outcome = {"status": "failed", "reason": type(exc).__name__}
     job.end_plan_step(runtime.name)
-    keep_planning(queues, job, runtime.settings.bulk_plan_ahead)
+    _keep_planning(queues, leader, runtime.settings.bulk_plan_ahead)
     return outcome
 
 
 def keep_planning(queues: Queues, job: BulkJob, plan_ahead: int) -> bool:
     """Ask for the next plan step if the job (or the job it is paired with: they are planned together)
     still has tasks to plan and fewer than ``plan_ahead`` in flight."""
-    leader = job.plan_leader()
+    return _keep_planning(queues, job.plan_leader(), plan_ahead)
+
+
+def _keep_planning(queues: Queues, leader: BulkJob, plan_ahead: int) -> bool:
+    """``keep_planning`` for a job that is its own plan leader."""
     live = [j for j in (leader, leader.partner()) if j is not None and not j.is_final()]
     if not _wants_plan(live, plan_ahead):
         return False
-    return request_plan_step(queues, leader)
+    return _queue_plan_step(queues, leader)
 
 
 def _wants_plan(jobs: Sequence[BulkJob], plan_ahead: int) -> bool:
