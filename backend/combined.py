@@ -34,9 +34,17 @@ from typing import Any
 
 from backend.bulk import JOB_TTL, BulkJob, JobSpec
 from backend.index_jobs import embed_batch, index_todo, plan_index_page, rank_again_when_done
-from backend.jobs import RESULT_TTL, cancel_queued, detect_batch, enqueue_batch, label_studio_client, plan_detect_page
+from backend.jobs import (
+    RESULT_TTL,
+    cancel_queued,
+    detect_batch,
+    enqueue_batch,
+    label_studio_client,
+    next_page,
+    plan_detect_page,
+    with_label_config,
+)
 from backend.labeling import LabelConfigError, image_key, parse_label_config
-from backend.ls_client import MAX_IDS_PER_QUERY
 from backend.queues import Queues
 from backend.shared_images import SharedImages
 from backend.worker import Runtime, current_runtime
@@ -70,15 +78,10 @@ def _plan_both(
     index_spec, detect_spec = index_job.spec(), detect_job.spec()
     project = index_spec.project
     with label_studio_client(index_spec) as client:
-        if not index_spec.label_config or not detect_spec.label_config:
-            config = client.project(project)["label_config"]
-            for job in (index_job, detect_job):
-                job.set_label_config(config)
-            index_spec, detect_spec = index_job.spec(), detect_job.spec()
+        index_spec, detect_spec = with_label_config(client, (index_job, index_spec), (detect_job, detect_spec))
         detect_refused, index_refused = _refusal(parse_label_config, detect_spec), _refusal(image_key, index_spec)
         if not (detect_refused or index_refused):
-            ids = index_job.next_ids(state["cursor"], MAX_IDS_PER_QUERY)
-            tasks = client.task_page(project, ids=ids)[0] if ids else []
+            tasks, cursor, last = next_page(client, index_job, project, state)
             held = client.tasks_holding(project, [t["id"] for t in tasks], detect_spec.model_version)
     if detect_refused or index_refused:  # that job fails alone, as when each is planned on its own
         for job, refused in ((detect_job, detect_refused), (index_job, index_refused)):
@@ -87,7 +90,6 @@ def _plan_both(
         if not detect_refused:
             return plan_detect_page(detect_job, detect_job.plan_state(), runtime, queues)
         return {} if index_refused else plan_index_page(index_job, state, runtime, queues)
-    cursor, last = (ids[-1] if ids else state["cursor"]), len(ids) < MAX_IDS_PER_QUERY
     key = image_key(index_spec.label_config)
     to_embed, indexed = index_todo(runtime.store(project), tasks, key, index_spec.model_version, sync=False)
     embeds = {entry["id"]: entry for entry in to_embed}

@@ -37,9 +37,16 @@ from redis import Redis
 
 from backend.bulk import JOB_TTL, BulkJob, JobStatus, NoSuchJob
 from backend.image_source import ImageFetchError
-from backend.jobs import RESULT_TTL, cancel_queued, enqueue_batch, keep_planning, label_studio_client
+from backend.jobs import (
+    RESULT_TTL,
+    cancel_queued,
+    enqueue_batch,
+    keep_planning,
+    label_studio_client,
+    next_page,
+    with_label_config,
+)
 from backend.labeling import image_key
-from backend.ls_client import MAX_IDS_PER_QUERY, PAGE_SIZE
 from backend.predictor import DECODE_MARGIN_S, MissingImage
 from backend.prioritize import after_index_job
 from backend.queues import KEY_PREFIX, Queues
@@ -97,19 +104,9 @@ def plan_index_page(job: BulkJob, state: dict[str, Any], runtime: Runtime, queue
     """List one page after the cursor, check it against the store, record and queue its batches."""
     spec = job.spec()
     with label_studio_client(spec) as client:
-        if not spec.label_config:
-            job.set_label_config(client.project(spec.project)["label_config"])
-            spec = job.spec()
+        (spec,) = with_label_config(client, (job, spec))
         key = image_key(spec.label_config)
-        if state["restricted"]:
-            ids = job.next_ids(state["cursor"], MAX_IDS_PER_QUERY)
-            tasks = client.task_page(spec.project, ids=ids)[0] if ids else []
-            cursor, last = (ids[-1] if ids else state["cursor"]), len(ids) < MAX_IDS_PER_QUERY
-        else:
-            tasks, total = client.task_page(spec.project, after=state["cursor"], page_size=PAGE_SIZE)
-            if state["listed"] == 0:
-                job.set_total(total)
-            cursor, last = (tasks[-1]["id"] if tasks else state["cursor"]), len(tasks) < PAGE_SIZE
+        tasks, cursor, last = next_page(client, job, spec.project, state)
     store = runtime.store(spec.project)
     sync = bool(spec.params.get("sync"))
     todo, held = index_todo(store, tasks, key, spec.model_version, sync=sync)

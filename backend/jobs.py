@@ -26,6 +26,7 @@ import logging
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import redis
@@ -227,29 +228,51 @@ def _wants_plan(jobs: Sequence[BulkJob], plan_ahead: int) -> bool:
     return any(not s["plan_done"] for s in states) and all(s["in_flight"] < plan_ahead for s in states)
 
 
+def with_label_config(client: LabelStudioClient, *jobs: tuple[BulkJob, JobSpec]) -> list[JobSpec]:
+    """The specs of ``jobs`` (each with the spec read from its record), those started without a labeling
+    config given the project's, read from Label Studio once and recorded in the job."""
+    if all(spec.label_config for _, spec in jobs):
+        return [spec for _, spec in jobs]
+    config = client.project(jobs[0][1].project)["label_config"]
+    for job, spec in jobs:
+        if not spec.label_config:
+            job.set_label_config(config)
+    return [spec if spec.label_config else replace(spec, label_config=config) for _, spec in jobs]
+
+
+def next_page(
+    client: LabelStudioClient, job: BulkJob, project: int, state: dict[str, Any]
+) -> tuple[list[dict[str, Any]], int, bool]:
+    """List the job's next page after its cursor (``state``: ``BulkJob.plan_state``): ``(tasks, cursor,
+    last)``, the new cursor, and whether this page ends the planning.
+
+    A restricted job lists those of its next task ids that exist in the project; any other job the
+    project's tasks after the cursor, and its first page sets the job's total as Label Studio counts it.
+    """
+    after = state["cursor"]
+    if state["restricted"]:
+        ids = job.next_ids(after, MAX_IDS_PER_QUERY)
+        tasks = client.task_page(project, ids=ids)[0] if ids else []
+        return tasks, (ids[-1] if ids else after), len(ids) < MAX_IDS_PER_QUERY
+    tasks, total = client.task_page(project, after=after, page_size=PAGE_SIZE)
+    if state["listed"] == 0:
+        job.set_total(total)
+    return tasks, (tasks[-1]["id"] if tasks else after), len(tasks) < PAGE_SIZE
+
+
 def plan_detect_page(job: BulkJob, state: dict[str, Any], runtime: Runtime, queues: Queues) -> dict[str, Any]:
     """List one page after the cursor, check it against Label Studio, record and queue its batches."""
     spec = job.spec()
     with label_studio_client(spec) as client:
-        if not spec.label_config:
-            job.set_label_config(client.project(spec.project)["label_config"])
-            spec = job.spec()
+        (spec,) = with_label_config(client, (job, spec))
         parse_label_config(spec.label_config)
+        tasks, cursor, last = next_page(client, job, spec.project, state)
         if state["restricted"]:
-            ids = job.next_ids(state["cursor"], MAX_IDS_PER_QUERY)
-            tasks = client.task_page(spec.project, ids=ids)[0] if ids else []
             held = client.tasks_holding(spec.project, [t["id"] for t in tasks], spec.model_version)
-            cursor, last = (ids[-1] if ids else state["cursor"]), len(ids) < MAX_IDS_PER_QUERY
+        elif tasks:  # a page of consecutive ids: checked in one query
+            held = client.tasks_holding_between(spec.project, tasks[0]["id"], tasks[-1]["id"], spec.model_version)
         else:
-            tasks, total = client.task_page(spec.project, after=state["cursor"], page_size=PAGE_SIZE)
-            if state["listed"] == 0:
-                job.set_total(total)
-            held = (
-                client.tasks_holding_between(spec.project, tasks[0]["id"], tasks[-1]["id"], spec.model_version)
-                if tasks
-                else set()
-            )
-            cursor, last = (tasks[-1]["id"] if tasks else state["cursor"]), len(tasks) < PAGE_SIZE
+            held = set()
     todo = [t for t in tasks if t["id"] not in held]
     size = runtime.settings.bulk_batch_size
     batches = [todo[i : i + size] for i in range(0, len(todo), size)]
