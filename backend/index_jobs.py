@@ -138,16 +138,15 @@ def index_todo(
 ) -> tuple[list[dict[str, Any]], int]:
     """The batch entries of the listed ``tasks`` to embed, and how many already hold a vector of ``version``
     (a sync re-checks those: their entry carries the sha256 the vector was made from)."""
+    known = store.digests([task["id"] for task in tasks], version)
     todo: list[dict[str, Any]] = []
     held = 0
     for task in tasks:
-        row = store.get(task["id"])
-        current = row is not None and row.embedder == version
-        if current and not sync:
+        if task["id"] in known and not sync:
             held += 1
             continue
         image = (task.get("data") or {}).get(key)
-        todo.append({"id": task["id"], "image": image, "key": key, "known": row.sha256 if current and row else None})
+        todo.append({"id": task["id"], "image": image, "key": key, "known": known.get(task["id"])})
     return todo, held
 
 

@@ -103,6 +103,16 @@ def test_changed_images_and_other_embedders_are_stale(tmp_path: Path) -> None:
         assert store.stale(wanted, V1) == [3, 4]
 
 
+def test_digests_are_the_image_hashes_of_one_embedders_rows_past_a_query_chunk(tmp_path: Path) -> None:
+    with VectorStore(tmp_path, 1, writer=True) as store:
+        store.upsert([_record(i) for i in range(1200)])
+        store.upsert([_record(3, embedder=V2, sha="sha-3-new-image"), _record(5000, embedder=V2)])
+        asked = [*range(0, 1300, 2), 3, 5000, 7777]  # more ids than one query takes; some unknown
+        assert store.digests(asked, V1) == {i: f"sha-{i}" for i in range(0, 1200, 2)}
+        assert store.digests(asked, V2) == {3: "sha-3-new-image", 5000: "sha-5000"}
+        assert store.digests([], V1) == {}
+
+
 def test_full_resync_removes_vanished_tasks_and_leaves_tombstones(tmp_path: Path) -> None:
     with VectorStore(tmp_path, 1, writer=True) as store:
         store.upsert([_record(i) for i in range(6)])
