@@ -47,7 +47,7 @@ from backend.jobs import (
     with_label_config,
 )
 from backend.labeling import image_key
-from backend.predictor import DECODE_MARGIN_S, MissingImage
+from backend.predictor import DECODE_MARGIN_S, MissingImage, fetch_task_image
 from backend.prioritize import after_index_job
 from backend.queues import KEY_PREFIX, Queues
 from backend.shared_images import SharedImages
@@ -249,10 +249,7 @@ def _embed(
         if kept is not None:  # loaded for the detector: its pixels preprocessed for us, or why it failed
             hashes[task["id"]] = kept.hashes
             return kept.pixels
-        value = task.get("image")
-        if not isinstance(value, str) or not value:
-            raise MissingImage(f"task data has no image under {task.get('key')!r}")
-        data = fetcher.fetch(value, task_id=task["id"])
+        data = fetch_task_image(fetcher, task.get("image"), key=task.get("key"), task_id=task["id"])
         digest = sha256_hex(data)
         if digest == task.get("known"):
             raise Unchanged(UNCHANGED)

@@ -46,6 +46,15 @@ class MissingImage(ValueError):
     """The task's data has no image under the key the labeling config names."""
 
 
+def fetch_task_image(fetcher: ImageFetcher, value: Any, *, key: str, task_id: int | None) -> bytes:
+    """The bytes of a task's image, ``value`` being what its data holds under the labeling config's ``key``:
+    the one fetch of the detector's, the embedder's and the shared loads, so that a task without an image
+    fails with the same reason in every job."""
+    if not isinstance(value, str) or not value:
+        raise MissingImage(f"task data has no image under {key!r}")
+    return fetcher.fetch(value, task_id=task_id)
+
+
 @dataclass(frozen=True)
 class TaskFailure:
     """Why one task got an empty prediction."""
@@ -183,10 +192,8 @@ class Predictor:
         return dataclasses.replace(stages, preprocess=preprocess, forward=forward, postprocess=postprocess)
 
     def _fetch(self, task: Mapping[str, Any], target: LabelTarget, fetcher: ImageFetcher) -> bytes:
-        value = (task.get("data") or {}).get(target.value_key)
-        if not isinstance(value, str) or not value:
-            raise MissingImage(f"task data has no image under {target.value_key!r}")
-        return fetcher.fetch(value, task_id=task.get("id"))
+        key = target.value_key
+        return fetch_task_image(fetcher, (task.get("data") or {}).get(key), key=key, task_id=task.get("id"))
 
 
 class ModelTurns:

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from backend.image_source import ImageFetcher, ImageFetchError
-from backend.predictor import MissingImage
+from backend.predictor import MissingImage, fetch_task_image
 from indexer.hashes import ImageHashes, image_hashes
 from model import DinoV2Embedder
 from model.images import ImageDecodeError, decode_image
@@ -68,9 +68,7 @@ class SharedImages:
             task_id = task.get("id")
             try:
                 value = (task.get("data") or {}).get(value_key)
-                if not isinstance(value, str) or not value:
-                    raise MissingImage(f"task data has no image under {value_key!r}")
-                data = fetcher.fetch(value, task_id=task_id)
+                data = fetch_task_image(fetcher, value, key=value_key, task_id=task_id)
                 image = decode_image(data, max_pixels=self.max_pixels)
             except (ImageFetchError, ImageDecodeError, MissingImage) as exc:
                 # A copy: same type and reason, no traceback holding the fetched bytes until the batch ends
