@@ -279,12 +279,13 @@ class Service:
     def close(self) -> None:
         """Stop the embedded worker, then the embedded Redis.
 
-        The worker gets ``SHUTDOWN_GRACE`` seconds to finish a job in progress (a model still loading
-        cannot be interrupted). A batch cut short is not lost: its claims belong to a worker that no
-        longer beats, so the next worker takes them over.
+        A ready worker gets ``SHUTDOWN_GRACE`` seconds to finish a job in progress. One still loading its
+        models holds no job, and cannot be interrupted (a Hub out of reach is retried for minutes): it is
+        not waited for, its thread ends with the process. A batch cut short is not lost: its claims
+        belong to a worker that no longer beats, so the next worker takes them over.
         """
         self._stop.set()
-        if self._worker is not None:
+        if self._worker is not None and self.worker_state.get("state") == "ready":
             self._worker.join(timeout=SHUTDOWN_GRACE)
         if self._store_writer is not None:
             self._store_writer.join(timeout=SHUTDOWN_GRACE)

@@ -5,9 +5,11 @@ Bulk jobs writing to a real Label Studio are in tests/test_e2e_labelstudio.py.
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -19,9 +21,11 @@ from backend.jobs import enqueue_batch, enqueue_plan
 from backend.main import create_app
 from backend.marks import Marks
 from backend.queues import Queues
-from tests.backend.conftest import FakeBucket, FakeProjectAPI
+from backend.state import SHUTDOWN_GRACE
+from tests.backend.conftest import FakeBucket, FakeProjectAPI, _FakeServer, _Handler, _serve
 from tests.images import png
-from tests.processes import RedisServer, Service, wait_for
+from tests.labelstudio import free_port
+from tests.processes import RedisServer, Service, health, wait_for
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
@@ -195,6 +199,52 @@ def test_worker_stops_cleanly_on_sigterm(settings: Settings, worker: Service) ->
     assert worker.process.wait(timeout=15) == 0
     assert time.perf_counter() - started < 10, "an idle worker stops at once"
     assert Workers.all(connection) == {}, "it said goodbye: no stale live-worker entry"
+
+
+class _SilentHub(_Handler):
+    """A Hugging Face Hub that takes every request and answers none (it hangs up once released)."""
+
+    server: Any
+
+    def do_GET(self) -> None:
+        self.server.state.record(self)
+        self.server.state.release.wait()
+
+    do_HEAD = do_GET
+
+
+def test_serve_stops_on_sigterm_while_its_worker_still_tries_to_get_the_model(tmp_path: Path) -> None:
+    """``dinolabel serve`` with its embedded worker, whose checkpoint is on a Hub that does not answer: the
+    worker is loading for as long as the Hub client retries. SIGTERM ends the process promptly all the
+    same: a loading worker holds no job, so it is not given the grace a job in progress gets."""
+    hub = _FakeServer()
+    port = free_port()
+    env = {
+        "DINOLABEL_DETECTOR_CHECKPOINT": "dinolabel-tests/not-in-any-cache",
+        "DINOLABEL_WORKER_MODELS": "detector",
+        "DINOLABEL_DEVICE": "cpu",
+        "DINOLABEL_DATA_DIR": str(tmp_path / "data"),
+        "DINOLABEL_HOST": "127.0.0.1",
+        "DINOLABEL_PORT": str(port),
+        "HF_HOME": str(tmp_path / "hf"),  # an empty cache
+        "HF_HUB_OFFLINE": "0",  # offline, the load fails at once: the Hub below is what it asks instead
+    }
+    url = f"http://127.0.0.1:{port}"
+    with _serve(_SilentHub, hub):
+        api = Service(["serve"], {**env, "HF_ENDPOINT": hub.url}, tmp_path / "serve.log").start()
+        try:
+            wait_for(lambda: health(url), 90, f"the API\n{api.log_tail()}")
+            wait_for(hub.seen, 90, f"the worker asking the Hub\n{api.log_tail()}")
+            workers = health(url)["workers"]["details"]
+            assert [w["state"] for w in workers] == ["loading"], workers
+            api.process.send_signal(signal.SIGTERM)
+            # Well within the grace of a job in progress, which it waited out before.
+            status = api.process.wait(timeout=SHUTDOWN_GRACE / 2)
+        finally:
+            api.kill()
+    # uvicorn shuts down gracefully, then re-raises the signal: the status of a process ended by SIGTERM.
+    assert status == -signal.SIGTERM, api.log_tail()
+    assert "Application shutdown complete" in api.log_tail(), "the lifespan's shutdown ran to its end"
 
 
 def test_label_studio_unreachable_fails_the_job_with_reasons_not_the_worker(
