@@ -155,11 +155,13 @@ def image_url(data: dict[str, Any], key: str | None, base: str) -> str | None:
 
 
 def embed_query(payload: dict[str, Any]) -> dict[str, Any]:
-    """Embed one query image in a worker: ``{"vector": [...], "embedder": version}``, or ``{"refused":
-    reason}`` when the image cannot be fetched or decoded (the client's fault: the API answers 422).
+    """Embed query images in a worker: ``{"vectors": [[...], ...], "embedder": version}``, or ``{"refused":
+    reason, "index": i}`` when image ``i`` cannot be fetched or decoded (the client's fault: the API answers
+    422).
 
-    ``payload``: ``{"project": id, "image": base64 bytes}`` (an upload) or ``{"project": id, "url": ...}``
-    (on Label Studio's origin, checked by the API; fetched here under the workers' rules).
+    ``payload``: ``{"project": id, "images": [base64 bytes, ...]}`` (uploads: a search's one, or the examples
+    of "more like these") or ``{"project": id, "url": ...}`` (on Label Studio's origin, checked by the API;
+    fetched here under the workers' rules).
     """
     from backend.worker import current_runtime
     from model.images import ImageDecodeError, decode_image
@@ -168,16 +170,19 @@ def embed_query(payload: dict[str, Any]) -> dict[str, Any]:
     embedder = runtime.embedder
     if embedder is None:
         raise RuntimeError("this worker does not serve the embedder (DINOLABEL_WORKER_MODELS)")
-    try:
-        if "image" in payload:
-            data = base64.b64decode(payload["image"])
-        else:
-            data = runtime.fetcher(runtime.label_studio(payload["project"])).fetch(payload["url"])
-        image = decode_image(data, max_pixels=runtime.settings.image_max_pixels)
-    except (ImageFetchError, ImageDecodeError) as exc:
-        return {"refused": str(exc)}
-    vector = embedder.embed([image])[0]
-    return {"vector": [float(v) for v in vector], "embedder": embedder.version}
+    vectors = []
+    sources = payload.get("images", [None])  # None: the URL
+    for index, encoded in enumerate(sources):  # one at a time: one decoded image (up to max_pixels) in memory
+        try:
+            if encoded is not None:
+                data = base64.b64decode(encoded)
+            else:
+                data = runtime.fetcher(runtime.label_studio(payload["project"])).fetch(payload["url"])
+            image = decode_image(data, max_pixels=runtime.settings.image_max_pixels)
+        except (ImageFetchError, ImageDecodeError) as exc:
+            return {"refused": str(exc), "index": index}
+        vectors.append([float(v) for v in embedder.embed([image])[0]])
+    return {"vectors": vectors, "embedder": embedder.version}
 
 
 def vector_of(values: Sequence[float], dim: int) -> np.ndarray:

@@ -5,16 +5,13 @@ from __future__ import annotations
 import base64
 import functools
 import io
-import json
 import logging
 from typing import Annotated, Any, Literal
 
 import anyio
 from fastapi import APIRouter, HTTPException, Path, Query, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, Response
 from PIL import Image, UnidentifiedImageError
-from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from backend.config import Settings
@@ -23,7 +20,7 @@ from backend.duplicates_report import find_project_duplicates, to_html
 from backend.errors import responses
 from backend.index_cache import IndexCache
 from backend.jobs import RESULT_TTL, cancel_if_queued
-from backend.json_body import StrictJSONRoute
+from backend.json_body import StrictJSONRoute, read_model
 from backend.ls_auth import same_origin
 from backend.schemas.search import DuplicatesResponse, SearchByURL, SearchHit, SearchResponse
 from backend.schemas.tasks import MAX_ID
@@ -141,26 +138,10 @@ async def _query(request: Request, project: int, service: Service, settings: Set
         if not isinstance(upload, UploadFile):
             raise HTTPException(status_code=422, detail="image: send the query image as a file part named 'image'")
         data = await upload.read(settings.image_max_bytes + 1)
-        _check_image(data, settings)
-        return {"project": project, "image": base64.b64encode(data).decode("ascii")}
+        check_image(data, settings)
+        return {"project": project, "images": [base64.b64encode(data).decode("ascii")]}
     if kind == "application/json":
-        try:
-            body = SearchByURL.model_validate(await request.json())
-        except json.JSONDecodeError as exc:  # answered as FastAPI answers a declared body that is not JSON
-            raise RequestValidationError(
-                [
-                    {
-                        "type": "json_invalid",
-                        "loc": ("body", exc.pos),
-                        "msg": "JSON decode error",
-                        "ctx": {"error": exc.msg},
-                    }
-                ]
-            ) from None
-        except ValidationError as exc:
-            raise RequestValidationError(
-                [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False, include_input=False)]
-            ) from None
+        body = await read_model(request, SearchByURL)
         return {"project": project, "url": _label_studio_url(body.url, project, service)}
     raise HTTPException(
         status_code=415,
@@ -168,12 +149,13 @@ async def _query(request: Request, project: int, service: Service, settings: Set
     )
 
 
-def _check_image(data: bytes, settings: Settings) -> None:
-    """Size, type and pixel count of an upload, from its header (nothing is decoded here)."""
+def check_image(data: bytes, settings: Settings, name: str = "image") -> None:
+    """Size, type and pixel count of an upload, from its header (nothing is decoded here); ``name`` starts
+    the reason of a refusal."""
     if len(data) > settings.image_max_bytes:
         raise HTTPException(
             status_code=413,
-            detail=f"image: larger than {settings.image_max_bytes:,} bytes (DINOLABEL_IMAGE_MAX_BYTES)",
+            detail=f"{name}: larger than {settings.image_max_bytes:,} bytes (DINOLABEL_IMAGE_MAX_BYTES)",
         )
     from model.images import content_kind
 
@@ -185,13 +167,13 @@ def _check_image(data: bytes, settings: Settings) -> None:
     if kind not in IMAGE_TYPES:
         raise HTTPException(
             status_code=415,
-            detail=f"image: {content_kind(data) if kind is None else kind + ' image'} is not a type searched "
+            detail=f"{name}: {content_kind(data) if kind is None else kind + ' image'} is not a type searched "
             "(JPEG, PNG, WebP, GIF, BMP, TIFF)",
         )
     if width * height > settings.image_max_pixels:
         raise HTTPException(
             status_code=422,
-            detail=f"image: {width}x{height} pixels; at most {settings.image_max_pixels:,} "
+            detail=f"{name}: {width}x{height} pixels; at most {settings.image_max_pixels:,} "
             "(DINOLABEL_IMAGE_MAX_PIXELS)",
         )
 
@@ -220,39 +202,51 @@ def _label_studio_url(url: str, project: int, service: Service) -> str:
 def _search_by_image(
     payload: dict[str, Any], project: int, k: int, service: Service, cache: IndexCache, settings: Settings
 ) -> SearchResponse:
+    value = embed_by_worker(payload, cache.version, service, f"embed a query image of project {project}")
+    if "refused" in value:
+        raise HTTPException(status_code=422, detail=f"image: {value['refused']}")
+    _, index = cache.get(project)
+    hits = nearest(cache, project, vector_of(value["vectors"][0], index.info.dim), k)
+    return _answer(service, settings, cache, project, None, k, hits)
+
+
+def embed_by_worker(payload: dict[str, Any], version: str, service: Service, description: str) -> dict[str, Any]:
+    """``embed_query``'s answer to ``payload`` from a worker serving the embedder, waited for up to
+    ``DINOLABEL_PREDICT_DEADLINE``; its job (with the uploads it carries) is deleted from Redis either way.
+
+    503 when no worker answers in time or it embeds with another version than ``version``; 500 when the
+    job failed (the log says why). A refusal (``{"refused": ...}``) is the caller's to answer.
+    """
+    settings = service.settings
     job = service.queues.embed.enqueue(
         embed_query,
         payload,
         at_front=True,  # before queued index batches: a person is waiting
         result_ttl=RESULT_TTL,
         job_timeout=int(settings.predict_deadline) + 60,
-        description=f"embed a query image of project {project}",  # not the arguments: an upload, a URL
+        description=description,  # not the arguments: uploads, a URL
     )
     result = job.latest_result(timeout=max(1, int(settings.predict_deadline)))
     if result is None:
         if cancel_if_queued(job):
-            job.delete()  # with the upload it carries
+            job.delete()  # with the uploads it carries
         raise HTTPException(
             status_code=503,
             detail=f"no worker serving the embedder answered within {settings.predict_deadline:g} s "
             "(DINOLABEL_PREDICT_DEADLINE): is a worker with DINOLABEL_WORKER_MODELS including embedder running?",
         )
-    job.delete()  # the upload (up to DINOLABEL_IMAGE_MAX_BYTES) leaves Redis now
+    job.delete()  # the uploads (up to DINOLABEL_MAX_REQUEST_BYTES) leave Redis now
     if result.type != result.Type.SUCCESSFUL:
         log.error("query embedding job %s failed: %s", job.id, result.exc_string)
         raise HTTPException(status_code=500, detail="embedding the query image failed in the worker; see the log")
     value = result.return_value
-    if "refused" in value:
-        raise HTTPException(status_code=422, detail=f"image: {value['refused']}")
-    if value["embedder"] != cache.version:
+    if "refused" not in value and value["embedder"] != version:
         raise HTTPException(
             status_code=503,
-            detail=f"the worker embeds with {value['embedder']} but the index holds {cache.version} vectors: give "
+            detail=f"the worker embeds with {value['embedder']} but the index holds {version} vectors: give "
             "the API and the workers the same DINOLABEL_EMBEDDER_* settings",
         )
-    _, index = cache.get(project)
-    hits = nearest(cache, project, vector_of(value["vector"], index.info.dim), k)
-    return _answer(service, settings, cache, project, None, k, hits)
+    return value
 
 
 @router.get(
