@@ -37,6 +37,8 @@ PAGE_SIZE = 1000
 """Tasks per page when listing a project (~1,500 tasks/s from Label Studio 1.23 on SQLite)."""
 PREDICTION_PAGE_SIZE = 500
 """Tasks per page when listing predictions with their boxes (up to ~30 KB a task at 100 boxes)."""
+ANNOTATION_PAGE_SIZE = 100
+"""Tasks per page when listing annotations with their regions (``annotated_with``)."""
 MAX_IDS_PER_QUERY = 200
 """Task ids named in one ``GET /api/tasks`` query: they travel in the URL, which proxies limit (8 KB)."""
 MAX_IDS_PER_ACTION = 10_000
@@ -317,6 +319,37 @@ class LabelStudioClient:
             if len(tasks) < page_size or last <= after:  # the last page (or a server ignoring the cursor)
                 return found
             after = last
+
+    def annotated_with(self, project_id: int, label: str, *, limit: int = ANNOTATION_PAGE_SIZE) -> list[dict[str, Any]]:
+        """Up to ``limit`` tasks whose annotations mention ``label``, the most recently completed first, as
+        ``{id, data, annotations}``: one listing (``limit`` is one page), never one call per task.
+
+        The Data Manager's filter on annotation results matches a substring of each annotation's JSON
+        text, so it narrows the listing (a label that is a part of another label's name matches too);
+        callers check the regions' labels exactly. A label with non-ASCII characters is not filtered on:
+        SQLite stores them escaped (``\\u00e9``), PostgreSQL does not, so no one substring finds both;
+        then the most recently completed annotated tasks are listed and checked.
+        """
+        if label.isascii():
+            item = {"filter": "filter:tasks:annotations_results", "operator": "contains", "type": "String"}
+            item["value"] = label
+        else:
+            item = {"filter": "filter:tasks:total_annotations", "operator": "greater", "type": "Number", "value": 0}
+        query = {"filters": {"conjunction": "and", "items": [item]}, "ordering": ["-tasks:completed_at"]}
+        params = {
+            "project": project_id,
+            "page": 1,
+            "page_size": limit,
+            "fields": "all",  # Label Studio serialises annotations only then
+            "include": "id,data,annotations",
+            "query": json.dumps(query),
+        }
+        body = self.request("GET", "/api/tasks", params=params)
+        tasks = body.get("tasks", []) if isinstance(body, dict) else body or []
+        return [
+            {"id": int(t["id"]), "data": t.get("data") or {}, "annotations": t.get("annotations") or []}
+            for t in tasks[:limit]
+        ]
 
     def import_predictions(self, project_id: int, predictions: Sequence[dict[str, Any]]) -> None:
         """Create predictions (``{task, result, score, model_version}``, one version), never twice.

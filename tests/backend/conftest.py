@@ -369,6 +369,8 @@ class FakeProjectAPI(_FakeServer):
     labeled: set[int] = field(default_factory=set)  # tasks listed with is_labeled true
     views: dict[int, dict[str, Any]] = field(default_factory=dict)  # Data Manager tabs by id
     actions: list[dict[str, Any]] = field(default_factory=list)  # the Data Manager actions' bodies
+    annotations: dict[int, list[dict[str, Any]]] = field(default_factory=dict)  # task -> its annotations
+    label_config: str | None = None  # GET /api/projects/{project} answers it when set
 
     def __post_init__(self) -> None:
         self.listing_gate.set()
@@ -389,14 +391,26 @@ class FakeProjectAPI(_FakeServer):
 
 
 def task_listing(
-    seen: Seen, tasks: dict[int, dict[str, Any]], predictions: list[dict[str, Any]], labeled: set[int] | None = None
+    seen: Seen,
+    tasks: dict[int, dict[str, Any]],
+    predictions: list[dict[str, Any]],
+    labeled: set[int] | None = None,
+    annotations: dict[int, list[dict[str, Any]]] | None = None,
 ) -> tuple[int, bytes]:
     """``GET /api/tasks`` as Label Studio answers it, for the Data Manager queries the bulk jobs send:
-    ``selectedItems``, filters on id (greater, between), on model versions (contains) and on data fields
-    (regex, equal, contains), pages; the ``is_labeled`` field of the ``labeled`` tasks; ``predictions``
-    (each task's, in the order imported) only with ``fields=all``, as Label Studio's serializer does."""
+    ``selectedItems``, filters on id (greater, between), on model versions (contains), on data fields
+    (regex, equal, contains), on annotation results (contains: a substring of their JSON) and on the number
+    of annotations (greater), the ordering ``-tasks:completed_at`` (newest annotation first), pages; the
+    ``is_labeled`` field of the ``labeled`` tasks; ``predictions`` (each task's, in the order imported) and
+    ``annotations`` only with ``fields=all``, as Label Studio's serializer does."""
+    annotations = annotations or {}
     query = json.loads(seen.query.get("query", ["{}"])[-1])
-    ids = selected_ids(query, tasks, predictions)
+    ids = selected_ids(query, tasks, predictions, annotations)
+    if query.get("ordering") == ["-tasks:completed_at"]:
+        newest = {t: max((str(a["created_at"]) for a in annotations.get(t, [])), default="") for t in ids}
+        ids.sort(key=lambda t: newest[t], reverse=True)
+    elif query.get("ordering"):
+        raise AssertionError(f"the fake does not know the ordering {query['ordering']}")
     versions: dict[int, list[str]] = {}
     for p in predictions:
         versions.setdefault(p["task"], []).append(p["model_version"])
@@ -411,12 +425,16 @@ def task_listing(
                 "predictions_model_versions": ",".join(sorted(set(versions.get(task_id, []))))}  # fmt: skip
         if seen.query.get("fields") == ["all"]:
             task["predictions"] = [p for p in predictions if p["task"] == task_id]
+            task["annotations"] = annotations.get(task_id, [])
         listed.append({k: v for k, v in task.items() if k in fields})
     return 200, json.dumps({"total": len(ids), "tasks": listed}).encode()
 
 
 def selected_ids(
-    query: dict[str, Any], tasks: dict[int, dict[str, Any]], predictions: list[dict[str, Any]]
+    query: dict[str, Any],
+    tasks: dict[int, dict[str, Any]],
+    predictions: list[dict[str, Any]],
+    annotations: dict[int, list[dict[str, Any]]] | None = None,
 ) -> list[int]:
     """The ids of the tasks a Data Manager query (``selectedItems`` and ``filters``) names, in id order."""
     selected = query.get("selectedItems") or {"all": True}
@@ -425,12 +443,18 @@ def selected_ids(
         versions.setdefault(p["task"], []).append(p["model_version"])
     ids = sorted(tasks if selected.get("all") else [t for t in selected["included"] if t in tasks])
     for item in (query.get("filters") or {}).get("items", []):
-        ids = [t for t in ids if _matches(t, item, versions.get(t, []), tasks[t])]
+        ids = [t for t in ids if _matches(t, item, versions.get(t, []), tasks[t], (annotations or {}).get(t, []))]
     return ids
 
 
-def _matches(task_id: int, item: dict[str, Any], versions: list[str], data: dict[str, Any]) -> bool:
+def _matches(
+    task_id: int, item: dict[str, Any], versions: list[str], data: dict[str, Any], annotations: list[dict[str, Any]]
+) -> bool:
     value = item["value"]
+    if item["filter"] == "filter:tasks:annotations_results" and item["operator"] == "contains":
+        return any(value in json.dumps(a["result"]) for a in annotations)  # Label Studio: cast(result as text)
+    if item["filter"] == "filter:tasks:total_annotations" and item["operator"] == "greater":
+        return len(annotations) > value
     if item["filter"].startswith("filter:tasks:data."):
         held = data.get(item["filter"].removeprefix("filter:tasks:data."))
         text = "" if held is None else str(held)
@@ -479,6 +503,9 @@ class _ProjectHandler(_Handler):
                 views = [{"id": i, "project": state.project, "data": d} for i, d in sorted(state.views.items())]
             self.answer(200, json.dumps(views).encode())
             return
+        if seen.path == f"/api/projects/{state.project}" and state.label_config is not None:
+            self.answer(200, json.dumps({"id": state.project, "label_config": state.label_config}).encode())
+            return
         if seen.path != "/api/tasks" or seen.query.get("project") != [str(state.project)]:
             self.answer(404, b'{"detail": "Not found."}')
             return
@@ -486,7 +513,8 @@ class _ProjectHandler(_Handler):
             state.listing_gate.wait(30)
         with state.lock:
             tasks, predictions, labeled = dict(state.tasks), list(state.predictions), set(state.labeled)
-        status, body = task_listing(seen, tasks, predictions, labeled)
+            annotations = {task: list(rows) for task, rows in state.annotations.items()}
+        status, body = task_listing(seen, tasks, predictions, labeled, annotations)
         if status != 200:
             self.answer(status, body)
             return
