@@ -22,6 +22,7 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -254,10 +255,21 @@ def _follow(client: httpx.Client, args: argparse.Namespace, job: dict[str, Any])
 
 def _prioritize(args: argparse.Namespace) -> int:
     """Start a prioritize run through the API and follow it to its end."""
-    body: dict[str, Any] | None = {"like_task_ids": args.like_tasks} if args.like_tasks else None
-    with _api(args) as client:
+    request: dict[str, Any] = {}
+    if args.like_tasks:
+        request["json"] = {"like_task_ids": args.like_tasks}
+    elif args.like_label:
+        request["json"] = {"like_label": args.like_label}
+    elif args.like_image:
         try:
-            job = _call(client, "POST", f"/v1/projects/{args.project}/prioritize", json=body)
+            request["files"] = [("image", (path.name, path.read_bytes())) for path in args.like_image]
+        except OSError as exc:
+            print(f"dinolabel prioritize: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
+            return 2
+    # Uploads wait for a worker to embed them (DINOLABEL_PREDICT_DEADLINE, 45 s by default).
+    with _api(args, timeout=180.0 if args.like_image else 30.0) as client:
+        try:
+            job = _call(client, "POST", f"/v1/projects/{args.project}/prioritize", **request)
             print(f"prioritize job {job['id']} for project {args.project}", file=sys.stderr)
             shown = None
             while job["status"] not in ("done", "failed"):
@@ -279,6 +291,8 @@ def _prioritize(args: argparse.Namespace) -> int:
         f"done: {job['ranked']} tasks ranked ({job['duplicates']} duplicates last), {job['labeled']} labeled, "
         f'{job["write_calls"]} Label Studio write calls; tab {job["tab_id"]} "dinolabel priority"'
     )
+    if job.get("like"):
+        print(f"more like these: {job['like']}")
     if job.get("predicted"):
         print(
             f"uncertainty: {job['predicted']} ranked tasks hold a prediction of {job['detector']} (weight "
@@ -526,7 +540,15 @@ def build_parser() -> argparse.ArgumentParser:
         "the API was unreachable or refused the request.",
     )
     prio.add_argument("--project", type=int, required=True, help="Label Studio project id")
-    prio.add_argument("--like-tasks", type=_task_ids, help="example task ids, e.g. 1,2,3: more like these first")
+    like = prio.add_mutually_exclusive_group()
+    like.add_argument("--like-tasks", type=_task_ids, help="example task ids, e.g. 1,2,3: more like these first")
+    like.add_argument("--like-label", help="a label: the boxes annotated with it are the examples")
+    like.add_argument(
+        "--like-image",
+        type=Path,
+        action="append",
+        help="an example image file (repeat for more, at most 16): more like these first",
+    )
     _api_options(prio)
     prio.set_defaults(run=_prioritize)
 

@@ -17,6 +17,10 @@ and ``/predict`` write them) are listed from Label Studio in pages (``prediction
 boxes become an uncertainty in [0, 1] (``indexer.uncertainty``). Tasks without such a prediction get no
 uncertainty term.
 
+**More like these.** The examples are tasks (``like_task_ids``: their stored vectors), uploaded images or
+the annotated boxes of a label (``backend.like_examples``: a worker serving the embedder makes them query
+vectors, kept in the job's record as float32 bytes, never the images). ``like`` in the record says which.
+
 A project prioritized once is ranked again when one of its index jobs ends (``after_index_job``), so new
 and re-embedded tasks get their places, and after its annotations change (``after_annotations``, debounced:
 one run per ``DINOLABEL_PRIORITY_RERANK_DELAY``, started by the store writer, ``start_due_reranks``).
@@ -27,12 +31,14 @@ tasks no longer ranked).
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import math
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -78,19 +84,48 @@ class NoSuchPriorityJob(LookupError):
     """No prioritize job with that id (never existed, or expired)."""
 
 
+@dataclass(frozen=True)
+class Examples:
+    """Query vectors of "more like these" examples that are not tasks (uploaded images, a label's boxes)."""
+
+    vectors: np.ndarray  # float32 (q, d)
+    embedder: str  # the version that embedded them: the run refuses vectors of another one
+
+
 def submit(
     connection: Redis,
     project: int,
     *,
     like_task_ids: Sequence[int] = (),
+    like_images: Examples | None = None,
     uncertainty_weight: float | None = None,
     source: str = "api",
 ) -> dict[str, Any]:
-    """Record a prioritize job and queue it on the store writer; returns its record."""
+    """Record a prioritize job and queue it on the store writer; returns its record. ``like_images``: the
+    vectors of uploaded example images."""
+    job_id = create(
+        connection, project, like_task_ids=like_task_ids, uncertainty_weight=uncertainty_weight, source=source
+    )
+    if like_images is not None:
+        add_examples(connection, job_id, like_images, like_images=len(like_images.vectors))
+    start(connection, job_id, project)
+    return read_job(connection, job_id)
+
+
+def create(
+    connection: Redis,
+    project: int,
+    *,
+    like_task_ids: Sequence[int] = (),
+    like_label: str | None = None,
+    uncertainty_weight: float | None = None,
+    source: str = "api",
+) -> str:
+    """Record a prioritize job (queued, not started: ``start`` queues the run); returns its id."""
     job_id = uuid.uuid4().hex
     record = {
         "id": job_id, "project": project, "status": QUEUED, "source": source, "created_at": time.time(),
-        "like_task_ids": json.dumps(list(like_task_ids)),
+        "like_task_ids": json.dumps(list(like_task_ids)), "like_label": like_label or "",
         "uncertainty_weight": "" if uncertainty_weight is None else repr(float(uncertainty_weight)),
     }  # fmt: skip
     key = _JOB + job_id
@@ -99,6 +134,11 @@ def submit(
         pipe.expire(key, JOB_TTL)
         pipe.sadd(PRIORITIZED_KEY, str(project))
         pipe.execute()
+    return job_id
+
+
+def start(connection: Redis, job_id: str, project: int) -> None:
+    """Queue the run of a recorded job (of ``project``) on the store writer."""
     Queues.on(connection).store.enqueue(
         run_prioritize,
         job_id,
@@ -106,7 +146,46 @@ def submit(
         result_ttl=RESULT_TTL,
         description=f"prioritize project {project}",
     )
-    return read_job(connection, job_id)
+
+
+def add_examples(
+    connection: Redis, job_id: str, examples: Examples, *, like_images: int | None = None, like_boxes: int | None = None
+) -> None:
+    """Keep the examples' query vectors in the job's record (float32 bytes, base64: at most ``MAX_LIKE_IMAGES``
+    or ``like_examples.MAX_LABEL_BOXES`` vectors), with how many images or boxes they came from."""
+    vectors = np.ascontiguousarray(examples.vectors, dtype=np.float32)
+    if vectors.ndim != 2 or not len(vectors):
+        raise ValueError(f"examples must be (q, d) vectors, q >= 1; got shape {vectors.shape}")
+    record = {
+        "like_vectors": base64.b64encode(vectors.tobytes()).decode("ascii"), "like_dim": vectors.shape[1],
+        "like_embedder": examples.embedder,
+        "like_images": "" if like_images is None else like_images,
+        "like_boxes": "" if like_boxes is None else like_boxes,
+    }  # fmt: skip
+    connection.hset(_JOB + job_id, mapping=record)
+
+
+def examples_of(connection: Redis, job_id: str) -> Examples | None:
+    """The query vectors ``add_examples`` kept for the job, or None."""
+    raw = connection.hmget(_JOB + job_id, ["like_vectors", "like_dim", "like_embedder"])
+    if not raw[0]:
+        return None
+    vectors = np.frombuffer(base64.b64decode(raw[0]), dtype=np.float32).reshape(-1, int(raw[1]))
+    return Examples(vectors, raw[2].decode())
+
+
+def fail(connection: Redis, job_id: str, reason: str) -> None:
+    """End the job failed with ``reason`` (ours: it names no secret)."""
+    connection.hset(_JOB + job_id, mapping={"status": FAILED, "error": reason[:500], "finished_at": time.time()})
+
+
+def mark_running(connection: Redis, job_id: str) -> None:
+    """The job's work began (its examples' embedding, or its run); its first start is kept."""
+    key = _JOB + job_id
+    with connection.pipeline() as pipe:
+        pipe.hsetnx(key, "started_at", time.time())
+        pipe.hset(key, "status", RUNNING)
+        pipe.execute()
 
 
 def read_job(connection: Redis, job_id: str) -> dict[str, Any]:
@@ -129,6 +208,10 @@ def read_job(connection: Redis, job_id: str) -> dict[str, Any]:
         "started_at": number("started_at", float),
         "finished_at": number("finished_at", float),
         "like_task_ids": json.loads(data.get("like_task_ids") or "[]"),
+        "like_label": data.get("like_label") or None,
+        "like_images": number("like_images"),
+        "like_boxes": number("like_boxes"),
+        "like": _like_text(data),
         "uncertainty_weight": number("uncertainty_weight", float),
         "embedder": data.get("embedder") or None,
         "detector": data.get("detector") or None,
@@ -142,6 +225,22 @@ def read_job(connection: Redis, job_id: str) -> dict[str, Any]:
         "tab_id": number("tab_id"),
         "error": data.get("error") or None,
     }
+
+
+def _like_text(data: dict[str, str]) -> str | None:
+    """Which examples "more like these" uses: ``tasks 4, 17``, ``label 'bicycle': 12 annotated boxes``,
+    ``3 uploaded images``; None without examples."""
+    tasks = json.loads(data.get("like_task_ids") or "[]")
+    if tasks:
+        shown = ", ".join(str(task) for task in tasks[:10])
+        return f"tasks {shown}" + (f" ({len(tasks)} in all)" if len(tasks) > 10 else "")
+    if data.get("like_label"):
+        boxes = data.get("like_boxes")
+        return f"label {data['like_label']!r}" + (f": {boxes} annotated boxes" if boxes else "")
+    if data.get("like_images"):
+        count = int(data["like_images"])
+        return f"{count} uploaded image" + ("s" if count > 1 else "")
+    return None
 
 
 def last_ranking(connection: Redis, project: int) -> dict[str, Any] | None:
@@ -243,7 +342,7 @@ def run_prioritize(job_id: str) -> dict[str, Any]:
     key = _JOB + job_id
     job = read_job(connection, job_id)
     project = job["project"]
-    connection.hset(key, mapping={"status": RUNNING, "started_at": time.time()})
+    mark_running(connection, job_id)
     try:
         outcome = _prioritize(runtime, job)
     except (LabelStudioError, PriorityFieldTaken, _Refused) as exc:  # our own messages: no secret in them
@@ -255,7 +354,7 @@ def run_prioritize(job_id: str) -> dict[str, Any]:
         connection.hset(key, mapping={**outcome, "status": DONE, "finished_at": time.time()})
         return {"status": DONE, **outcome}
     log.warning("prioritize job %s of project %d failed: %s", job_id, project, reason)
-    connection.hset(key, mapping={"status": FAILED, "error": reason[:500], "finished_at": time.time()})
+    fail(connection, job_id, reason)
     return {"status": FAILED}
 
 
@@ -284,6 +383,8 @@ def _prioritize(runtime: Any, job: dict[str, Any]) -> dict[str, Any]:
             missing = wanted[~found][:10].tolist()
             raise _Refused(f"like_task_ids without a vector of the current embedder (not indexed?): {missing}")
         like = _rows(ids, vectors, wanted)
+    elif job["like_label"] or job["like_images"]:
+        like = _example_vectors(runtime.connection, job["id"], version, vectors.shape[1])
     fields = PriorityFields(settings.priority_rank_field, settings.priority_reason_field)
     projects = ProjectStore(settings, runtime.connection)
     record = projects.get(project)
@@ -362,6 +463,19 @@ def _boxes(result: list[Any]) -> tuple[list[float], list[str], list[tuple[float,
         labels.append(str(names[0]) if names else "")
         boxes.append((x, y, x + width, y + height))
     return scores, labels, boxes
+
+
+def _example_vectors(connection: Redis, job_id: str, version: str, dim: int) -> np.ndarray:
+    """The job's example vectors, checked against the store's embedder version and width."""
+    examples = examples_of(connection, job_id)
+    if examples is None:
+        raise _Refused("the examples were not embedded (their job record lost them)")
+    if examples.embedder != version or examples.vectors.shape[1] != dim:
+        raise _Refused(
+            f"the examples were embedded by {examples.embedder}, the store holds {version} vectors: give the "
+            "workers and the store writer the same DINOLABEL_EMBEDDER_* settings"
+        )
+    return examples.vectors
 
 
 def _rows(ids: np.ndarray, vectors: np.ndarray, wanted: np.ndarray) -> np.ndarray:

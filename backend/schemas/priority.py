@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Self
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from backend.schemas.tasks import Id
 
 MAX_LIKE_TASKS = 1000
 """Example tasks one "more like these" request may name (each is a query vector)."""
+MAX_LIKE_IMAGES = 16
+"""Example images one request may upload (each is checked like a search upload and becomes a query vector)."""
 
 
 class PrioritizeRequest(BaseModel):
     """Optional body of ``POST /v1/projects/{id}/prioritize``."""
 
     model_config = ConfigDict(
-        extra="forbid", json_schema_extra={"examples": [{"like_task_ids": [4, 17]}, {"uncertainty_weight": 0.3}]}
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"like_task_ids": [4, 17]}, {"like_label": "bicycle"}, {"uncertainty_weight": 0.3}]
+        },
     )
 
     like_task_ids: list[Id] | None = Field(
@@ -23,6 +30,13 @@ class PrioritizeRequest(BaseModel):
         max_length=MAX_LIKE_TASKS,
         description="example tasks (indexed): their nearest unlabeled tasks go to the front, balanced across "
         "k-means clusters",
+    )
+    like_label: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=200,
+        description="a label of the project's labeling config: the boxes annotated with it (the most recent, at "
+        "most 32, spread over tasks) are the examples",
     )
     uncertainty_weight: float | None = Field(
         default=None,
@@ -33,6 +47,12 @@ class PrioritizeRequest(BaseModel):
         "the boxes of each task's prediction by the current detector model version (tasks without one get no "
         "uncertainty term); default DINOLABEL_PRIORITY_UNCERTAINTY_WEIGHT (0.3); 0: diversity alone",
     )
+
+    @model_validator(mode="after")
+    def one_kind_of_examples(self) -> Self:
+        if self.like_task_ids is not None and self.like_label is not None:
+            raise ValueError("like_task_ids and like_label: name example tasks or a label, not both")
+        return self
 
 
 class PriorityJobPublic(BaseModel):
@@ -46,6 +66,14 @@ class PriorityJobPublic(BaseModel):
     started_at: float | None
     finished_at: float | None
     like_task_ids: list[int]
+    like_label: str | None = Field(default=None, description="the label whose annotated boxes are the examples")
+    like_images: int | None = Field(default=None, description="uploaded example images")
+    like_boxes: int | None = Field(default=None, description="annotated boxes of `like_label` embedded as examples")
+    like: str | None = Field(
+        default=None,
+        description="the examples of \"more like these\": `tasks 4, 17`, `label 'bicycle': 12 annotated boxes` or "
+        "`3 uploaded images`; null: none",
+    )
     uncertainty_weight: float | None = Field(description="the weight asked for; once done, the weight used")
     embedder: str | None = Field(description="the embedder version whose vectors were ranked")
     detector: str | None = Field(default=None, description="the detector model version whose predictions were read")
