@@ -312,3 +312,30 @@ def test_annotations_submitted_in_label_studio_re_rank_what_it_hands_out_next(
     data = task_data(api, project)
     assert all(data[task][FIELDS.rank] == "" for task in annotated), "labeled: their ranks are cleared"
     assert int(data[new_head][FIELDS.rank]) == 0
+
+
+def test_the_tasks_annotated_with_a_label_are_listed_most_recent_first(
+    label_studio: tuple[LabelStudioServer, LabelStudioAPI],
+) -> None:
+    """What "more like these" reads for a label's boxes (``annotated_with``): annotations only, in one
+    listing, the most recently completed task first; the filter matches parts of the results' text."""
+    server, api = label_studio
+    config = CONFIG.replace('<Label value="cat"/>', '<Label value="cat"/><Label value="dog"/><Label value="catfish"/>')
+    project = api.create_project("priority like label", config)["id"]
+    task_ids = api.import_tasks(project, [{"data": {"image": f"/data/local-files/?d=img{i}.png"}} for i in range(6)])
+
+    def boxes(label: str) -> list[dict[str, Any]]:
+        return [{**BOX[0], "value": {**BOX[0]["value"], "rectanglelabels": [label]}}]
+
+    # Annotated in this order: task 2 (cat), 4 (dog), 0 (cat), 5 (catfish); task 1 holds a cat prediction only.
+    for task, label in ((2, "cat"), (4, "dog"), (0, "cat"), (5, "catfish")):
+        api.create_annotation(task_ids[task], boxes(label), lead_time=1.0)
+    with LabelStudioClient(server.url, server.token) as client:
+        client.import_predictions(project, [{"task": task_ids[1], "result": boxes("cat"), "model_version": "m"}])
+        cats = client.annotated_with(project, "cat")
+        dogs = client.annotated_with(project, "dog", limit=1)
+        first = client.annotated_with(project, "cat", limit=1)
+    assert [t["id"] for t in cats] == [task_ids[5], task_ids[0], task_ids[2]]
+    assert [r["value"]["rectanglelabels"] for r in cats[1]["annotations"][0]["result"]] == [["cat"]]
+    assert cats[1]["data"] == {"image": "/data/local-files/?d=img0.png"}
+    assert [t["id"] for t in dogs] == [task_ids[4]] and [t["id"] for t in first] == [task_ids[5]]

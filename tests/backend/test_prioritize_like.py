@@ -363,3 +363,14 @@ def test_examples_that_cannot_be_used_are_refused_naming_the_problem(
         assert queued.status_code == 202 and queued.json()["status"] == "queued"
         assert [j.func_name for j in service.queues.embed.jobs] == ["backend.like_examples.embed_label_boxes"]
         assert service.queues.store.count == 0, "the ranking is queued once the examples are embedded"
+
+    # Uploads that no worker embeds: the API says so once its deadline passes; no job, nothing left queued.
+    with TestClient(create_app(settings.model_copy(update={"predict_deadline": 1}))) as client:
+        service = client.app.state.service
+        jobs_before = len(list(service.connection.scan_iter("dinolabel:priority-job:*")))
+        waited = client.post(url, files=[("image", ("a.png", image))])
+        assert waited.status_code == 503, waited.text
+        assert waited.json()["detail"].startswith("no worker serving the embedder answered within 1 s")
+        assert service.queues.embed.count == 1, "only the label's job of before"
+        assert len(list(service.connection.scan_iter("dinolabel:priority-job:*"))) == jobs_before
+        assert holding(service.connection, base64.b64encode(image)[40:120]) == []
