@@ -341,7 +341,8 @@ class LabelStudioClient:
             "page": 1,
             "page_size": limit,
             "fields": "all",  # Label Studio serialises annotations only then
-            "include": "id,data,annotations",
+            # Its annotation serializer reads `include` too: the annotations' own fields are named here.
+            "include": "id,data,annotations,result,was_cancelled,updated_at",
             "query": json.dumps(query),
         }
         body = self.request("GET", "/api/tasks", params=params)

@@ -336,6 +336,6 @@ def test_the_tasks_annotated_with_a_label_are_listed_most_recent_first(
         dogs = client.annotated_with(project, "dog", limit=1)
         first = client.annotated_with(project, "cat", limit=1)
     assert [t["id"] for t in cats] == [task_ids[5], task_ids[0], task_ids[2]]
-    assert [r["value"]["rectanglelabels"] for r in cats[1]["annotations"][0]["result"]] == [["cat"]]
+    assert [r["value"]["rectanglelabels"] for r in cats[1]["annotations"][0]["result"]] == [["cat"]], cats[1]
     assert cats[1]["data"] == {"image": "/data/local-files/?d=img0.png"}
     assert [t["id"] for t in dogs] == [task_ids[4]] and [t["id"] for t in first] == [task_ids[5]]

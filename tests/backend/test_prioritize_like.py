@@ -258,7 +258,7 @@ def test_a_labels_annotated_boxes_bring_the_rare_cluster_first(
             annotation(4, [box("bicycle", 0, 0, *LABELED)], "2026-11-27T12:00:00Z", cancelled=True)],
         3: [annotation(5, [box("car", 10, 10, 90, 90, size=(WIDTH, HEIGHT))], "2026-11-27T08:00:00Z")],
     })  # fmt: skip
-    listings = lambda: [s for s in fake_project.seen("/api/tasks") if s.query["include"] == ["id,data,annotations"]]  # noqa: E731
+    listings = lambda: [s for s in fake_project.seen("/api/tasks") if "annotations" in s.query["include"][0]]  # noqa: E731
     with TestClient(create_app(settings)) as client:
         started = client.post(f"/v1/projects/{PROJECT}/prioritize", json={"like_label": "bicycle"})
         assert started.status_code == 202, started.text
