@@ -47,7 +47,7 @@ from redis import Redis
 from backend.bulk import JOB_TTL
 from backend.jobs import RESULT_TTL
 from backend.ls_client import LabelStudioClient, LabelStudioError
-from backend.ls_priority import PriorityFields, PriorityFieldTaken, write_priority
+from backend.ls_priority import TAB_TITLE, PriorityFields, PriorityFieldTaken, our_tabs, write_priority
 from backend.project_vectors import embedder_version_of
 from backend.queues import KEY_PREFIX, Queues
 from backend.state import ProjectStore
@@ -224,6 +224,7 @@ def read_job(connection: Redis, job_id: str) -> dict[str, Any]:
         "write_calls": number("write_calls"),
         "tab_id": number("tab_id"),
         "error": data.get("error") or None,
+        "skipped": data.get("skipped") or None,
     }
 
 
@@ -254,6 +255,10 @@ def last_report(connection: Redis, project: int) -> str | None:
     return raw.decode() if raw else None
 
 
+INDEX_JOB = "index job "
+"""The ``source`` of the runs that an index job's end starts (followed by the job's id)."""
+
+
 def prioritized(connection: Redis, project: int) -> bool:
     return bool(connection.sismember(PRIORITIZED_KEY, str(project)))
 
@@ -261,7 +266,7 @@ def prioritized(connection: Redis, project: int) -> bool:
 def after_index_job(connection: Redis, job_id: str, project: int) -> None:
     """An index job of ``project`` ended: re-rank the project if it was prioritized before (once per job)."""
     if prioritized(connection, project) and connection.set(_AFTER + job_id, "1", nx=True, ex=JOB_TTL):
-        submit(connection, project, source=f"index job {job_id}")
+        submit(connection, project, source=INDEX_JOB + job_id)
         log.info("project %d: index job %s ended, ranking again", project, job_id)
 
 
@@ -345,6 +350,11 @@ def run_prioritize(job_id: str) -> dict[str, Any]:
     mark_running(connection, job_id)
     try:
         outcome = _prioritize(runtime, job)
+    except _Unprioritized as exc:
+        connection.srem(PRIORITIZED_KEY, str(project))
+        log.info("prioritize job %s: %s", job_id, exc)
+        connection.hset(key, mapping={"status": DONE, "skipped": str(exc), "finished_at": time.time()})
+        return {"status": DONE, "skipped": str(exc)}
     except (LabelStudioError, PriorityFieldTaken, _Refused) as exc:  # our own messages: no secret in them
         reason = str(exc)
     except Exception as exc:  # a bug, a broken store: the details go to the log only
@@ -360,6 +370,10 @@ def run_prioritize(job_id: str) -> dict[str, Any]:
 
 class _Refused(Exception):
     """The run cannot go on for a reason the user can act on (the message says which)."""
+
+
+class _Unprioritized(Exception):
+    """An automatic re-ranking found our tab gone (``dinolabel unprioritize``, or deleted in Label Studio)."""
 
 
 def _prioritize(runtime: Any, job: dict[str, Any]) -> dict[str, Any]:
@@ -390,6 +404,11 @@ def _prioritize(runtime: Any, job: dict[str, Any]) -> dict[str, Any]:
     record = projects.get(project)
     params = record.params
     with LabelStudioClient(access.url, access.api_key, retries=settings.label_studio_retries) as client:
+        automatic = job["source"] == ANNOTATIONS or job["source"].startswith(INDEX_JOB)
+        if automatic and not our_tabs(client, project):
+            # The ranking was removed since (the CLI's unprioritize talks to Label Studio only): re-ranks
+            # stop here instead of writing it back, until someone prioritizes the project again.
+            raise _Unprioritized(f"project {project}: the {TAB_TITLE!r} tab is gone, so it is no longer re-ranked")
         labeled = sorted(client.labeled_task_ids(project))
         report = find_duplicates(
             store.hash_table(),

@@ -50,7 +50,6 @@ from backend.state import ProjectStore
 from backend.writer import Writer
 from indexer.store import STORE_FILE, VectorStore, project_dir
 from model import DinoV2Embedder, create_detector, create_embedder
-from model.host_memory import keep_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -368,7 +367,6 @@ def run_worker(
         state["checkpoint"] = settings.detector_checkpoint
     if EMBEDDER in models:
         state["embedder"] = settings.embedder_model
-    keep_freed_memory()  # images' tensors reuse freed memory instead of faulting fresh pages in
     heartbeat = Heartbeat(connection, name, state, settings.batch_timeout)
     heartbeat.start()
     runtime: Runtime | None = None

@@ -72,7 +72,6 @@ from bench.common import (
 from model import DetectionParams, GroundingDinoDetector
 from model.devices import usable_cores
 from model.grounding_dino import GroundingDinoPreprocess
-from model.host_memory import keep_freed_memory
 from model.images import decode_image
 from model.pipeline import PipelineStats
 from tests.labelstudio import free_port
@@ -365,9 +364,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--niceness", type=int, default=NICENESS, help="added to the nice value of the image threads and processes"
     )
-    parser.add_argument(
-        "--malloc-defaults", action="store_true", help="leave glibc's malloc as it is (workers keep freed memory)"
-    )
     parser.add_argument("--cache", type=Path, default=REPO / "bench" / "out" / "cache")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "pipeline_efficiency.json")
     return parser.parse_args(argv)
@@ -375,7 +371,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    kept = False if args.malloc_defaults else keep_freed_memory()  # as a worker does (backend.worker)
     run_started = time.perf_counter()
     sets = args.sets.split(",")
     sources = args.sources.split(",")
@@ -433,7 +428,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "launch_share": args.launch_share,
         "preprocess_processes": args.processes,
         "niceness": args.niceness,
-        "keep_freed_memory": kept,
         "launch_passes_per_s_alone": round(setup.fake.launches_per_s),
         "paths": paths,
         "sets": {name: [list(spec) for spec in SETS[name]] for name in sets},

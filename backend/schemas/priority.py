@@ -61,7 +61,9 @@ class PriorityJobPublic(BaseModel):
     id: str
     project: int
     status: str = Field(description="`queued`, `running`, `done` or `failed`")
-    source: str = Field(description="`api`, or the index job whose end started it")
+    source: str = Field(
+        description="`api`, `annotations` (annotation events), or `index job ID` (the index job whose end started it)"
+    )
     created_at: float
     started_at: float | None
     finished_at: float | None
@@ -90,6 +92,11 @@ class PriorityJobPublic(BaseModel):
     write_calls: int | None = Field(description="Label Studio write calls the ranking took")
     tab_id: int | None = Field(description='the "dinolabel priority" Data Manager tab')
     error: str | None
+    skipped: str | None = Field(
+        default=None,
+        description="an automatic re-ranking that found the project's ranking removed (its tab gone) says so "
+        "here and ends without writing; the project is re-ranked again once prioritized again",
+    )
 
 
 class TaskPriority(BaseModel):

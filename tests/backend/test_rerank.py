@@ -21,6 +21,8 @@ from fastapi.testclient import TestClient
 
 from backend.bulk import JOB_TTL
 from backend.config import Settings
+from backend.ls_client import LabelStudioClient
+from backend.ls_priority import remove_priority
 from backend.main import create_app
 from backend.prioritize import ANNOTATIONS, PRIORITIZED_KEY, RERANK_DUE_KEY, start_due_reranks
 from backend.project_vectors import embedder_version_of
@@ -195,3 +197,38 @@ def test_a_rerank_scheduled_before_a_restart_is_started_by_the_store_writer(sett
         job = wait_for(ended, 60, "the re-ranking to end")
         assert (job["status"], job["source"]) == ("done", ANNOTATIONS), job
     assert not connection.exists(RERANK_DUE_KEY)
+
+
+def test_a_project_whose_ranking_was_removed_is_not_ranked_again(
+    settings: Settings, fake_project: FakeProjectAPI
+) -> None:
+    # `dinolabel unprioritize` talks to Label Studio only: the next automatic run finds our tab gone,
+    # writes nothing and forgets the project, whose later events are ignored again.
+    fill_store(settings)
+    connection = redis.Redis.from_url(settings.redis_url)
+    with TestClient(create_app(settings)) as client:
+        first = client.post("/v1/projects/1/prioritize").json()
+        drain(settings)
+        assert client.get(f"/v1/priority-jobs/{first['id']}").json()["status"] == "done"
+        assert fake_project.views, "the ranking's tab"
+        with LabelStudioClient(fake_project.url, None) as ls:
+            remove_priority(ls, 1)  # what `dinolabel unprioritize` does
+        assert not fake_project.views
+        actions = len(fake_project.actions)
+
+        due = annotated(client, 1)["rerank_at"]
+        (rerank,) = start_due_reranks(connection, now=due)
+        drain(settings)
+        job = client.get(f"/v1/priority-jobs/{rerank}").json()
+        assert (job["status"], job["source"], job["ranked"]) == ("done", ANNOTATIONS, None), job
+        assert "tab is gone" in job["skipped"]
+        assert len(fake_project.actions) == actions, "nothing written back"
+        assert not fake_project.views, "no tab made again"
+        assert not connection.sismember(PRIORITIZED_KEY, "1")
+        assert annotated(client, 1)["status"] == "ignored"
+
+        # Prioritized by hand again: automatic runs resume.
+        again = client.post("/v1/projects/1/prioritize").json()
+        drain(settings)
+        assert client.get(f"/v1/priority-jobs/{again['id']}").json()["status"] == "done"
+        assert annotated(client, 1)["status"] == "scheduled"
