@@ -199,7 +199,6 @@ class Pipeline:
         self.load_threads = load_threads
         self.max_pending = max_pending
         self._pin = device.type == "cuda"
-        self.niceness = niceness
         # The pipeline's threads run at the nice value of the thread building it plus ``niceness``.
         self._nice = min(19, os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) + niceness)
         self._loads = ThreadPoolExecutor(
@@ -229,7 +228,7 @@ class Pipeline:
         thread = threading.get_native_id()
         # A new thread inherits the nice value of the thread that started it (a load thread is started
         # by the batcher): raised once to the pipeline's value, never further.
-        if self.niceness > 0 and os.getpriority(os.PRIO_PROCESS, thread) < self._nice:
+        if os.getpriority(os.PRIO_PROCESS, thread) < self._nice:
             os.setpriority(os.PRIO_PROCESS, thread, self._nice)
 
     def _set_torch_threads(self) -> None:

@@ -102,8 +102,11 @@ class Service:
         return tail(self.log)
 
 
-def wait_for(predicate, seconds: float, what: str, interval: float = 0.1):
-    """Poll ``predicate`` until it returns something truthy; fail with ``what`` after ``seconds``."""
+def wait_for(predicate, seconds: float, what, interval: float = 0.1):
+    """Poll ``predicate`` until it returns something truthy; fail with ``what`` after ``seconds``.
+
+    ``what`` may be a function (a log's tail, say): it is called at the time-out, so the message shows
+    the log as it was then, not as it was when the wait began."""
     deadline = time.monotonic() + seconds
     last = None
     while time.monotonic() < deadline:
@@ -111,7 +114,8 @@ def wait_for(predicate, seconds: float, what: str, interval: float = 0.1):
         if last:
             return last
         time.sleep(interval)
-    raise AssertionError(f"timed out after {seconds:.0f} s waiting for {what}; last: {last!r}")
+    said = what() if callable(what) else what
+    raise AssertionError(f"timed out after {seconds:.0f} s waiting for {said}; last: {last!r}")
 
 
 def health(url: str) -> dict:

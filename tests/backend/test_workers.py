@@ -386,7 +386,7 @@ def test_a_redis_outage_mid_job_does_not_end_the_worker(
         server.kill()
         time.sleep(6)
         server.start()
-        done = wait_for(lambda: (s := job.summary())["status"] == "done" and s, 120, worker.log_tail())
+        done = wait_for(lambda: (s := job.summary())["status"] == "done" and s, 120, worker.log_tail)
         assert (done["done"], done["failed"], done["total"]) == (40, 0, 40), done
         assert fake_project.per_task("v1") == dict.fromkeys(range(1, 41), 1), "every task once, none twice"
         assert worker.process.poll() is None, "the same worker process carried on"
