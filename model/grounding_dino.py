@@ -190,6 +190,7 @@ class GroundingDinoPreprocess:
         """``fast=False`` calls the processor as is even when its steps could be called one by one."""
         self.image_processor = image_processor
         self.tensor_path = fast and _has_tensor_path(image_processor)
+        self.mean_std = _fused_mean_std(image_processor) if self.tensor_path else None
 
     def __call__(self, image: Image.Image) -> tuple[torch.Tensor, Size]:
         """The processor's pixel tensor for one image alone, (1, 3, H, W) on the CPU, and its displayed size.
@@ -198,8 +199,9 @@ class GroundingDinoPreprocess:
         (tested), at a third to a fifth of its cost on large images: the processor copies the picture
         into channels-first order before resizing it, and torch resizes a uint8 picture several times
         faster in its natural channels-last order, with the same result. So the picture goes to the
-        processor's own ``resize`` and ``rescale_and_normalize`` as a channels-last view, and only
-        the resized uint8 tensor is made contiguous. A processor without those steps (a Pillow one)
+        processor's own ``resize`` as a channels-last view, and is put in channels-first order by the
+        copy that converts it to float for the processor's rescale and normalise. A processor without
+        those steps (a Pillow one)
         is called as is. No padding: one image needs none, and its pixel mask (all ones) is made in
         ``_forward``.
 
@@ -213,11 +215,24 @@ class GroundingDinoPreprocess:
         hwc = torch.from_numpy(np.array(rgb))  # as the processor converts it (a writable copy)
         chw = hwc.permute(2, 0, 1).unsqueeze(0)  # channels-last view: no copy
         proc = self.image_processor
-        # Contiguous while still uint8: a quarter of the bytes of the float tensor that follows.
-        resized = proc.resize(chw, size=proc.size, resample=proc.resample).contiguous()
-        pixels = proc.rescale_and_normalize(
-            resized, proc.do_rescale, proc.rescale_factor, proc.do_normalize, proc.image_mean, proc.image_std
-        )
+        resized = proc.resize(chw, size=proc.size, resample=proc.resample)  # still channels-last
+        if self.mean_std is None:
+            pixels = proc.rescale_and_normalize(
+                resized.contiguous(),
+                proc.do_rescale,
+                proc.rescale_factor,
+                proc.do_normalize,
+                proc.image_mean,
+                proc.image_std,
+            )
+            return pixels, display_size(image)
+        # The processor's fused rescale-and-normalise, ``(x - mean') / std'``, in one float tensor that
+        # the channels-last picture is copied into: reordering while converting costs a pass over the
+        # pixels less than making the uint8 picture contiguous first (3-4 of ~7 ms at 800x1066).
+        mean, std = self.mean_std
+        pixels = torch.empty(resized.shape, dtype=torch.float32)
+        pixels.copy_(resized)
+        pixels.sub_(mean).div_(std)
         return pixels, display_size(image)
 
     def input_size(self, size: Size) -> Size:
@@ -238,6 +253,21 @@ def _resizes_by_edges(processor: Any) -> bool:
     return bool(getattr(processor, "do_resize", False) and getattr(size, "shortest_edge", None)) and bool(
         getattr(size, "longest_edge", None)
     )
+
+
+def _fused_mean_std(processor: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The mean and deviation that rescaling and normalising in one step subtract and divide by.
+
+    Computed as the processor's torchvision backend fuses them (``mean / rescale_factor``, in
+    float32), so that the tensor is the processor's bit for bit (tested); None when the processor
+    does not both rescale and normalise (it is then called for those steps).
+    """
+    if not (getattr(processor, "do_rescale", False) and getattr(processor, "do_normalize", False)):
+        return None
+    scale = 1.0 / processor.rescale_factor
+    mean = torch.tensor(processor.image_mean) * scale
+    std = torch.tensor(processor.image_std) * scale
+    return mean.view(-1, 1, 1), std.view(-1, 1, 1)
 
 
 def _has_tensor_path(processor: Any) -> bool:
