@@ -199,6 +199,33 @@ def test_closing_the_results_early_stops_the_run(pipeline: Pipeline) -> None:
     assert not [t for t in threading.enumerate() if t.name == "pipeline-batcher"]
 
 
+def test_a_batch_the_model_returns_as_its_output_is_not_stacked_over(pipeline: Pipeline) -> None:
+    # On the CPU a batch's memory takes a later batch once the forward pass is done, unless an output
+    # shares it: this "model" returns its input, and batch 0 is postprocessed only after the device has
+    # run batch 1, by when the batcher has stacked batches 2 and 3 (same shape) into whatever was spare.
+    second = threading.Event()
+    forwards: list[torch.Tensor] = []
+    postprocessed: list[list[float]] = []
+
+    def forward(pixels: torch.Tensor) -> torch.Tensor:
+        forwards.append(pixels)
+        if len(forwards) == 2:
+            second.set()
+        return pixels
+
+    def postprocess(outputs: torch.Tensor, values: Sequence[float]) -> list[float]:
+        if not postprocessed:  # batch 0 (one postprocessing thread: batches come in order)
+            assert second.wait(10), "the device never ran the second batch"
+            time.sleep(0.3)  # the batcher stacks the next batches meanwhile
+        postprocessed.append(list(values))
+        return outputs[:, 0, 0, 0].tolist()
+
+    items = [(float(i), 2) for i in range(10)]
+    stages = Stages(Recorder().preprocess, forward, postprocess)
+    results = dict(pipeline.run(items, lambda item: item, stages, batch_size=2))
+    assert results == {i: float(i) for i in range(10)}
+
+
 # --- the detector through the pipeline ---------------------------------------------------------------------
 
 # Stored size and EXIF orientation: 6 and 8 turn a stored 80x60 into a displayed 60x80.
