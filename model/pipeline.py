@@ -16,8 +16,9 @@ module runs them side by side:
   model's kernels holds the GIL). ``preprocess`` must then be picklable, and decoding belongs in it.
 * A **batcher** thread groups preprocessed items by tensor shape (images of different sizes padded
   into one batch change every box, see ``model.grounding_dino``) and stacks full groups into one
-  tensor, in pinned memory when the device is a GPU. When the device is idle and nothing full is
-  ready, it sends the fullest group at once: the device never waits while images are ready.
+  tensor, in pinned memory when the device is a GPU, on the CPU into the memory of a batch the device
+  is done with. When the device is idle and nothing full is ready, it sends the fullest group at
+  once: the device never waits while images are ready.
 * The **device** loop runs on the caller's thread: a non-blocking copy to the device, the forward
   pass, a non-blocking copy of the outputs back; the next batch is already stacked by then.
 * **Postprocess** (thresholds, NMS, pixels) runs on its own thread once the outputs have arrived,
@@ -400,7 +401,7 @@ class _Run(Generic[X, S, M, R]):
             outputs = _to_cpu(outputs)
             ready = torch.cuda.Event()
             ready.record()
-        else:  # the forward pass has read the batch: its memory can take a later one
+        elif device.type == "cpu":  # the forward pass has read the batch: its memory can take a later one
             self.pipeline._spare(batch.pixels, outputs)
         self.stats.add("forward_s", time.perf_counter() - started)
         self.stats.add("batches", 1)
