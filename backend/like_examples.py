@@ -35,7 +35,7 @@ from backend.image_source import ImageFetchError
 from backend.jobs import RESULT_TTL
 from backend.ls_auth import LabelStudioAuthError
 from backend.ls_client import LabelStudioClient, LabelStudioError
-from backend.predictor import MissingImage
+from backend.predictor import MissingImage, fetch_task_image
 from backend.prioritize import Examples, add_examples, create, fail, mark_running, read_job, start
 from backend.queues import Queues
 from backend.worker import Runtime, current_runtime
@@ -134,21 +134,22 @@ def _embed_boxes(runtime: Runtime, project: int, label: str, to_name: str, image
     if not boxes:
         raise NoExamples(f"no annotated boxes of label {label!r} yet")
     images = {task["id"]: (task.get("data") or {}).get(image_key) for task in tasks}
+    by_task: dict[int, list[LabelBox]] = {}  # each image once, in box order
+    for box in boxes:
+        by_task.setdefault(box.task_id, []).append(box)
     fetcher = runtime.fetcher(access)
     vectors: list[np.ndarray] = []
     problems: list[str] = []
-    for task_id in dict.fromkeys(box.task_id for box in boxes):  # each image once, in box order
+    for task_id, its_boxes in by_task.items():
         try:
-            value = images[task_id]
-            if not isinstance(value, str) or not value:
-                raise MissingImage(f"task data has no image under {image_key!r}")
-            image = decode_image(fetcher.fetch(value, task_id=task_id), max_pixels=runtime.settings.image_max_pixels)
+            data = fetch_task_image(fetcher, images[task_id], key=image_key, task_id=task_id)
+            image = decode_image(data, max_pixels=runtime.settings.image_max_pixels)
         except (MissingImage, ImageFetchError, ImageDecodeError) as exc:  # ours, redacted: no secret in them
             log.warning("task %d: its boxes of %r are skipped: %s", task_id, label, exc)
             problems.append(f"task {task_id}: {exc}")
             continue
-        for box in boxes:
-            crop = crop_box(image, box) if box.task_id == task_id else None
+        for box in its_boxes:
+            crop = crop_box(image, box)
             if crop is not None:  # one crop at a time in memory
                 vectors.append(embedder.embed([crop])[0])
     if not vectors:

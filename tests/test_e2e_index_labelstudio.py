@@ -53,12 +53,29 @@ class Backend:
         self.url = f"http://127.0.0.1:{env['DINOLABEL_PORT']}"
         self.service: Service | None = None
 
+    @classmethod
+    def serving(cls, server: LabelStudioServer, folder: Path, checkpoint: Path, secret: str, **env: str) -> Backend:
+        """One writing to ``server`` with a tiny DINOv2 built into ``folder`` (which holds its data and logs)
+        and the detector ``checkpoint``; ``env`` adds settings or overrides these."""
+        common = {
+            "DINOLABEL_DETECTOR_CHECKPOINT": str(checkpoint),
+            "DINOLABEL_EMBEDDER_MODEL": str(build_tiny_dinov2(folder / "dinov2", img_size=224)),
+            "DINOLABEL_DEVICE": "cpu",
+            "DINOLABEL_DATA_DIR": str(folder / "data"),
+            "DINOLABEL_LABEL_STUDIO_URL": server.url,
+            "DINOLABEL_LABEL_STUDIO_API_KEY": server.token,
+            "DINOLABEL_WEBHOOK_SECRET": secret,
+            "DINOLABEL_HOST": "127.0.0.1",
+            "DINOLABEL_PORT": str(free_port()),
+        }
+        return cls({**common, **env}, folder)
+
     def start(self) -> None:
-        self.service = Service(["serve"], self.env, self.logs / "serve.log").start()
+        service = self.service = Service(["serve"], self.env, self.logs / "serve.log").start()
         wait_for(
             lambda: (h := health(self.url)).get("status") == "UP" and h.get("store_writers") == 1,
             120,
-            f"the backend's worker and store writer\n{self.service.log_tail()}",
+            lambda: f"the backend's worker and store writer\n{service.log_tail()}",
         )
 
     def stop(self) -> None:
@@ -108,20 +125,14 @@ def backend(
 ) -> Iterator[Backend]:
     server, _ = label_studio
     folder = tmp_path_factory.mktemp("index-e2e")
-    env = {
-        "DINOLABEL_WORKER_MODELS": "detector,embedder",
-        "DINOLABEL_DETECTOR_CHECKPOINT": str(tiny_checkpoint),
-        "DINOLABEL_EMBEDDER_MODEL": str(build_tiny_dinov2(folder / "dinov2", img_size=224)),
-        "DINOLABEL_DEVICE": "cpu",
-        "DINOLABEL_DATA_DIR": str(folder / "data"),
-        "DINOLABEL_LABEL_STUDIO_URL": server.url,
-        "DINOLABEL_LABEL_STUDIO_API_KEY": server.token,
-        "DINOLABEL_WEBHOOK_SECRET": SECRET,
-        "DINOLABEL_HOST": "127.0.0.1",
-        "DINOLABEL_PORT": str(free_port()),
-        "DINOLABEL_BULK_BATCH_SIZE": "4",
-    }
-    backend = Backend(env, folder)
+    backend = Backend.serving(
+        server,
+        folder,
+        tiny_checkpoint,
+        SECRET,
+        DINOLABEL_WORKER_MODELS="detector,embedder",
+        DINOLABEL_BULK_BATCH_SIZE="4",
+    )
     backend.start()
     yield backend
     backend.stop()

@@ -30,10 +30,9 @@ from backend.ls_priority import (
     write_priority,
 )
 from backend.prioritize import ANNOTATIONS
-from tests.labelstudio import DroppingProxy, LabelStudioAPI, LabelStudioServer, free_port
+from tests.labelstudio import DroppingProxy, LabelStudioAPI, LabelStudioServer
 from tests.processes import DINOLABEL, wait_for
 from tests.test_e2e_index_labelstudio import Backend, Images
-from tests.tiny_checkpoints import build_tiny_dinov2
 
 pytestmark = [pytest.mark.labelstudio, pytest.mark.slow]
 
@@ -243,21 +242,15 @@ def backend(
     first annotation event, on diversity alone (the project holds no predictions)."""
     server, _ = label_studio
     folder = tmp_path_factory.mktemp("priority-e2e")
-    env = {
-        "DINOLABEL_WORKER_MODELS": "embedder",
-        "DINOLABEL_DETECTOR_CHECKPOINT": str(tiny_checkpoint),  # the model version is read from it
-        "DINOLABEL_EMBEDDER_MODEL": str(build_tiny_dinov2(folder / "dinov2", img_size=224)),
-        "DINOLABEL_DEVICE": "cpu",
-        "DINOLABEL_DATA_DIR": str(folder / "data"),
-        "DINOLABEL_LABEL_STUDIO_URL": server.url,
-        "DINOLABEL_LABEL_STUDIO_API_KEY": server.token,
-        "DINOLABEL_WEBHOOK_SECRET": SECRET,
-        "DINOLABEL_HOST": "127.0.0.1",
-        "DINOLABEL_PORT": str(free_port()),
-        "DINOLABEL_PRIORITY_RERANK_DELAY": "2",
-        "DINOLABEL_PRIORITY_UNCERTAINTY_WEIGHT": "0",
-    }
-    backend = Backend(env, folder)
+    backend = Backend.serving(
+        server,
+        folder,
+        tiny_checkpoint,  # the model version is read from it
+        SECRET,
+        DINOLABEL_WORKER_MODELS="embedder",
+        DINOLABEL_PRIORITY_RERANK_DELAY="2",
+        DINOLABEL_PRIORITY_UNCERTAINTY_WEIGHT="0",
+    )
     backend.start()
     yield backend
     backend.stop()
@@ -302,7 +295,9 @@ def test_annotations_submitted_in_label_studio_re_rank_what_it_hands_out_next(
         job = httpx.get(f"{backend.url}/v1/priority-jobs/{latest['job_id']}", timeout=30).json()
         return latest if job["status"] == "done" else None
 
-    latest = wait_for(reranked, 120, f"the re-ranking after the annotations\n{backend.log_tail()}", interval=0.5)
+    latest = wait_for(
+        reranked, 120, lambda: f"the re-ranking after the annotations\n{backend.log_tail()}", interval=0.5
+    )
     job = httpx.get(f"{backend.url}/v1/priority-jobs/{latest['job_id']}", timeout=30).json()
     assert (job["source"], job["labeled"], job["ranked"]) == (ANNOTATIONS, 3, 12 - 3), job
     new_head = latest["head"][0]["task_id"]

@@ -28,11 +28,8 @@ from rq.serializers import JSONSerializer
 from backend.config import Settings
 from backend.like_examples import MAX_LABEL_BOXES, LabelBox, crop_box, label_boxes
 from backend.main import create_app
-from backend.project_vectors import embedder_version_of, open_store
-from indexer import StoredVector, image_hashes
-from model import create_embedder
-from model.images import decode_image
 from tests.backend.conftest import FakeProjectAPI, serving
+from tests.backend.embedding import start_embed_worker, store_embeddings
 from tests.images import scene
 from tests.processes import DINOLABEL, Service, wait_for
 from tests.tiny_checkpoints import TINY_DINOV2_ARGS, build_dinov2_checkpoint
@@ -113,32 +110,13 @@ def settings(redis_url: str, dinov2: Path, docs: Path, tmp_path: Path, fake_proj
         predict_deadline=120,  # the worker process loads torch and the model first
     )
     fake_project.tasks.update({t: {"image": f"/data/local-files/?d=img{t}.png"} for t in [*COMMON, *RARE]})
-    embedder = create_embedder(str(dinov2), image_size=224, device="cpu")
-    assert embedder.version == embedder_version_of(settings)
-    records = []
-    for task in [*COMMON, *RARE]:
-        data = (docs / f"img{task}.png").read_bytes()
-        image = decode_image(data, max_pixels=10**8)
-        found = image_hashes(data, image)
-        vector = embedder.embed([image])[0]
-        records.append(StoredVector(task, embedder.version, vector, found.sha256, found.pixel_hash, found.phash,
-                                    found.width, found.height))  # fmt: skip
-    with open_store(settings, PROJECT, writer=True) as store:
-        store.upsert(records)
+    store_embeddings(settings, PROJECT, docs, [*COMMON, *RARE])
     return settings
 
 
 @pytest.fixture
-def embed_worker(settings: Settings, tmp_path: Path, fake_project: FakeProjectAPI) -> Iterator[Service]:
-    env = {
-        "DINOLABEL_REDIS_URL": settings.redis_url or "",
-        "DINOLABEL_WORKER_MODELS": "embedder",
-        "DINOLABEL_EMBEDDER_MODEL": settings.embedder_model,
-        "DINOLABEL_DEVICE": "cpu",
-        "DINOLABEL_LOCAL_FILES_DOCUMENT_ROOT": str(settings.local_files_document_root),
-        "DINOLABEL_LABEL_STUDIO_URL": fake_project.url,
-    }
-    service = Service(["worker"], env, tmp_path / "worker.log").start()
+def embed_worker(settings: Settings, tmp_path: Path) -> Iterator[Service]:
+    service = start_embed_worker(settings, tmp_path / "worker.log")
     yield service
     service.stop()
 

@@ -233,8 +233,8 @@ def test_serve_stops_on_sigterm_while_its_worker_still_tries_to_get_the_model(tm
     with _serve(_SilentHub, hub):
         api = Service(["serve"], {**env, "HF_ENDPOINT": hub.url}, tmp_path / "serve.log").start()
         try:
-            wait_for(lambda: health(url), 90, f"the API\n{api.log_tail()}")
-            wait_for(hub.seen, 90, f"the worker asking the Hub\n{api.log_tail()}")
+            wait_for(lambda: health(url), 90, lambda: f"the API\n{api.log_tail()}")
+            wait_for(hub.seen, 90, lambda: f"the worker asking the Hub\n{api.log_tail()}")
             workers = health(url)["workers"]["details"]
             assert [w["state"] for w in workers] == ["loading"], workers
             api.process.send_signal(signal.SIGTERM)
