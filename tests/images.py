@@ -12,8 +12,13 @@ def png(width: int, height: int, seed: int) -> bytes:
     img = Image.new("RGB", (width, height), ((seed * 70) % 255, (seed * 130) % 255, 90))
     for i in range(0, width, 6):
         img.paste((255 - i % 255, i % 255, 20 * seed % 255), (i, 0, min(i + 2, width), height // 2))
+    return encode_png(img)
+
+
+def encode_png(image: Image.Image) -> bytes:
+    """``image`` as PNG bytes (lossless: decoded, the same pixels)."""
     out = io.BytesIO()
-    img.save(out, "PNG")
+    image.save(out, "PNG")
     return out.getvalue()
 
 

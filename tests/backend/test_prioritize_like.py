@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import io
 import subprocess
 import zlib
 from collections.abc import Iterator
@@ -30,7 +29,7 @@ from backend.like_examples import MAX_LABEL_BOXES, LabelBox, crop_box, label_box
 from backend.main import create_app
 from tests.backend.conftest import FakeProjectAPI, serving
 from tests.backend.embedding import start_embed_worker, store_embeddings
-from tests.images import scene
+from tests.images import encode_png, scene
 from tests.processes import DINOLABEL, Service, wait_for
 from tests.tiny_checkpoints import TINY_DINOV2_ARGS, build_dinov2_checkpoint
 
@@ -73,12 +72,6 @@ def task_image(task: int) -> Image.Image:
     return image
 
 
-def png(image: Image.Image) -> bytes:
-    out = io.BytesIO()
-    image.save(out, "PNG")
-    return out.getvalue()
-
-
 @pytest.fixture(scope="module")
 def dinov2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny DINOv2 with LayerScale 3: at 1.0 its embeddings of the grey scenes are as close as cosine
@@ -92,7 +85,7 @@ def dinov2(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def docs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("docs")
     for task in [*COMMON, *RARE]:
-        (root / f"img{task}.png").write_bytes(png(task_image(task)))
+        (root / f"img{task}.png").write_bytes(encode_png(task_image(task)))
     return root
 
 
@@ -275,7 +268,7 @@ def test_uploaded_images_bring_the_rare_cluster_first_and_leave_no_bytes_in_redi
 ) -> None:
     fake_project.labeled.update({1, 2, 3})
     connection = redis.Redis.from_url(settings.redis_url or "")
-    uploads = [png(checker(200, 150, seed=seed)) for seed in (90, 91)]
+    uploads = [encode_png(checker(200, 150, seed=seed)) for seed in (90, 91)]
     needles = [base64.b64encode(data)[40:120] for data in uploads] + [data[100:180] for data in uploads]
     # The search for the bytes finds them where they are (an RQ job's data is compressed).
     probe = Queue("probe", connection=connection, serializer=JSONSerializer).enqueue(
@@ -323,7 +316,7 @@ def test_examples_that_cannot_be_used_are_refused_naming_the_problem(
     settings: Settings, fake_project: FakeProjectAPI
 ) -> None:
     url = f"/v1/projects/{PROJECT}/prioritize"
-    image = png(checker(64, 48, seed=1))
+    image = encode_png(checker(64, 48, seed=1))
     with TestClient(create_app(settings)) as client:
         no_config = client.post(url, json={"like_label": "bicycle"})
         assert no_config.status_code == 503 and "labeling config" in no_config.json()["detail"]

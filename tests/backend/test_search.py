@@ -28,7 +28,7 @@ from backend.main import create_app
 from backend.project_vectors import embedder_version_of, open_store
 from indexer import StoredVector, VectorIndex, find_duplicates, image_hashes
 from tests.backend.conftest import LEGACY_TOKEN, FakeLabelStudio, serving
-from tests.images import scene
+from tests.images import encode_png, scene
 from tests.labelstudio import free_port
 from tests.processes import DINOLABEL
 
@@ -221,12 +221,6 @@ def test_with_basic_auth_too_either_credential_opens_v1_and_only_basic_opens_pre
 # --- duplicates ------------------------------------------------------------------------------------------
 
 
-def _png(image: Image.Image) -> bytes:
-    out = io.BytesIO()
-    image.save(out, "PNG")
-    return out.getvalue()
-
-
 def _jpeg(image: Image.Image, quality: int) -> bytes:
     out = io.BytesIO()
     image.save(out, "JPEG", quality=quality)
@@ -238,12 +232,12 @@ def duplicate_files() -> dict[int, bytes]:
     10..13 unrelated."""
     photo = {seed: scene(320, 240, seed=seed) for seed in range(40, 60)}
     return {
-        1: _png(photo[40]),
-        2: _png(photo[40]),
+        1: encode_png(photo[40]),
+        2: encode_png(photo[40]),
         3: _jpeg(photo[40], 50),
-        5: _png(photo[41]),
-        6: _png(photo[42]),
-        **{task: _png(photo[33 + task]) for task in range(10, 14)},
+        5: encode_png(photo[41]),
+        6: encode_png(photo[42]),
+        **{task: encode_png(photo[33 + task]) for task in range(10, 14)},
     }
 
 
@@ -470,7 +464,7 @@ def test_search_uploads_and_urls_are_checked_before_a_worker_is_asked(
     fill(settings, planted_vectors())
     url = f"/v1/projects/{PROJECT}/search"
     photo = _jpeg(scene(200, 150, seed=1), 80)
-    noise = _png(Image.fromarray(np.random.default_rng(0).integers(0, 256, (150, 200, 3), dtype=np.uint8)))
+    noise = encode_png(Image.fromarray(np.random.default_rng(0).integers(0, 256, (150, 200, 3), dtype=np.uint8)))
     with TestClient(create_app(settings)) as client:
 
         def refused(status: int, **request: object) -> str:
@@ -485,7 +479,7 @@ def test_search_uploads_and_urls_are_checked_before_a_worker_is_asked(
             "image: larger than 20,000 bytes (DINOLABEL_IMAGE_MAX_BYTES)"
         )
         assert refused(415, files={"image": ("a.pdf", b"%PDF-1.7 not an image")}).startswith("image: ")
-        assert refused(422, files={"image": ("wide.png", _png(Image.new("L", (1000, 101))))}) == (
+        assert refused(422, files={"image": ("wide.png", encode_png(Image.new("L", (1000, 101))))}) == (
             "image: 1000x101 pixels; at most 100,000 (DINOLABEL_IMAGE_MAX_PIXELS)"
         )
         assert (

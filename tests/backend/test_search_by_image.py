@@ -3,21 +3,19 @@ path, real Redis, a store filled with that model's own embeddings, and a fake La
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image
 from pydantic import SecretStr
 
 from backend.config import Settings
 from backend.main import create_app
 from tests.backend.conftest import LEGACY_TOKEN, FakeLabelStudio
 from tests.backend.embedding import start_embed_worker, store_embeddings
-from tests.images import scene
+from tests.images import encode_png, scene
 from tests.processes import Service, wait_for
 from tests.tiny_checkpoints import build_tiny_dinov2
 
@@ -25,12 +23,6 @@ pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
 PROJECT = 12
 TASKS = range(1, 9)
-
-
-def _png(image: Image.Image) -> bytes:
-    out = io.BytesIO()
-    image.save(out, "PNG")
-    return out.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +34,7 @@ def dinov2(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def docs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("docs")
     for task in TASKS:
-        (root / f"img{task}.png").write_bytes(_png(scene(160 + 8 * task, 120, seed=70 + task)))
+        (root / f"img{task}.png").write_bytes(encode_png(scene(160 + 8 * task, 120, seed=70 + task)))
     return root
 
 
