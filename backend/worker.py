@@ -320,9 +320,11 @@ def load_embedder(settings: Settings) -> DinoV2Embedder:
 
 def preprocess_processes(settings: Settings, device: torch.device) -> int:
     """``DINOLABEL_IMAGE_PREPROCESS_PROCESSES``; none by default, on the GPU as on the CPU: on 2 cores
-    processes cost more CPU per image than threads and fed a 30 images/s device no better (bench/README),
-    and on a GPU host they are not measured yet (``bench/gpu_detector.py`` compares both)."""
-    del device  # the default may come to depend on it once a GPU run says processes pay there
+    processes cost more CPU per image than threads and fed a 30 images/s device no better (README,
+    Benchmarks). On a 16-core H200 host one short run (``bench/gpu_detector.py``, 2026-11-28) had them
+    1.3-1.4x ahead at batch 8 but behind in one batch-16 cell: the README advises 8 there, and the default
+    may come to depend on ``device`` once a longer run confirms it."""
+    del device
     return settings.image_preprocess_processes or 0
 
 
